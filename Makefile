@@ -1,0 +1,42 @@
+# Every target makes its own virtual environment first, so a fresh clone needs only python3 >= 3.11.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install run test check fmt e2e clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## editable install with dev tools, in .venv
+
+run: $(STAMP)  ## run the daemon on the embedded issuer, listening on 127.0.0.1:8169
+	$(BIN)/imdsd run --config config/imdsd.dev.toml
+
+test: $(STAMP)  ## the whole suite, with branch coverage enforced
+	rm -f .coverage .coverage.*
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml $(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
+	$(BIN)/coverage report
+
+e2e: $(STAMP)  ## only the end-to-end tests (real daemon process + botocore)
+	$(BIN)/pytest tests/e2e
+
+check: $(STAMP)  ## format check, lint, strict typing
+	$(BIN)/ruff format --check imdsd tests
+	$(BIN)/ruff check imdsd tests
+	$(BIN)/mypy
+
+fmt: $(STAMP)  ## rewrite: format + autofix
+	$(BIN)/ruff format imdsd tests
+	$(BIN)/ruff check --fix imdsd tests
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

@@ -1,0 +1,82 @@
+"""The embedded issuer: STS-shaped sessions minted without any network.
+
+AccessKeyId `ASIA` + 16 of [A-Z2-7]; a 40-character SecretAccessKey; a session token that is an
+AES-GCM sealed record (access key id, role ARN, session name, issue and expiry time) under the
+configured key or one generated at start, so whoever holds the key can verify a token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from imdsd.clock import Clock
+from imdsd.config import BackendConfig
+from imdsd.errors import BackendError
+from imdsd.model import InstanceProfile, Session
+
+_TOKEN_VERSION = b"\x01"
+_NONCE_BYTES = 12
+
+
+class LocalIssuer:
+    """Issues sessions of `lifetime`, sealing each token with AES-GCM."""
+
+    def __init__(self, key: bytes, lifetime: timedelta, clock: Clock) -> None:
+        self._aead = AESGCM(key)
+        self._lifetime = lifetime
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"LocalIssuer(lifetime={self._lifetime}, key=<hidden>)"
+
+    async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session:
+        issued = self._clock.now().replace(microsecond=0)
+        expiration = issued + self._lifetime
+        access_key_id = "ASIA" + base64.b32encode(secrets.token_bytes(10)).decode()
+        record = {
+            "AccessKeyId": access_key_id,
+            "RoleArn": profile.role.arn,
+            "RoleSessionName": session_name,
+            "IssuedAt": int(issued.timestamp()),
+            "Expiration": int(expiration.timestamp()),
+        }
+        return Session(
+            access_key_id=access_key_id,
+            secret_access_key=base64.b64encode(secrets.token_bytes(30)).decode(),
+            token=self._seal(record),
+            expiration=expiration,
+            issued_at=issued,
+        )
+
+    def open_token(self, token: str) -> dict[str, Any]:
+        """The record sealed in a token this issuer minted; BackendError if it is not one."""
+        try:
+            raw = base64.b64decode(token, validate=True)
+            if raw[:1] != _TOKEN_VERSION:
+                raise ValueError("version")
+            nonce, sealed = raw[1 : 1 + _NONCE_BYTES], raw[1 + _NONCE_BYTES :]
+            record: dict[str, Any] = json.loads(self._aead.decrypt(nonce, sealed, _TOKEN_VERSION))
+        except (ValueError, InvalidTag):
+            raise BackendError("InvalidToken", "the token was not issued by this key") from None
+        return record
+
+    def _seal(self, record: dict[str, Any]) -> str:
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, json.dumps(record).encode(), _TOKEN_VERSION)
+        return base64.b64encode(_TOKEN_VERSION + nonce + sealed).decode()
+
+
+@asynccontextmanager
+async def open_backend(config: BackendConfig, clock: Clock) -> AsyncIterator[LocalIssuer]:
+    """The local issuer for the configured lifetime and key (a fresh 256-bit key if none)."""
+    key = config.local.key or AESGCM.generate_key(bit_length=256)
+    yield LocalIssuer(key, config.local.lifetime, clock)

@@ -1,0 +1,70 @@
+"""The command line: parse arguments, map errors to exit codes. No logic of its own.
+
+Exit codes: 0 ok, 1 runtime failure (e.g. a listener address cannot be bound), 2 usage,
+3 bad configuration (systemd's RestartPreventExitStatus: restarting will not fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from imdsd import __version__, log
+from imdsd.clock import SystemClock
+from imdsd.config import Config, load
+from imdsd.daemon import serve
+from imdsd.errors import ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3
+DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"imdsd: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        print(f"{args.config}: ok ({_summary(config)})")
+        return EXIT_OK
+    log.configure(args.log_level or config.log.level, args.log_format or config.log.format)
+    try:
+        asyncio.run(serve(config, SystemClock()))
+    except OSError as exc:
+        print(f"imdsd: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imdsd", description="EC2-compatible instance metadata daemon"
+    )
+    parser.add_argument("--version", action="version", version=f"imdsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve the metadata API")
+    check = commands.add_parser(
+        "check-config", help="validate a config file and exit (3 if invalid)"
+    )
+    for command in (run, check):
+        command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    run.add_argument(
+        "--log-format", choices=("auto", "json", "console"), help="overrides [log] format"
+    )
+    run.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="overrides [log] level"
+    )
+    return parser
+
+
+def _summary(config: Config) -> str:
+    return (
+        f"{len(config.instances)} instances, {len(config.profiles)} instance profiles, "
+        f"{len(config.associations)} associations, backend {config.backend.kind}"
+    )

@@ -1,0 +1,104 @@
+"""The composition root: the only place where imdsd's objects are created and wired.
+
+Reads top to bottom: open the backend, build the inventory and caches, prime every session,
+start rotation, then the listeners; on exit, everything closes in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from imdsd.backends import OPENERS
+from imdsd.backends.base import Backend
+from imdsd.clock import Clock
+from imdsd.config import Config
+from imdsd.imds import render
+from imdsd.imds.app import make_app
+from imdsd.inventory import Inventory
+from imdsd.scheduler import Rotator
+from imdsd.sessions import SessionCache
+from imdsd.tokens import TokenIssuer
+
+log = structlog.get_logger("imdsd")
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Daemon:
+    """A running daemon's parts, for the code that started it (the CLI, and tests)."""
+
+    urls: tuple[str, ...]
+    inventory: Inventory
+    sessions: SessionCache
+    rotator: Rotator
+
+
+@asynccontextmanager
+async def running(
+    config: Config,
+    clock: Clock,
+    *,
+    wrap_backend: Callable[[Backend], Backend] | None = None,
+) -> AsyncIterator[Daemon]:
+    """Start everything; yield the running daemon; stop everything on exit."""
+    async with AsyncExitStack() as stack:
+        opened = await stack.enter_async_context(
+            OPENERS[config.backend.kind](config.backend, clock)
+        )
+        backend = wrap_backend(opened) if wrap_backend else opened
+        inventory = Inventory(config.instances, config.profiles, config.associations, clock)
+        sessions = SessionCache(render.credentials, render.failure)
+        rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
+        stack.callback(rotator.shutdown)
+        await rotator.prime()  # warm before listening: the first guest request is served
+        rotator.start()
+        app = make_app(inventory, sessions, TokenIssuer(clock), clock)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+        )
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        for listener in config.imds.listeners:
+            await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
+        urls = tuple(_url(address) for address in runner.addresses)
+        yield Daemon(urls=urls, inventory=inventory, sessions=sessions, rotator=rotator)
+
+
+async def serve(config: Config, clock: Clock) -> None:
+    """Run until SIGTERM or SIGINT; in-flight requests get a grace period, then exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with running(config, clock) as daemon:
+        log.info(
+            "ready",
+            listening=list(daemon.urls),
+            instances=len(daemon.inventory.instances()),
+            associations=len(daemon.inventory.associations()),
+            backend=config.backend.kind,
+            curl=_curl_hint(daemon.urls[0]),
+        )
+        await stop.wait()
+        log.info("stopping")
+
+
+def _url(address: object) -> str:
+    host, port = address[0], address[1]  # type: ignore[index]
+    return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+
+
+def _curl_hint(url: str) -> str:
+    ttl = '-H "X-aws-ec2-metadata-token-ttl-seconds: 21600"'
+    header = '-H "X-aws-ec2-metadata-token: $TOKEN"'
+    return (
+        f"TOKEN=$(curl -sX PUT {url}/latest/api/token {ttl}); "
+        f"curl -s {header} {url}/latest/meta-data/iam/security-credentials/"
+    )

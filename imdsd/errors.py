@@ -1,0 +1,50 @@
+"""The exception hierarchy. A leaf module: it imports nothing from imdsd.
+
+Each exception builds its message from the offending value, and no message ever carries a
+secret (a key, a token, a SecretAccessKey): callers pass names and codes, never credentials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ImdsdError(Exception):
+    """Base of every error imdsd raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One configuration error: where it is, what was there, and what is allowed."""
+
+    path: str
+    value: str
+    allowed: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: got {self.value}; allowed: {self.allowed}"
+
+
+class ConfigError(ImdsdError):
+    """The configuration is invalid; carries every problem found, one line each."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class BackendError(ImdsdError):
+    """A backend could not issue a session.
+
+    `code` is an EC2/STS-style error code (it becomes the `Code` of the failure document);
+    `retryable` says whether a later attempt may succeed (throttling, 5xx, timeouts).
+    """
+
+    def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
+        self.code = code
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class InventoryError(ImdsdError):
+    """An inventory change was refused (unknown id, a second association, ...)."""

@@ -1,0 +1,124 @@
+"""The metadata tree of one instance, as data: path -> bytes, or a marker for credentials.
+
+Listings are derived from the leaves, never written by hand. A tree is built once per
+(instance, association) pair and reused until either changes (they are immutable values,
+so an identity check tells). Credential leaves are markers: their bytes live in the
+SessionCache, which rotation refreshes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from imdsd.imds import render
+from imdsd.model import Association, Instance
+
+# EC2's `GET /` lists every API version it still answers; all of them serve today's tree.
+VERSIONS = (
+    "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15", "2008-02-01",
+    "2008-09-01", "2009-04-04", "2011-01-01", "2011-05-01", "2012-01-12", "2014-02-25",
+    "2014-11-05", "2015-10-20", "2016-04-19", "2016-06-30", "2016-09-02", "2018-03-28",
+    "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03", "2021-03-23",
+    "2021-07-15", "2022-09-24", "2024-04-11", "latest",
+)  # fmt: skip
+VERSION_LISTING = render.listing(VERSIONS)
+_VERSIONS = frozenset(VERSIONS)
+DEFAULT_ACCOUNT = "000000000000"
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialLeaf:
+    """Where the role's credential document goes; `extended` adds AccountId."""
+
+    role_arn: str
+    extended: bool
+
+
+Node = bytes | CredentialLeaf
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """One instance's tree; `nodes` maps a path below the version ("meta-data/mac") to a node."""
+
+    instance: Instance
+    association: Association | None
+    nodes: dict[str, Node] = field(repr=False)
+
+    def lookup(self, path: str) -> Node | None:
+        """Resolve a request path ("/latest/meta-data/", "/2021-07-15/dynamic/...")."""
+        if path == "/":
+            return VERSION_LISTING
+        version, _, rest = path[1:].partition("/")
+        if version not in _VERSIONS:
+            return None
+        return self.nodes.get(rest.rstrip("/"))
+
+
+def build(instance: Instance, association: Association | None, pending: datetime) -> Tree:
+    """Every leaf of the instance's tree, plus the listings derived from them."""
+    partition, domain = _partition(instance.region)
+    account = instance.account_id or (
+        association.profile.role.account_id if association else DEFAULT_ACCOUNT
+    )
+    leaves: dict[str, Node] = {
+        "meta-data/ami-id": instance.ami_id.encode(),
+        "meta-data/ami-launch-index": b"0",
+        "meta-data/hostname": instance.hostname.encode(),
+        "meta-data/instance-id": instance.id.encode(),
+        "meta-data/instance-life-cycle": b"on-demand",
+        "meta-data/instance-type": instance.instance_type.encode(),
+        "meta-data/local-hostname": instance.hostname.encode(),
+        "meta-data/local-ipv4": instance.local_ipv4.encode(),
+        "meta-data/mac": instance.mac.encode(),
+        "meta-data/placement/availability-zone": instance.availability_zone.encode(),
+        "meta-data/placement/region": instance.region.encode(),
+        "meta-data/services/domain": domain.encode(),
+        "meta-data/services/partition": partition.encode(),
+        "dynamic/instance-identity/document": render.identity_document(instance, account, pending),
+    }
+    if association is not None:
+        role = association.profile.role
+        leaves["meta-data/iam/info"] = render.info(association)
+        for directory, extended in (
+            ("security-credentials", False),
+            ("security-credentials-extended", True),
+        ):
+            leaves[f"meta-data/iam/{directory}/{role.name}"] = CredentialLeaf(role.arn, extended)
+    return Tree(instance=instance, association=association, nodes=leaves | _listings(leaves))
+
+
+def _listings(leaves: dict[str, Node]) -> dict[str, Node]:
+    """Each directory's children, sorted; subtrees end in '/', except at the version root."""
+    children: dict[str, set[str]] = {}
+    for path in leaves:
+        parts = path.split("/")
+        for depth in range(len(parts)):
+            directory = "/".join(parts[:depth])
+            has_children = depth < len(parts) - 1
+            children.setdefault(directory, set()).add(parts[depth] + ("/" if has_children else ""))
+    # EC2 lists /latest/ as plain names ("dynamic", "meta-data"), unlike every level below it.
+    children[""] = {name.rstrip("/") for name in children[""]}
+    return {directory: render.listing(sorted(names)) for directory, names in children.items()}
+
+
+def _partition(region: str) -> tuple[str, str]:
+    if region.startswith("cn-"):
+        return "aws-cn", "amazonaws.com.cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov", "amazonaws.com"
+    return "aws", "amazonaws.com"
+
+
+class TreeCache:
+    """The current tree of each instance, rebuilt only when its instance or association changed."""
+
+    def __init__(self) -> None:
+        self._trees: dict[str, Tree] = {}
+
+    def get(self, instance: Instance, association: Association | None, pending: datetime) -> Tree:
+        tree = self._trees.get(instance.id)
+        if tree is None or tree.instance is not instance or tree.association is not association:
+            tree = self._trees[instance.id] = build(instance, association, pending)
+        return tree

@@ -1,0 +1,135 @@
+"""Value types in EC2/IAM vocabulary: instances, instance profiles, roles, sessions.
+
+Frozen and slotted; secrets are `repr=False` so no repr, log line or traceback shows them.
+Imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+HttpTokens = Literal["optional", "required"]
+HttpEndpoint = Literal["enabled", "disabled"]
+
+INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
+PROFILE_ID = re.compile(r"AIPA[A-Z0-9]{17}")
+# IAM names: letters, digits and +=,.@_- ; paths are /-delimited segments of the same.
+IAM_NAME = re.compile(r"[\w+=,.@-]{1,128}", re.ASCII)
+IAM_PATH = re.compile(r"/(?:[\w+=,.@-]+/)*", re.ASCII)
+ROLE_ARN = re.compile(
+    r"arn:(?P<partition>aws[a-z-]*):iam::(?P<account>\d{12}):role"
+    r"(?P<path>/(?:[\w+=,.@-]+/)*)(?P<name>[\w+=,.@-]{1,64})",
+    re.ASCII,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Role:
+    """An IAM role, known by its ARN."""
+
+    arn: str
+    partition: str
+    account_id: str
+    name: str
+
+    @classmethod
+    def from_arn(cls, arn: str) -> Role:
+        """Parse `arn:PARTITION:iam::ACCOUNT:role[/path/]NAME`; ValueError if it is not one."""
+        m = ROLE_ARN.fullmatch(arn)
+        if m is None:
+            raise ValueError(arn)
+        return cls(arn=arn, partition=m["partition"], account_id=m["account"], name=m["name"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceProfile:
+    """A named container for exactly one role, as in IAM."""
+
+    name: str
+    path: str
+    id: str
+    role: Role
+
+    @property
+    def arn(self) -> str:
+        """Derived like IAM's: the role's partition and account, then path and name."""
+        return (
+            f"arn:{self.role.partition}:iam::{self.role.account_id}:"
+            f"instance-profile{self.path}{self.name}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetadataOptions:
+    """EC2's InstanceMetadataOptions for one instance."""
+
+    http_tokens: HttpTokens = "required"
+    hop_limit: int = 1
+    http_endpoint: HttpEndpoint = "enabled"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Instance:
+    """One VM, known by the addresses it uses on the host network."""
+
+    id: str
+    addresses: tuple[str, ...]
+    region: str
+    availability_zone: str
+    instance_type: str
+    ami_id: str
+    hostname: str
+    local_ipv4: str
+    mac: str
+    account_id: str | None = None
+    options: MetadataOptions = field(default_factory=MetadataOptions)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Association:
+    """Instance -> instance profile; at most one per instance."""
+
+    instance_id: str
+    profile: InstanceProfile
+    associated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Session:
+    """Temporary credentials vended for one association."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    token: str = field(repr=False)
+    expiration: datetime  # aware, UTC
+    issued_at: datetime
+
+    @property
+    def lifetime(self) -> float:
+        """Seconds between issue and expiry."""
+        return (self.expiration - self.issued_at).total_seconds()
+
+
+def key_display(access_key_id: str) -> str:
+    """An access key id as logs and admin output show it: its last four characters."""
+    return "…" + access_key_id[-4:]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RotationPolicy:
+    """When sessions are refreshed, and how failures are retried.
+
+    refresh at min(issued + fraction * lifetime, expiration - refresh_before) - jitter * u,
+    u uniform in [0, 1); min_remaining is the freshness floor served while the issuer is healthy.
+    """
+
+    refresh_fraction: float = 0.5
+    refresh_before: timedelta = timedelta(minutes=60)
+    min_remaining: timedelta = timedelta(minutes=30)
+    jitter: timedelta = timedelta(minutes=10)
+    retry_initial: timedelta = timedelta(seconds=1)
+    retry_max: timedelta = timedelta(minutes=5)
+    concurrency: int = 8

@@ -1,0 +1,209 @@
+"""Rotation: when each session is refreshed, and the engine that does it.
+
+`refresh_at()` and `retry_after()` are pure: tests call them with tables. `Rotator` keeps one
+APScheduler job per association, rescheduled after every run at refresh_at() of the new
+session (or a backoff after a failure), bounds concurrent issuer calls, and makes concurrent
+refreshes of one association share a single call. An issuer failure never removes a session:
+the current one is served until its own expiry (invariant 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
+
+from imdsd.backends.base import Backend
+from imdsd.clock import Clock
+from imdsd.errors import BackendError
+from imdsd.inventory import Inventory
+from imdsd.model import Association, RotationPolicy, Session, key_display
+from imdsd.sessions import SessionCache
+
+log = structlog.get_logger("imdsd.rotation")
+
+
+def refresh_at(session: Session, policy: RotationPolicy, u: float) -> datetime:
+    """When to replace `session`: at `refresh_fraction` of its life or `refresh_before` its
+    expiry, whichever is first, minus up to `jitter` (u in [0, 1) picks how much) so sessions
+    issued together spread out. The jitter never takes more than half the time to that point,
+    so a short session is not refreshed the moment it arrives."""
+    lifetime = session.expiration - session.issued_at
+    due = min(
+        session.issued_at + lifetime * policy.refresh_fraction,
+        session.expiration - policy.refresh_before,
+    )
+    room = max(due - session.issued_at, timedelta(0))
+    return due - min(policy.jitter, room / 2) * u
+
+
+def retry_after(attempt: int, policy: RotationPolicy, u: float) -> timedelta:
+    """Exponential backoff with equal jitter: half the capped step, plus up to another half."""
+    step = min(policy.retry_max, policy.retry_initial * (1 << min(attempt, 20)))
+    return step / 2 + step / 2 * u
+
+
+class Rotator:
+    """Keeps a fresh session for every association in the inventory."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        inventory: Inventory,
+        sessions: SessionCache,
+        policy: RotationPolicy,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._backend = backend
+        self._inventory = inventory
+        self._sessions = sessions
+        self._policy = policy
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
+        self._limit = asyncio.Semaphore(policy.concurrency)
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._due: dict[str, datetime] = {}
+        self._attempts: dict[str, int] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    async def prime(self) -> None:
+        """Get a session for every association (before any listener accepts)."""
+        await asyncio.gather(*(self.refresh(a.instance_id) for a in self._inventory.associations()))
+
+    def start(self) -> None:
+        """Hand the schedule to APScheduler (needs a running loop)."""
+        self._scheduler.start()
+        for key, due in self._due.items():
+            self._add_job(key, due)
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        for task in self._inflight.values():
+            task.cancel()
+
+    def due(self, key: str) -> datetime | None:
+        """When the association's next refresh (or retry) is due, on the injected clock."""
+        return self._due.get(key)
+
+    async def run_due(self) -> None:
+        """Run every refresh that is due on the injected clock (after the clock jumps)."""
+        now = self._clock.now()
+        await asyncio.gather(*(self.refresh(k) for k, due in list(self._due.items()) if due <= now))
+
+    async def follow(self, key: str) -> None:
+        """Bring one instance's session in line with its association, now: a new association
+        gets its session before this returns; a removed one loses its session and job."""
+        if self._inventory.association(key) is None:
+            self._forget(key)
+        else:
+            await self.refresh(key)
+
+    async def refresh(self, key: str) -> None:
+        """Replace the association's session; concurrent callers share one issuer call."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._refresh(key), name=f"refresh {key}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        await asyncio.shield(task)
+
+    async def _refresh(self, key: str) -> None:
+        association = self._inventory.association(key)
+        while association is not None:
+            try:
+                async with self._limit:
+                    session = await self._backend.issue(association.profile, session_name=key)
+            except BackendError as exc:
+                return self._failed(key, association, exc.code, str(exc), exc.retryable, exc)
+            except Exception as exc:  # any other backend fault: keep serving, retry later
+                return self._failed(
+                    key,
+                    association,
+                    "InternalError",
+                    "The credential issuer failed; retrying.",
+                    True,
+                    exc,
+                )
+            current = self._inventory.association(key)
+            if current is association:
+                return self._stored(key, association, session)
+            association = current  # replaced while we waited: issue for the new profile
+        self._forget(key)
+
+    def _stored(self, key: str, association: Association, session: Session) -> None:
+        self._sessions.store(key, session, association.profile.role)
+        self._attempts.pop(key, None)
+        due = refresh_at(session, self._policy, self._rng.random())
+        self._schedule(key, due)
+        log.info(
+            "session rotated",
+            instance=key,
+            role=association.profile.role.arn,
+            access_key=key_display(session.access_key_id),
+            expires=session.expiration.isoformat(),
+            next_refresh=due.isoformat(),
+        )
+
+    def _failed(
+        self,
+        key: str,
+        association: Association,
+        code: str,
+        message: str,
+        retryable: bool,
+        exc: Exception,
+    ) -> None:
+        attempt = self._attempts.get(key, 0)
+        self._attempts[key] = attempt + 1
+        now = self._clock.now()
+        self._sessions.fail(key, code, message, now)
+        delay = (
+            retry_after(attempt, self._policy, self._rng.random())
+            if retryable
+            else self._policy.retry_max
+        )
+        self._schedule(key, now + delay)
+        served = self._sessions.get(key)
+        log.warning(
+            "session refresh failed",
+            instance=key,
+            role=association.profile.role.arn,
+            error=exc.__class__.__name__,
+            code=code,
+            attempt=attempt + 1,
+            retry_in=round(delay.total_seconds(), 3),
+            serving_until=served.session.expiration.isoformat() if served else None,
+        )
+
+    def _forget(self, key: str) -> None:
+        self._sessions.drop(key)
+        self._due.pop(key, None)
+        self._attempts.pop(key, None)
+        if self._scheduler.running and self._scheduler.get_job(key) is not None:
+            self._scheduler.remove_job(key)
+
+    def _schedule(self, key: str, due: datetime) -> None:
+        self._due[key] = due
+        if self._scheduler.running:
+            self._add_job(key, due)
+
+    def _add_job(self, key: str, due: datetime) -> None:
+        # APScheduler runs on the wall clock; the decision was made on the injected one.
+        wall = datetime.now(UTC) + (due - self._clock.now())
+        self._scheduler.add_job(
+            self.refresh,
+            DateTrigger(run_date=wall),
+            args=[key],
+            id=key,
+            name=f"rotate {key}",
+            replace_existing=True,
+            misfire_grace_time=None,
+            coalesce=True,
+        )

@@ -1,0 +1,97 @@
+"""SessionCache: the current session of each association and its pre-rendered reply bodies.
+
+The request path only reads from here: one dict lookup, one expiry comparison, bytes out.
+Bodies are rendered once, when a session is stored (the renderer is injected, so this module
+depends on no HTTP code). A new session replaces the old one in a single assignment; the
+old one's holders keep using it until its own expiry. Never imports aiohttp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from imdsd.model import Role, Session
+
+PENDING_CODE = "CredentialsPending"
+PENDING_MESSAGE = "No credentials are available for this role yet; retry shortly."
+
+# (session, role) -> (legacy credential document, extended credential document)
+CredentialRenderer = Callable[[Session, Role], tuple[bytes, bytes]]
+# (code, message, when) -> failure document
+FailureRenderer = Callable[[str, str, datetime], bytes]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Served:
+    """A session ready to serve: what the request path reads."""
+
+    session: Session
+    role_arn: str
+    document: bytes = field(repr=False)
+    extended: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failure:
+    """Why the last attempt to get a session for an association failed."""
+
+    code: str
+    message: str
+    at: datetime
+    document: bytes
+
+
+class SessionCache:
+    """Current sessions (and last failures), keyed by instance id."""
+
+    def __init__(self, render: CredentialRenderer, render_failure: FailureRenderer) -> None:
+        self._render = render
+        self._render_failure = render_failure
+        self._served: dict[str, Served] = {}
+        self._failures: dict[str, Failure] = {}
+
+    def store(self, key: str, session: Session, role: Role) -> Served:
+        """Render and install a new session; clears the key's failure."""
+        document, extended = self._render(session, role)
+        served = Served(session=session, role_arn=role.arn, document=document, extended=extended)
+        self._served[key] = served
+        self._failures.pop(key, None)
+        return served
+
+    def fail(self, key: str, code: str, message: str, at: datetime) -> Failure:
+        """Record a failed attempt; the current session (if any) stays."""
+        failure = Failure(
+            code=code, message=message, at=at, document=self._render_failure(code, message, at)
+        )
+        self._failures[key] = failure
+        return failure
+
+    def answer(self, key: str, role_arn: str, *, extended: bool, now: datetime) -> bytes:
+        """The credential document to serve now (the hot path).
+
+        The current session's pre-rendered bytes while it is unexpired and belongs to the
+        association's role; otherwise EC2's failure shape. Never expired keys (invariant 3).
+        """
+        served = self._served.get(key)
+        if served is not None and served.role_arn == role_arn and now < served.session.expiration:
+            return served.extended if extended else served.document
+        failure = self._failures.get(key)
+        if failure is not None:
+            return failure.document
+        return self._render_failure(PENDING_CODE, PENDING_MESSAGE, now)
+
+    def get(self, key: str) -> Served | None:
+        return self._served.get(key)
+
+    def failure(self, key: str) -> Failure | None:
+        return self._failures.get(key)
+
+    def drop(self, key: str) -> None:
+        """Forget an association's session and failure (disassociated or removed)."""
+        self._served.pop(key, None)
+        self._failures.pop(key, None)
+
+    def keys(self) -> list[str]:
+        return list(self._served)
