@@ -30,15 +30,18 @@ log = structlog.get_logger("imdsd.rotation")
 def refresh_at(session: Session, policy: RotationPolicy, u: float) -> datetime:
     """When to replace `session`: at `refresh_fraction` of its life or `refresh_before` its
     expiry, whichever is first, minus up to `jitter` (u in [0, 1) picks how much) so sessions
-    issued together spread out. The jitter never takes more than half the time to that point,
-    so a short session is not refreshed the moment it arrives."""
+    issued together spread out. A session is always used for at least a quarter of its life
+    (a short one, e.g. an upstream-clamped duration, must not be re-issued in a loop), and the
+    jitter takes at most half of the time to that point."""
     lifetime = session.expiration - session.issued_at
-    due = min(
-        session.issued_at + lifetime * policy.refresh_fraction,
-        session.expiration - policy.refresh_before,
+    due = max(
+        min(
+            session.issued_at + lifetime * policy.refresh_fraction,
+            session.expiration - policy.refresh_before,
+        ),
+        session.issued_at + lifetime / 4,
     )
-    room = max(due - session.issued_at, timedelta(0))
-    return due - min(policy.jitter, room / 2) * u
+    return due - min(policy.jitter, (due - session.issued_at) / 2) * u
 
 
 def retry_after(attempt: int, policy: RotationPolicy, u: float) -> timedelta:

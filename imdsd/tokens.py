@@ -24,6 +24,7 @@ _VERSION = 1
 _HEADER = struct.Struct(">BQ")  # version, expiry (unix seconds)
 _MAC_BYTES = 32
 _RAW_BYTES = _HEADER.size + _MAC_BYTES
+_TOKEN_CHARS = 4 * -(-_RAW_BYTES // 3)  # the base64 length; any other string is not a token
 _VERIFIED_MAX = 4096
 
 
@@ -70,13 +71,11 @@ class TokenIssuer:
         return now < expiry
 
     def _check(self, token: str, instance_id: str) -> int | None:
-        if len(token) > 64 or not token.isascii():
+        if len(token) != _TOKEN_CHARS or not token.isascii():
             return None
-        try:
-            raw = base64.urlsafe_b64decode(token)
+        try:  # strict: one spelling per token, no junk after the padding
+            raw = base64.b64decode(token, altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
-            return None
-        if len(raw) != _RAW_BYTES:
             return None
         header, mac = raw[: _HEADER.size], raw[_HEADER.size :]
         version, expiry = _HEADER.unpack(header)

@@ -100,7 +100,10 @@ def _listings(leaves: dict[str, Node]) -> dict[str, Node]:
             children.setdefault(directory, set()).add(parts[depth] + ("/" if has_children else ""))
     # EC2 lists /latest/ as plain names ("dynamic", "meta-data"), unlike every level below it.
     children[""] = {name.rstrip("/") for name in children[""]}
-    return {directory: render.listing(sorted(names)) for directory, names in children.items()}
+    return {
+        directory: render.listing(sorted(names, key=lambda name: name.rstrip("/")))
+        for directory, names in children.items()
+    }
 
 
 def _partition(region: str) -> tuple[str, str]:

@@ -1,0 +1,40 @@
+"""Fixtures: a fake clock, and the real daemon (in this process) on a loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from imdsd.backends.base import Backend
+from imdsd.daemon import Daemon, running
+from tests.fakes import FakeClock, FlakyBackend
+from tests.helpers import make_config
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def flaky() -> list[FlakyBackend]:
+    """Filled with the daemon's FlakyBackend wrapper once the daemon fixture starts."""
+    return []
+
+
+@pytest.fixture
+async def daemon(clock: FakeClock, flaky: list[FlakyBackend]) -> AsyncIterator[Daemon]:
+    """The real daemon on 127.0.0.1:<ephemeral>, its issuer wrapped so tests can make it fail."""
+
+    def wrap(backend: Backend) -> Backend:
+        flaky.append(FlakyBackend(backend))
+        return flaky[0]
+
+    async with running(make_config(), clock, wrap_backend=wrap) as d:
+        yield d
+
+
+@pytest.fixture
+def url(daemon: Daemon) -> str:
+    return daemon.urls[0]

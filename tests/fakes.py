@@ -1,0 +1,60 @@
+"""Test doubles for the faults real parts cannot produce on cue, and a movable clock."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from imdsd.backends.base import Backend
+from imdsd.errors import BackendError
+from imdsd.model import InstanceProfile, Session
+
+START = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    """A clock that moves only when told."""
+
+    def __init__(self, start: datetime = START) -> None:
+        self._now = start
+
+    def now(self) -> datetime:
+        return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        self._now += delta
+
+    def set(self, when: datetime) -> None:
+        self._now = when
+
+
+@dataclass
+class FlakyBackend:
+    """Wraps the real local issuer; fails, or holds calls, on cue.
+
+    The embedded issuer cannot fail by itself, so this is the one stand-in the suite needs
+    to show what the engine does when an issuer is down, slow or refusing.
+    """
+
+    inner: Backend
+    failing: BackendError | None = None
+    gate: asyncio.Event | None = None
+    calls: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    names: list[str] = field(default_factory=list)
+
+    async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session:
+        self.calls += 1
+        self.names.append(session_name)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.failing is not None:
+                raise self.failing
+            return await self.inner.issue(profile, session_name=session_name)
+        finally:
+            self.in_flight -= 1

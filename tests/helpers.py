@@ -1,0 +1,130 @@
+"""Shared test helpers: a config builder and a curl-like raw HTTP client with a chosen source."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from imdsd.config import Config, parse
+
+ROLE_A = "arn:aws:iam::111111111111:role/role-a"
+ROLE_B = "arn:aws:iam::222222222222:role/team/role-b"
+VM_A, VM_B, VM_C, VM_D = (
+    "i-0aaaaaaaaaaaaaaaa",
+    "i-0bbbbbbbbbbbbbbbb",
+    "i-0cccccccccccccccc",
+    "i-dddddddd",
+)
+
+BASE = """
+[imds]
+listeners = ["127.0.0.1:0"]
+
+[rotation]
+jitter = "0s"
+
+[[instance_profiles]]
+name = "profile-a"
+role_arn = "{role_a}"
+
+[[instance_profiles]]
+name = "profile-b"
+path = "/team/"
+id = "AIPABBBBBBBBBBBBBBBBB"
+role_arn = "{role_b}"
+
+[[instances]]
+id = "{vm_a}"
+addresses = ["127.0.0.2"]
+region = "eu-west-1"
+metadata_options = {{ http_tokens = "optional" }}
+
+[[instances]]
+id = "{vm_b}"
+addresses = ["127.0.0.3", "::1"]
+metadata_options = {{ http_tokens = "required", hop_limit = 3 }}
+
+[[instances]]
+id = "{vm_c}"
+addresses = ["127.0.0.4"]
+metadata_options = {{ http_endpoint = "disabled" }}
+
+[[instances]]
+id = "{vm_d}"
+addresses = ["127.0.0.5"]
+metadata_options = {{ http_tokens = "optional" }}
+
+[[associations]]
+instance = "{vm_a}"
+profile = "profile-a"
+
+[[associations]]
+instance = "{vm_b}"
+profile = "profile-b"
+"""
+
+
+def config_text(extra: str = "") -> str:
+    """Four VMs: A (optional tokens, profile-a), B (required, profile-b, also ::1),
+    C (endpoint disabled), D (no association)."""
+    return (
+        BASE.format(role_a=ROLE_A, role_b=ROLE_B, vm_a=VM_A, vm_b=VM_B, vm_c=VM_C, vm_d=VM_D)
+        + extra
+    )
+
+
+def make_config(extra: str = "") -> Config:
+    return parse(config_text(extra))
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+async def http(
+    url: str,
+    path: str,
+    *,
+    method: str = "GET",
+    source: str = "127.0.0.1",
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One HTTP/1.1 request written by hand, like curl --interface SOURCE."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    reader, writer = await asyncio.open_connection(
+        parts.hostname, parts.port, local_addr=(source, 0)
+    )
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    found = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        found[name.strip().lower()] = value.strip()
+    return Reply(status=int(status_line.split()[1]), headers=found, body=body)
+
+
+async def token_for(url: str, source: str, ttl: int = 21600) -> str:
+    reply = await http(
+        url,
+        "/latest/api/token",
+        method="PUT",
+        source=source,
+        headers={"X-aws-ec2-metadata-token-ttl-seconds": str(ttl)},
+    )
+    assert reply.status == 200, reply
+    return reply.text

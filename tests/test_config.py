@@ -1,0 +1,174 @@
+"""Configuration: every bad value is reported with key path, value and what is allowed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from imdsd.config import format_duration, load, parse, parse_duration
+from imdsd.errors import ConfigError
+from tests.helpers import ROLE_A, config_text
+
+INSTANCE = '[[instances]]\nid = "i-0123456789abcdef0"\naddresses = ["127.0.0.9"]\n'
+PROFILE = f'[[instance_profiles]]\nname = "p"\nrole_arn = "{ROLE_A}"\n'
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    return str(caught.value).splitlines()
+
+
+BAD = [
+    ("[imds]\nlisteners = []",
+     'imds.listeners: got []; allowed: a non-empty list of "host:port" strings, IPv6 hosts in brackets ("[::1]:80")'),
+    ('[imds]\nlisteners = ["::1:80"]',
+     'imds.listeners: got ["::1:80"]; allowed: a non-empty list of "host:port" strings, IPv6 hosts in brackets ("[::1]:80")'),
+    ('[imds]\nlisteners = ["localhost:80"]',
+     'imds.listeners: got ["localhost:80"]; allowed: a non-empty list of "host:port" strings, IPv6 hosts in brackets ("[::1]:80")'),
+    ("[imds]\nport = 80", "imds.port: got an unknown key; allowed: listeners"),
+    ("[rotation]\nrefresh_fraction = 1.5", "rotation.refresh_fraction: got 1.5; allowed: a number greater than 0 and less than 1"),
+    ('[rotation]\njitter = "5 minutes"',
+     'rotation.jitter: got "5 minutes"; allowed: a duration: seconds as an integer, or a string like "90s", "30m", "6h", "1h30m"'),
+    ("[rotation]\nconcurrency = 0", "rotation.concurrency: got 0; allowed: an integer from 1 to 1024"),
+    ('[rotation]\nrefresh_before = "10m"', "rotation.refresh_before: got 10m; allowed: at least rotation.min_remaining (30m)"),
+    ('[rotation]\nretry_initial = "10m"\nretry_max = "1m"', "rotation.retry_max: got 1m; allowed: at least rotation.retry_initial (10m)"),
+    ('[backend]\nkind = "vault"', 'backend.kind: got "vault"; allowed: "local"'),
+    ('[backend.local]\nlifetime = "1h"',
+     "backend.local.lifetime: got 1h; allowed: more than rotation.refresh_before + rotation.jitter (1h10m),"
+     " or the session would be refreshed as soon as it is issued"),
+    ('[backend.local]\nkey = "c2VjcmV0LWtleQ=="', "backend.local.key: got (redacted); allowed: base64 of a 16-, 24- or 32-byte AES key"),
+    ('[log]\nlevel = "loud"', 'log.level: got "loud"; allowed: "debug" or "info" or "warning" or "error"'),
+    ("[[instances]]\naddresses = [\"127.0.0.9\"]",
+     'instances[0].id: got nothing (the key is missing); allowed: "i-" followed by 8 or 17 lowercase hex digits'),
+    ('[[instances]]\nid = "i-0123"\naddresses = ["127.0.0.9"]',
+     'instances[0].id: got "i-0123"; allowed: "i-" followed by 8 or 17 lowercase hex digits'),
+    ('[[instances]]\nid = "i-0123456789ABCDEF0"\naddresses = ["127.0.0.9"]',
+     'instances[0].id: got "i-0123456789ABCDEF0"; allowed: "i-" followed by 8 or 17 lowercase hex digits'),
+    ('[[instances]]\nid = "i-01234567"\naddresses = ["127.0.0.300"]',
+     'instances[0].addresses: got ["127.0.0.300"]; allowed: a non-empty list of IPv4 or IPv6 addresses, each at most once'),
+    (INSTANCE + 'metadata_options = { http_tokens = "sometimes" }',
+     'instances[0].metadata_options.http_tokens: got "sometimes"; allowed: "optional" or "required"'),
+    (INSTANCE + "metadata_options = { hop_limit = 65 }",
+     "instances[0].metadata_options.hop_limit: got 65; allowed: an integer from 1 to 64"),
+    (INSTANCE + 'metadata_options = { http_endpoint = "off" }',
+     'instances[0].metadata_options.http_endpoint: got "off"; allowed: "enabled" or "disabled"'),
+    (INSTANCE + 'region = "eu-west-1"\navailability_zone = "us-east-1a"',
+     'instances[0].availability_zone: got "us-east-1a"; allowed: a zone of the region, like "eu-west-1a"'),
+    (INSTANCE + INSTANCE.replace("127.0.0.9", "127.0.0.8"),
+     'instances[1].id: got "i-0123456789abcdef0"; allowed: an id no other instance has'),
+    (INSTANCE + INSTANCE.replace("abcdef0", "abcdef1"),
+     'instances[1].addresses: got "127.0.0.9"; allowed: addresses no other instance claims (i-0123456789abcdef0 has this one)'),
+    ('[[instance_profiles]]\nname = "p"\nrole_arn = "arn:aws:iam::1234:role/x"',
+     'instance_profiles[0].role_arn: got "arn:aws:iam::1234:role/x"; allowed: a role ARN: arn:aws:iam::123456789012:role/NAME'),
+    (PROFILE + 'id = "AIDA123"', 'instance_profiles[0].id: got "AIDA123"; allowed: "AIPA" followed by 17 of A-Z 0-9'),
+    (PROFILE + PROFILE, 'instance_profiles[1].name: got "p"; allowed: a name no other instance profile has'),
+    (INSTANCE + '[[associations]]\ninstance = "i-0123456789abcdef0"\nprofile = "nope"',
+     'associations[0].profile: got "nope"; allowed: one of the configured instance profile names: (none configured)'),
+    (PROFILE + '[[associations]]\ninstance = "i-99999999"\nprofile = "p"',
+     'associations[0].instance: got "i-99999999"; allowed: one of the configured instance ids: (none configured)'),
+    (INSTANCE + PROFILE + '[[associations]]\ninstance = "i-0123456789abcdef0"\nprofile = "p"\n' * 2,
+     "associations[1].instance: got \"i-0123456789abcdef0\"; allowed: an instance without an association (it has 'p')"),
+    ("instances = 3", "instances: got 3; allowed: an array of tables ([[instances]])"),
+    ("[server]\nport = 1", "server: got an unknown key; allowed: imds, rotation, backend, log, instances, instance_profiles, associations"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_value_names_path_value_and_allowed(text: str, message: str) -> None:
+    """Each bad value yields exactly one line: key path, the value found, what is allowed."""
+    assert problems(text) == [message]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Validation collects all errors rather than stopping at the first."""
+    found = problems('[rotation]\nconcurrency = 0\n[log]\nformat = "xml"\n[backend]\nkind = "x"')
+    assert [line.split(":")[0] for line in found] == [
+        "rotation.concurrency",
+        "backend.kind",
+        "log.format",
+    ]
+
+
+def test_secret_key_value_never_echoed() -> None:
+    """Invariant 4: a malformed issuer key is reported without repeating it."""
+    secret = "dGhpcyBpcyBub3QgYSBnb29kIGtleQ=="
+    (line,) = problems(f'[backend.local]\nkey = "{secret}"')
+    assert secret not in line and "(redacted)" in line
+
+
+def test_invalid_toml_is_one_line() -> None:
+    """A syntax error names the file and says what was expected."""
+    (line,) = problems("[imds\n")
+    assert line.startswith("<config>: got invalid TOML (") and line.endswith(
+        "allowed: a TOML document"
+    )
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """An unreadable config file is a config error (exit 3), not a traceback."""
+    with pytest.raises(ConfigError, match="unreadable file"):
+        load(tmp_path / "absent.toml")
+
+
+def test_good_config_round_trip() -> None:
+    """A valid file becomes frozen dataclasses with EC2-like derived defaults."""
+    config = parse(config_text())
+    a = config.instances[0]
+    assert (a.region, a.availability_zone, a.hostname) == (
+        "eu-west-1",
+        "eu-west-1a",
+        "ip-127-0-0-2.eu-west-1.compute.internal",
+    )
+    assert a.mac.startswith("02:") and len(a.mac) == 17 and a.ami_id.startswith("ami-")
+    b = config.instances[1]
+    assert b.addresses == ("127.0.0.3", "::1") and b.hostname == "ip-127-0-0-3.ec2.internal"
+    assert (b.options.http_tokens, b.options.hop_limit) == ("required", 3)
+    profile_b = config.profiles[1]
+    assert profile_b.arn == "arn:aws:iam::222222222222:instance-profile/team/profile-b"
+    assert profile_b.id == "AIPABBBBBBBBBBBBBBBBB"
+    assert config.profiles[0].id.startswith("AIPA") and len(config.profiles[0].id) == 21
+    assert config.associations == (
+        ("i-0aaaaaaaaaaaaaaaa", "profile-a"),
+        ("i-0bbbbbbbbbbbbbbbb", "profile-b"),
+    )
+    with pytest.raises(AttributeError):
+        config.rotation.jitter = timedelta(0)  # type: ignore[misc]
+
+
+def test_defaults() -> None:
+    """An empty file means the production listener, the local issuer and EC2's defaults."""
+    config = parse("")
+    assert [str(x) for x in config.imds.listeners] == ["169.254.169.254:80"]
+    assert config.backend.kind == "local" and config.backend.lifetime == timedelta(hours=6)
+    assert config.rotation.min_remaining == timedelta(minutes=30)
+
+
+def test_ipv6_listener() -> None:
+    """IPv6 listeners are written in brackets and kept without them."""
+    config = parse('[imds]\nlisteners = ["[fd00:ec2::254]:80", "169.254.169.254:80"]')
+    assert [(x.host, x.port) for x in config.imds.listeners] == [
+        ("fd00:ec2::254", 80),
+        ("169.254.169.254", 80),
+    ]
+    assert str(config.imds.listeners[0]) == "[fd00:ec2::254]:80"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(90, timedelta(seconds=90)), ("90s", timedelta(seconds=90)), ("30m", timedelta(minutes=30)),
+     ("6h", timedelta(hours=6)), ("1h30m", timedelta(minutes=90)), ("1h0m5s", timedelta(seconds=3605))],
+)  # fmt: skip
+def test_durations(value: object, expected: timedelta) -> None:
+    """Durations are integer seconds or h/m/s strings, and print back in the same form."""
+    assert parse_duration(value) == expected
+    assert parse_duration(format_duration(expected)) == expected
+
+
+@pytest.mark.parametrize("value", ["", "1d", "m", "-5", -5, True, 1.5, "1m1h"])
+def test_bad_durations(value: object) -> None:
+    """Anything else is refused."""
+    with pytest.raises(ValueError):
+        parse_duration(value)

@@ -1,0 +1,311 @@
+"""Rotation timing (pure tables) and the Rotator driven by a fake clock, without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from imdsd.backends.local import LocalIssuer
+from imdsd.errors import BackendError
+from imdsd.imds import render
+from imdsd.inventory import Inventory
+from imdsd.model import RotationPolicy, Session
+from imdsd.scheduler import Rotator, refresh_at, retry_after
+from imdsd.sessions import SessionCache
+from tests.fakes import START, FakeClock, FlakyBackend
+from tests.helpers import ROLE_A, VM_A, VM_B, make_config
+
+H, M, S = timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1)
+DEFAULT = RotationPolicy()
+
+
+def session(lifetime: timedelta) -> Session:
+    return Session(access_key_id="ASIAX", secret_access_key="s", token="t",
+                   issued_at=START, expiration=START + lifetime)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "u", "after_issue"),
+    [
+        (6 * H, 0.0, 3 * H),             # half the lifetime comes first
+        (6 * H, 0.999999, 2 * H + 50 * M),  # ... minus up to 10 minutes of jitter
+        (90 * M, 0.0, 30 * M),           # 60 minutes before expiry comes first
+        (12 * H, 0.5, 6 * H - 5 * M),
+        (15 * M, 0.0, 3 * M + 45 * S),   # refresh_before > lifetime: a quarter of the life
+        (15 * M, 0.999999, 1 * M + 53 * S),  # ... jitter limited to half of that wait
+    ],
+)  # fmt: skip
+def test_refresh_at_table(lifetime: timedelta, u: float, after_issue: timedelta) -> None:
+    """Default policy: half-life or 60 min before expiry, whichever is first, minus jitter."""
+    due = refresh_at(session(lifetime), DEFAULT, u)
+    assert abs(due - (START + after_issue)) < S
+
+
+def test_refresh_at_short_session_jitter_is_bounded() -> None:
+    """A short session is never refreshed the moment it arrives, whatever the jitter draw."""
+    policy = RotationPolicy(refresh_before=M, min_remaining=M, jitter=H)
+    due = refresh_at(session(4 * M), policy, 0.999)
+    assert START + M - S <= due <= START + 2 * M
+    policy = RotationPolicy(refresh_before=H, min_remaining=M, jitter=0 * S)
+    assert refresh_at(session(20 * M), policy, 0.0) == START + 5 * M
+
+
+def test_refresh_leaves_min_remaining_for_default_lifetimes() -> None:
+    """Invariant 2, by arithmetic: at the refresh instant the old session still has
+    well over min_remaining left, for every jitter draw and every lifetime from 1 to 12 h."""
+    rng = random.Random(7)
+    for hours in range(2, 13):
+        for _ in range(200):
+            s = session(hours * H)
+            due = refresh_at(s, DEFAULT, rng.random())
+            assert s.expiration - due >= DEFAULT.refresh_before > DEFAULT.min_remaining
+            assert due > s.issued_at
+
+
+@pytest.mark.parametrize(
+    ("attempt", "u", "expected"),
+    [(0, 0.0, 0.5 * S), (0, 1.0, 1 * S), (1, 0.0, 1 * S), (3, 0.5, 6 * S),
+     (8, 0.0, 128 * S), (9, 1.0, 5 * M), (50, 0.0, 150 * S)],
+)  # fmt: skip
+def test_retry_after_table(attempt: int, u: float, expected: timedelta) -> None:
+    """Exponential from retry_initial, capped at retry_max, with equal jitter."""
+    assert retry_after(attempt, DEFAULT, u) == expected
+
+
+class Rig:
+    """A Rotator over the real local issuer (wrapped to fail on cue) and a fake clock."""
+
+    def __init__(self, policy: RotationPolicy = DEFAULT, lifetime: timedelta = 6 * H) -> None:
+        config = make_config()
+        self.clock = FakeClock()
+        self.backend = FlakyBackend(LocalIssuer(b"k" * 32, lifetime, self.clock))
+        self.inventory = Inventory(
+            config.instances, config.profiles, config.associations, self.clock
+        )
+        self.sessions = SessionCache(render.credentials, render.failure)
+        self.rotator = Rotator(self.backend, self.inventory, self.sessions, policy, self.clock,
+                               rng=random.Random(1))  # fmt: skip
+
+    def served(self, key: str = VM_A) -> bytes:
+        association = self.inventory.association(key)
+        assert association is not None
+        return self.sessions.answer(
+            key, association.profile.role.arn, extended=False, now=self.clock.now()
+        )
+
+    def key_id(self, key: str = VM_A) -> str:
+        entry = self.sessions.get(key)
+        assert entry is not None
+        return entry.session.access_key_id
+
+    async def advance(self, delta: timedelta, step: timedelta = M) -> None:
+        """Move the clock in steps, running whatever falls due, as the scheduler would."""
+        end = self.clock.now() + delta
+        while self.clock.now() < end:
+            self.clock.advance(min(step, end - self.clock.now()))
+            await self.rotator.run_due()
+
+
+async def test_prime_gives_every_association_a_session() -> None:
+    """At start, before any listener, each association has a session named after its instance."""
+    rig = Rig()
+    await rig.rotator.prime()
+    assert sorted(rig.sessions.keys()) == sorted([VM_A, VM_B])
+    assert sorted(rig.backend.names) == sorted([VM_A, VM_B])
+    assert b'"Code" : "Success"' in rig.served()
+
+
+async def test_rotation_happens_at_refresh_at() -> None:
+    """A session is replaced when refresh_at() says, not before; the next one is scheduled."""
+    rig = Rig()
+    await rig.rotator.prime()
+    first, due = rig.key_id(), rig.rotator.due(VM_A)
+    assert due is not None and due == START + 3 * H - DEFAULT.jitter * random.Random(1).random()
+    rig.clock.set(due - S)
+    await rig.rotator.run_due()
+    assert rig.key_id() == first
+    rig.clock.set(due)
+    await rig.rotator.run_due()
+    assert rig.key_id() != first
+    next_due = rig.rotator.due(VM_A)
+    assert next_due is not None and next_due > due
+
+
+async def test_healthy_issuer_keeps_min_remaining_for_two_days() -> None:
+    """Invariant 2: sampled every minute over 48 h, the served credentials always have at
+    least min_remaining (30 min) left, and new ones exist well before the old expire."""
+    rig = Rig(RotationPolicy())
+    await rig.rotator.prime()
+    seen = set()
+    for _ in range(48 * 60):
+        await rig.advance(M)
+        entry = rig.sessions.get(VM_A)
+        assert entry is not None
+        assert entry.session.expiration - rig.clock.now() >= DEFAULT.min_remaining
+        seen.add(entry.session.access_key_id)
+    assert len(seen) >= 15  # rotated about every 3 hours
+
+
+async def test_failure_keeps_serving_then_never_serves_expired() -> None:
+    """Invariant 3: while the issuer fails, the current session is served until its own
+    expiry; after it, EC2's failure document (HTTP 200 shape with Code/Message), never keys."""
+    rig = Rig()
+    await rig.rotator.prime()
+    good = rig.served()
+    rig.backend.failing = BackendError("ServiceUnavailable", "upstream is down")
+    await rig.advance(6 * H - S)
+    assert rig.served() == good
+    assert rig.backend.calls > 10  # it kept retrying, with backoff
+    await rig.advance(S)
+    body = rig.served()
+    assert body.startswith(
+        b'{\n  "Code" : "ServiceUnavailable",\n  "Message" : "upstream is down",\n  "LastUpdated" : "'
+    )
+    assert b"AccessKeyId" not in body
+
+
+async def test_recovery_resumes_normal_schedule() -> None:
+    """After an outage the next retry succeeds and the normal schedule returns."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.backend.failing = BackendError("Throttling", "slow down")
+    await rig.advance(7 * H)
+    assert b"Throttling" in rig.served()
+    rig.backend.failing = None
+    await rig.advance(6 * M)  # backoff is capped at retry_max (5 min)
+    assert b'"Code" : "Success"' in rig.served()
+    due = rig.rotator.due(VM_A)
+    assert due is not None and due - rig.clock.now() > 2 * H
+
+
+async def test_backoff_grows_then_caps() -> None:
+    """Retries back off exponentially from retry_initial up to retry_max."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.backend.failing = BackendError("InternalError", "boom")
+    rig.clock.set(START + 4 * H)
+    gaps = []
+    for _ in range(12):
+        before = rig.clock.now()
+        await rig.rotator.run_due()
+        due = rig.rotator.due(VM_A)
+        assert due is not None
+        gaps.append(due - before)
+        rig.clock.set(due)
+    assert gaps[1] < gaps[4] < gaps[8]
+    assert max(gaps) <= DEFAULT.retry_max
+
+
+async def test_non_retryable_failure_waits_retry_max() -> None:
+    """A refusal (AccessDenied) is not hammered: the next attempt is retry_max away."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.backend.failing = BackendError("AccessDenied", "not allowed", retryable=False)
+    rig.clock.set(START + 4 * H)
+    await rig.rotator.run_due()
+    assert rig.rotator.due(VM_A) == rig.clock.now() + DEFAULT.retry_max
+
+
+async def test_unexpected_backend_exception_is_contained() -> None:
+    """A backend bug (not a BackendError) is logged and retried; the session stays served."""
+    rig = Rig()
+    await rig.rotator.prime()
+    good = rig.served()
+    rig.backend.failing = RuntimeError("bug")  # type: ignore[assignment]
+    rig.clock.set(START + 4 * H)
+    await rig.rotator.run_due()
+    assert rig.served() == good
+    failure = rig.sessions.failure(VM_A)
+    assert failure is not None and failure.code == "InternalError"
+
+
+async def test_single_flight_per_association() -> None:
+    """Concurrent refreshes of one association share one issuer call."""
+    rig = Rig()
+    rig.backend.gate = asyncio.Event()
+    waiters = [asyncio.create_task(rig.rotator.refresh(VM_A)) for _ in range(5)]
+    await asyncio.sleep(0)
+    rig.backend.gate.set()
+    await asyncio.gather(*waiters)
+    assert rig.backend.calls == 1
+
+
+async def test_concurrency_is_bounded() -> None:
+    """No more than rotation.concurrency issuer calls run at once."""
+    rig = Rig(RotationPolicy(concurrency=1))
+    rig.backend.gate = asyncio.Event()
+    prime = asyncio.create_task(rig.rotator.prime())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert rig.backend.in_flight == 1
+    rig.backend.gate.set()
+    await prime
+    assert rig.backend.max_in_flight == 1 and rig.backend.calls == 2
+
+
+async def test_follow_replaced_and_removed_association() -> None:
+    """Replacing a profile serves the new role's session at once; disassociating drops it."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.inventory.replace_association(VM_A, "profile-b")
+    await rig.rotator.follow(VM_A)
+    entry = rig.sessions.get(VM_A)
+    assert entry is not None and entry.role_arn != ROLE_A
+    rig.inventory.disassociate(VM_A)
+    await rig.rotator.follow(VM_A)
+    assert rig.sessions.get(VM_A) is None and rig.rotator.due(VM_A) is None
+
+
+async def test_replaced_while_issuing_gets_new_role() -> None:
+    """A profile replaced during an issuer call ends with the new role's session, not the old."""
+    rig = Rig()
+    rig.backend.gate = asyncio.Event()
+    task = asyncio.create_task(rig.rotator.refresh(VM_A))
+    while rig.backend.in_flight == 0:
+        await asyncio.sleep(0)
+    rig.inventory.replace_association(VM_A, "profile-b")
+    rig.backend.gate.set()
+    await task
+    entry = rig.sessions.get(VM_A)
+    assert entry is not None and entry.role_arn.endswith("role-b") and rig.backend.calls == 2
+
+
+async def test_apscheduler_job_per_association() -> None:
+    """Once started, each association has one APScheduler job at its refresh time."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.rotator.start()
+    try:
+        jobs = {job.id: job for job in rig.rotator._scheduler.get_jobs()}
+        assert set(jobs) == {VM_A, VM_B}
+        due = rig.rotator.due(VM_A)
+        assert due is not None
+        wall = jobs[VM_A].next_run_time.astimezone(UTC)
+        expected = datetime.now(UTC) + (due - rig.clock.now())
+        assert abs(wall - expected) < timedelta(seconds=5)
+        rig.inventory.disassociate(VM_A)
+        await rig.rotator.follow(VM_A)
+        assert {job.id for job in rig.rotator._scheduler.get_jobs()} == {VM_B}
+    finally:
+        rig.rotator.shutdown()
+
+
+async def test_apscheduler_runs_a_due_job() -> None:
+    """The real AsyncIOScheduler fires a job scheduled in the past and the session rotates."""
+    rig = Rig()
+    await rig.rotator.prime()
+    first = rig.key_id()
+    rig.clock.set(START + 4 * H)  # the refresh is now overdue: its wall time is in the past
+    rig.rotator.start()
+    try:
+        rig.rotator._add_job(VM_A, rig.clock.now() - S)
+        for _ in range(200):
+            if rig.key_id() != first:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.key_id() != first
+    finally:
+        rig.rotator.shutdown()
