@@ -103,8 +103,10 @@ async def http(
     reader, writer = await asyncio.open_connection(
         parts.hostname, parts.port, local_addr=(source, 0)
     )
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    given = headers or {}
+    lines = [f"{method} {path} HTTP/1.1", "Connection: close"]
+    lines += [] if "Host" in given else [f"Host: {parts.netloc}"]
+    lines += [f"{k}: {v}" for k, v in given.items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     await writer.drain()
     raw = await reader.read()

@@ -60,8 +60,8 @@ def token(request: web.Request) -> web.Response:
         raise Ec2Error(400, "missing or invalid token TTL") from None
     instance = request[INSTANCE]
     set_hop_limit(request, instance.options.hop_limit)
-    body = request.app[TOKENS].mint(instance.id, ttl)
-    return web.Response(text=body, content_type=TEXT, headers={**_HEADERS, TTL_HEADER: str(ttl)})
+    body = request.app[TOKENS].mint(instance.id, ttl).encode()
+    return web.Response(body=body, content_type=TEXT, headers={**_HEADERS, TTL_HEADER: str(ttl)})
 
 
 def set_hop_limit(request: web.Request, hops: int) -> None:
