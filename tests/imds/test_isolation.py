@@ -26,7 +26,13 @@ async def test_each_instance_gets_its_own_role(daemon: Daemon, url: str) -> None
     """A and B each see their own instance id, role and keys, and nothing of the other's."""
     token_b = await token_for(url, B)
     a = json.loads((await http(url, CREDS + "role-a", source=A)).body)
-    b = json.loads((await http(url, CREDS + "role-b", source=B, headers={"X-aws-ec2-metadata-token": token_b})).body)
+    b = json.loads(
+        (
+            await http(
+                url, CREDS + "role-b", source=B, headers={"X-aws-ec2-metadata-token": token_b}
+            )
+        ).body
+    )
     assert a["AccessKeyId"] == secrets_of(daemon, VM_A)[0]
     assert b["AccessKeyId"] == secrets_of(daemon, VM_B)[0]
     assert (await http(url, "/latest/meta-data/instance-id", source=A)).text == VM_A
@@ -60,7 +66,9 @@ async def test_token_from_another_instance_is_401(daemon: Daemon, url: str) -> N
         {"X-aws-ec2-metadata-instance-id": VM_B},
     ],
 )
-async def test_headers_cannot_claim_another_identity(daemon: Daemon, url: str, headers: dict[str, str]) -> None:
+async def test_headers_cannot_claim_another_identity(
+    daemon: Daemon, url: str, headers: dict[str, str]
+) -> None:
     """Identity is the socket peer: no header makes A into B."""
     reply = await http(url, "/latest/meta-data/instance-id", source=A, headers=headers)
     assert reply.text == VM_A
@@ -95,7 +103,11 @@ async def test_path_tricks_never_cross_instances(daemon: Daemon, url: str, path:
 
 async def test_unknown_caller_learns_nothing(daemon: Daemon, url: str) -> None:
     """An address that belongs to no instance gets a bare 404 for every path, token included."""
-    for method, path in [("GET", "/latest/meta-data/"), ("GET", CREDS + "role-a"), ("PUT", "/latest/api/token")]:
+    for method, path in [
+        ("GET", "/latest/meta-data/"),
+        ("GET", CREDS + "role-a"),
+        ("PUT", "/latest/api/token"),
+    ]:
         reply = await http(url, path, method=method, source="127.0.0.9",
                            headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})  # fmt: skip
         assert reply.status == 404

@@ -85,7 +85,12 @@ async def test_required_tokens(daemon: Daemon, url: str, clock: FakeClock) -> No
 
 async def test_disabled_endpoint_is_403_for_everything(daemon: Daemon, url: str) -> None:
     """http_endpoint=disabled: every request, token PUT included, is 403."""
-    for method, path in [("GET", ID_PATH), ("GET", "/"), ("PUT", "/latest/api/token"), ("GET", "/nope")]:
+    for method, path in [
+        ("GET", ID_PATH),
+        ("GET", "/"),
+        ("PUT", "/latest/api/token"),
+        ("GET", "/nope"),
+    ]:
         reply = await http(url, path, method=method, source=C, headers={TTL: "60"})
         assert (reply.status, reply.body) == (403, ERROR_PAGES[403])
 
@@ -187,7 +192,9 @@ async def test_ipv6_listener_and_caller(clock: FakeClock) -> None:
 async def token_for_v6(url: str) -> str:
     host, port = url.removeprefix("http://[").split("]:")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{TTL}: 60\r\n\r\n".encode())
+    writer.write(
+        f"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{TTL}: 60\r\n\r\n".encode()
+    )
     raw = await reader.read()
     writer.close()
     return raw.partition(b"\r\n\r\n")[2].decode()

@@ -1,0 +1,78 @@
+"""The command line: exit codes and one-line messages (0 ok, 1 runtime failure, 3 bad config)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imdsd.cli import main
+from tests.helpers import config_text
+
+REPO = Path(__file__).parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "imdsd.toml"
+    path.write_text(text)
+    return path
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid file: exit 0 and a one-line summary."""
+    assert main(["check-config", "--config", str(write(tmp_path, config_text()))]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("ok (4 instances, 2 instance profiles, 2 associations, backend local)\n")
+
+
+def test_shipped_configs_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    """The dev config (make run) and the example config both pass check-config."""
+    for name in ("imdsd.dev.toml", "imdsd.example.toml"):
+        assert main(["check-config", "--config", str(REPO / "config" / name)]) == 0, (
+            capsys.readouterr().err
+        )
+
+
+def test_check_config_bad_exits_3_with_every_problem(tmp_path: Path) -> None:
+    """A bad file, as a real process: exit 3, one stderr line per problem, nothing on stdout."""
+    path = write(
+        tmp_path,
+        '[rotation]\nconcurrency = 0\n[[instances]]\nid = "vm1"\naddresses = ["127.0.0.2"]\n',
+    )
+    done = subprocess.run([sys.executable, "-m", "imdsd", "check-config", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 3 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "imdsd: rotation.concurrency: got 0; allowed: an integer from 1 to 1024",
+        'imdsd: instances[0].id: got "vm1"; allowed: "i-" followed by 8 or 17 lowercase hex digits',
+    ]
+
+
+def test_run_refuses_bad_config_with_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run` validates the same way and never starts on a bad file."""
+    assert main(["run", "--config", str(write(tmp_path, '[log]\nlevel = "loud"\n'))]) == 3
+    assert "log.level" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config path that does not exist is a config error, one line."""
+    assert main(["check-config", "--config", str(tmp_path / "nope.toml")]) == 3
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nope.toml" in err
+
+
+def test_run_reports_unbindable_listener_with_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listener address in use: one line on stderr and exit status 1, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = config_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"')
+        assert main(["run", "--config", str(write(tmp_path, text)), "--log-format", "json"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("imdsd: cannot start:") and "Traceback" not in err

@@ -1,0 +1,97 @@
+"""Invariant 4: no secret reaches a log line, through a full start -> fetch -> rotate -> fail cycle."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import structlog
+
+from imdsd import log
+from imdsd.daemon import running
+from imdsd.errors import BackendError
+from imdsd.model import Session
+from tests.fakes import FakeClock, FlakyBackend
+from tests.helpers import VM_A, VM_B, http, make_config, token_for
+
+ISSUER_KEY = base64.b64encode(b"issuer-key-issuer-key-issuer-key").decode()
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """structlog configured exactly as in production (JSON, debug), writing to a buffer."""
+    buffer = io.StringIO()
+    log.configure("debug", "json", stream=buffer)
+    yield buffer
+    structlog.reset_defaults()
+    logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
+
+
+def forms(secret: str | bytes) -> list[str]:
+    raw = secret.encode() if isinstance(secret, str) else secret
+    return [raw.decode(errors="replace"), raw.hex(), base64.b64encode(raw).decode()]
+
+
+async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
+    """Secret keys, session tokens, IMDSv2 tokens and their MAC key, and the issuer key never
+    appear in the logs; access key ids appear only by their last four characters."""
+    clock = FakeClock()
+    flaky: list[FlakyBackend] = []
+    config = make_config(f'\n[backend.local]\nkey = "{ISSUER_KEY}"\n')
+
+    def wrap(backend):  # type: ignore[no-untyped-def]
+        flaky.append(FlakyBackend(backend))
+        return flaky[0]
+
+    sessions: list[Session] = []
+    imds_tokens: list[str] = []
+    async with running(config, clock, wrap_backend=wrap) as daemon:
+        url = daemon.urls[0]
+        for key in (VM_A, VM_B):
+            entry = daemon.sessions.get(key)
+            assert entry is not None
+            sessions.append(entry.session)
+        imds_tokens.append(await token_for(url, "127.0.0.3"))
+        for source, role in (("127.0.0.2", "role-a"), ("127.0.0.3", "role-b")):
+            await http(url, f"/latest/meta-data/iam/security-credentials/{role}", source=source,
+                       headers={"X-aws-ec2-metadata-token": imds_tokens[0]})  # fmt: skip
+        clock.advance(timedelta(hours=3, minutes=1))
+        await daemon.rotator.run_due()  # rotate
+        entry = daemon.sessions.get(VM_A)
+        assert entry is not None and entry.session not in sessions
+        sessions.append(entry.session)
+        flaky[0].failing = BackendError(
+            "AccessDenied", "The issuer refused the role.", retryable=False
+        )
+        clock.advance(timedelta(hours=3, minutes=1))
+        await daemon.rotator.run_due()  # fail
+        clock.advance(timedelta(hours=6))
+        await http(url, "/latest/meta-data/iam/security-credentials/role-a", source="127.0.0.2")
+        token_key = daemon.rotator  # keep the daemon alive until here
+        assert token_key is not None
+    text = captured.getvalue()
+    events = [json.loads(line) for line in text.splitlines()]
+    names = {e["event"] for e in events}
+    assert {"session rotated", "session refresh failed", "request"} <= names
+    secrets: list[str | bytes] = [base64.b64decode(ISSUER_KEY), *imds_tokens]
+    for s in sessions:
+        secrets += [s.secret_access_key, s.token]
+        assert s.access_key_id not in text and s.access_key_id[-4:] in text
+    for secret in secrets:
+        for form in forms(secret):
+            assert form not in text
+
+
+def test_secret_keys_are_hidden_by_the_processor(captured: io.StringIO) -> None:
+    """A log call that passes a secret under a secret-sounding key shows <hidden> instead."""
+    structlog.get_logger("t").info(
+        "oops", secret_access_key="AAA", Token="BBB", key="CCC", role="r"
+    )
+    line = json.loads(captured.getvalue())
+    assert line["secret_access_key"] == line["Token"] == line["key"] == "<hidden>"
+    assert line["role"] == "r"
