@@ -114,8 +114,9 @@ class Session:
 
 
 def key_display(access_key_id: str) -> str:
-    """An access key id as logs and admin output show it: its last four characters."""
-    return "…" + access_key_id[-4:]
+    """An access key id as logs and admin output show it: its last four characters (ASCII,
+    so JSON logs stay readable: aws-vault's FormatKeyForDisplay)."""
+    return "****" + access_key_id[-4:]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

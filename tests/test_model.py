@@ -56,4 +56,4 @@ def test_profile_arn_is_derived_like_iam() -> None:
 
 def test_key_display_shows_last_four() -> None:
     """Logs show an access key id by its last four characters only."""
-    assert key_display("ASIAABCDEFGHIJKLWXYZ") == "…WXYZ"
+    assert key_display("ASIAABCDEFGHIJKLWXYZ") == "****WXYZ"

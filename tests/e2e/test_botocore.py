@@ -43,6 +43,36 @@ def test_botocore_with_v1_disabled(start_daemon: Callable[..., Running]) -> None
     assert creds["role_name"] == "demo-role" and creds["access_key"].startswith("ASIA")
 
 
+def test_boto3_with_v1_disabled_env_uses_a_token(
+    start_daemon: Callable[..., Running], tmp_path: Path
+) -> None:
+    """AWS_EC2_METADATA_V1_DISABLED=true through boto3's own config chain: the SDK must PUT for
+    a token first (the daemon's request log shows it) and then gets the credentials."""
+    daemon = start_daemon(tokens="optional")  # v1 would be allowed: the SDK must still use v2
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "HOME": str(tmp_path),
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": daemon.url,
+        "AWS_EC2_METADATA_V1_DISABLED": "true",
+    }
+    code = "import boto3; c = boto3.Session().get_credentials(); print(c.method, c.access_key)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.startswith("iam-role ASIA"), out.stderr
+    requests = [
+        (line["method"], line["path"], line["status"])
+        for line in daemon.lines()
+        if line.get("event") == "request"
+    ]
+    assert requests[0] == ("PUT", "/latest/api/token", 200)
+    assert ("GET", "/latest/meta-data/iam/security-credentials-extended/", 404) not in requests
+
+
 def test_botocore_provider_loads_credentials(start_daemon: Callable[..., Running]) -> None:
     """The credential provider of boto3's default chain yields usable frozen credentials."""
     daemon = start_daemon(tokens="optional")
