@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test check fmt e2e clean
+.PHONY: help install run test check fmt e2e bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -26,6 +26,9 @@ test: $(STAMP)  ## the whole suite, with branch coverage enforced
 
 e2e: $(STAMP)  ## only the end-to-end tests (real daemon process + botocore)
 	$(BIN)/pytest tests/e2e
+
+bench: $(STAMP)  ## request-path throughput beside a bare-aiohttp baseline measured in the same run
+	$(BIN)/python -m tests.bench
 
 check: $(STAMP)  ## format check, lint, strict typing
 	$(BIN)/ruff format --check imdsd tests

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from imdsd import __version__, log
@@ -33,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: ok ({_summary(config)})")
         return EXIT_OK
-    log.configure(args.log_level or config.log.level, args.log_format or config.log.format)
+    config = _with_overrides(config, args)
+    log.configure(config.log.level, config.log.format)
     try:
         asyncio.run(serve(config, SystemClock()))
     except OSError as exc:
@@ -61,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=("debug", "info", "warning", "error"), help="overrides [log] level"
     )
     return parser
+
+
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """--log-level and --log-format win over the file's [log] section."""
+    return replace(
+        config,
+        log=replace(
+            config.log,
+            level=args.log_level or config.log.level,
+            format=args.log_format or config.log.format,
+        ),
+    )
 
 
 def _summary(config: Config) -> str:

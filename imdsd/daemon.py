@@ -59,7 +59,9 @@ async def running(
         stack.callback(rotator.shutdown)
         await rotator.prime()  # warm before listening: the first guest request is served
         rotator.start()
-        app = make_app(inventory, sessions, TokenIssuer(clock), clock)
+        app = make_app(
+            inventory, sessions, TokenIssuer(clock), clock, log_requests=config.log.level == "debug"
+        )
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
         )

@@ -42,7 +42,7 @@ async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
     appear in the logs; access key ids appear only by their last four characters."""
     clock = FakeClock()
     flaky: list[FlakyBackend] = []
-    config = make_config(f'\n[backend.local]\nkey = "{ISSUER_KEY}"\n')
+    config = make_config(f'\n[log]\nlevel = "debug"\n[backend.local]\nkey = "{ISSUER_KEY}"\n')
 
     def wrap(backend):  # type: ignore[no-untyped-def]
         flaky.append(FlakyBackend(backend))
@@ -95,3 +95,19 @@ def test_secret_keys_are_hidden_by_the_processor(captured: io.StringIO) -> None:
     line = json.loads(captured.getvalue())
     assert line["secret_access_key"] == line["Token"] == line["key"] == "<hidden>"
     assert line["role"] == "r"
+
+
+async def test_info_level_logs_no_request_lines() -> None:
+    """At info (production), serving a request writes nothing: the per-request line exists
+    only at debug, so a busy host's journal holds rotations and failures, not traffic."""
+    buffer = io.StringIO()
+    log.configure("info", "json", stream=buffer)
+    try:
+        async with running(make_config(), FakeClock()) as daemon:
+            before = buffer.getvalue()
+            reply = await http(daemon.urls[0], "/latest/meta-data/instance-id", source="127.0.0.2")
+            assert reply.status == 200
+            assert buffer.getvalue() == before
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)

@@ -12,7 +12,7 @@ from aiohttp import web
 from imdsd.clock import Clock
 from imdsd.imds.handlers import dispatch
 from imdsd.imds.keys import CLOCK, INVENTORY, SESSIONS, TOKENS, TREES
-from imdsd.imds.middlewares import MIDDLEWARES
+from imdsd.imds.middlewares import LOGGED_MIDDLEWARES, MIDDLEWARES
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache
@@ -20,10 +20,16 @@ from imdsd.tokens import TokenIssuer
 
 
 def make_app(
-    inventory: Inventory, sessions: SessionCache, tokens: TokenIssuer, clock: Clock
+    inventory: Inventory,
+    sessions: SessionCache,
+    tokens: TokenIssuer,
+    clock: Clock,
+    *,
+    log_requests: bool = False,
 ) -> web.Application:
-    """The metadata API for the instances in `inventory`."""
-    app = web.Application(middlewares=MIDDLEWARES, client_max_size=64 * 1024)
+    """The metadata API for the instances in `inventory` (one debug line per request if asked)."""
+    middlewares = LOGGED_MIDDLEWARES if log_requests else MIDDLEWARES
+    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
     app[INVENTORY] = inventory
     app[SESSIONS] = sessions
     app[TOKENS] = tokens

@@ -1,6 +1,6 @@
 """The guest API's security checks and error shaping, one middleware each, in a fixed order.
 
-    errors (outermost) -> identify -> endpoint -> token policy -> handler
+    [request log, only at debug] -> errors -> identify -> endpoint -> token policy -> handler
 
 Each middleware states the threat it stops. Internal detail goes to the log, never into a
 response: a guest sees only EC2's status codes and pages.
@@ -23,6 +23,7 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 -- a header name
 TEXT = "text/plain"
 SERVER = "EC2ws"
 log = structlog.get_logger("imdsd.imds")
+REASON = web.RequestKey("reason", str)  # why a request was refused, for the debug line
 
 
 class Ec2Error(Exception):
@@ -45,20 +46,26 @@ def error_page(status: int) -> web.Response:
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Threat: a malformed request that crashes a handler and leaks a traceback, or takes the
-    daemon down for every VM. Every failure becomes an EC2 status page; one debug line each."""
-    started = time.perf_counter()
-    reason = ""
+    daemon down for every VM. Every failure becomes an EC2 status page."""
     try:
-        response = await handler(request)
+        return await handler(request)
     except Ec2Error as exc:
-        reason = str(exc)
-        response = error_page(exc.status)
+        request[REASON] = str(exc)
+        return error_page(exc.status)
     except web.HTTPException as exc:
-        reason = exc.reason
-        response = error_page(exc.status if exc.status in render.ERROR_PAGES else 400)
+        request[REASON] = exc.reason
+        return error_page(exc.status if exc.status in render.ERROR_PAGES else 400)
     except Exception as exc:
         log.error("request failed", error=exc.__class__.__name__, path=request.path)
-        response = error_page(500)
+        return error_page(500)
+
+
+@web.middleware
+async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One canonical debug line per request. Installed only when the level is debug, so the
+    production hot path neither builds nor filters log fields."""
+    started = time.perf_counter()
+    response = await handler(request)
     instance = request.get(INSTANCE)
     log.debug(
         "request",
@@ -67,7 +74,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         status=response.status,
         instance=instance.id if instance else None,
         peer=peer_address(request),
-        reason=reason or None,
+        reason=request.get(REASON),
         ms=round((time.perf_counter() - started) * 1000, 3),
     )
     return response
@@ -111,3 +118,4 @@ async def token_policy(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 MIDDLEWARES = (errors, identified, endpoint_enabled, token_policy)
+LOGGED_MIDDLEWARES = (request_log, *MIDDLEWARES)
