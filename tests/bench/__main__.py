@@ -133,7 +133,7 @@ async def main() -> None:
         try:
             tok = await token(port)
             creds = get("/latest/meta-data/iam/security-credentials/bench", tok)
-            size = len((await asyncio.wait_for(_body(port, creds), 5)))
+            size = len(await asyncio.wait_for(_body(port, creds), 5))
             baseline, base_port = start_baseline(size)
             try:
                 await load(base_port, get("/warmup"))  # warm both before measuring
