@@ -94,7 +94,7 @@ async def http(
     path: str,
     *,
     method: str = "GET",
-    source: str = "127.0.0.1",
+    source: str | None = "127.0.0.1",
     headers: dict[str, str] | None = None,
 ) -> Reply:
     """One HTTP/1.1 request written by hand, like curl --interface SOURCE."""
@@ -120,7 +120,7 @@ async def http(
     return Reply(status=int(status_line.split()[1]), headers=found, body=body)
 
 
-async def token_for(url: str, source: str, ttl: int = 21600) -> str:
+async def token_for(url: str, source: str | None, ttl: int = 21600) -> str:
     reply = await http(
         url,
         "/latest/api/token",

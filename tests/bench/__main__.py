@@ -52,12 +52,21 @@ web.run_app(app, sock=sock, print=None, access_log=None)
 
 async def one_request(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-) -> int:
+) -> tuple[int, bytes]:
+    """Send one request on a keep-alive connection; (status, body)."""
     writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    await reader.readexactly(length)
-    return int(head.split(b" ", 2)[1])
+    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
+
+async def fetch(port: int, request: bytes) -> bytes:
+    """One request on its own connection; the body of a 200."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    status, body = await one_request(reader, writer, request)
+    writer.close()
+    assert status == 200, status
+    return body
 
 
 async def load(port: int, request: bytes) -> tuple[float, list[float]]:
@@ -72,7 +81,7 @@ async def load(port: int, request: bytes) -> tuple[float, list[float]]:
         while remaining > 0 and time.perf_counter() < deadline:
             remaining -= 1
             started = time.perf_counter()
-            status = await one_request(reader, writer, request)
+            status, _ = await one_request(reader, writer, request)
             latencies.append(time.perf_counter() - started)
             assert status == 200, status
         writer.close()
@@ -105,18 +114,6 @@ def start_baseline(size: int) -> tuple[subprocess.Popen[str], int]:
     return process, int(process.stdout.readline())
 
 
-async def token(port: int) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n"
-    )
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    body = await reader.readexactly(length)
-    writer.close()
-    return body.decode()
-
-
 def get(path: str, tok: str = "") -> bytes:
     extra = f"X-aws-ec2-metadata-token: {tok}\r\n" if tok else ""
     return f"GET {path} HTTP/1.1\r\nHost: b\r\n{extra}\r\n".encode()
@@ -131,9 +128,10 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         daemon, port = start_daemon(Path(tmp))
         try:
-            tok = await token(port)
+            put = b"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n"
+            tok = (await fetch(port, put)).decode()
             creds = get("/latest/meta-data/iam/security-credentials/bench", tok)
-            size = len(await asyncio.wait_for(_body(port, creds), 5))
+            size = len(await fetch(port, creds))
             baseline, base_port = start_baseline(size)
             try:
                 await load(base_port, get("/warmup"))  # warm both before measuring
@@ -153,16 +151,6 @@ async def main() -> None:
     print(row(f"baseline: bare aiohttp, constant {size}-byte body", base_rps, base_lat, base_rps))
     print(row("imdsd: credential document (IMDSv2 token)", cred_rps, cred_lat, base_rps))
     print(row("imdsd: meta-data leaf (IMDSv2 token)", leaf_rps, leaf_lat, base_rps))
-
-
-async def _body(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    body = await reader.readexactly(length)
-    writer.close()
-    return body
 
 
 if __name__ == "__main__":

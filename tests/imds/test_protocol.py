@@ -182,29 +182,8 @@ async def test_ipv6_listener_and_caller(clock: FakeClock) -> None:
         async with running(config, clock) as d:
             url = d.urls[0]
             assert url.startswith("http://[::1]:")
-            token = await token_for_v6(url)
-            reply = await http_v6(url, ID_PATH, {TOKEN: token})
-            assert reply == VM_B
+            token = await token_for(url, None)
+            reply = await http(url, ID_PATH, source=None, headers={TOKEN: token})
+            assert reply.text == VM_B
     except OSError as exc:
         pytest.skip(f"IPv6 loopback unavailable: {exc}")
-
-
-async def token_for_v6(url: str) -> str:
-    host, port = url.removeprefix("http://[").split("]:")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        f"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{TTL}: 60\r\n\r\n".encode()
-    )
-    raw = await reader.read()
-    writer.close()
-    return raw.partition(b"\r\n\r\n")[2].decode()
-
-
-async def http_v6(url: str, path: str, headers: dict[str, str]) -> str:
-    host, port = url.removeprefix("http://[").split("]:")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n".encode())
-    raw = await reader.read()
-    writer.close()
-    return raw.partition(b"\r\n\r\n")[2].decode()
