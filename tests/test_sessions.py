@@ -1,0 +1,69 @@
+"""SessionCache: rendered once, served as the same bytes; never expired keys (invariant 3)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from imdsd.imds import render
+from imdsd.model import Role, Session
+from imdsd.sessions import PENDING_CODE, SessionCache
+from tests.fakes import START
+
+ROLE = Role.from_arn("arn:aws:iam::123456789012:role/app")
+OTHER = Role.from_arn("arn:aws:iam::123456789012:role/other")
+SESSION = Session(access_key_id="ASIAAAAAAAAAAAAAAAAA", secret_access_key="s" * 40, token="t",
+                  issued_at=START, expiration=START + timedelta(hours=6))  # fmt: skip
+
+
+def counting_cache() -> tuple[SessionCache, list[int]]:
+    calls: list[int] = []
+
+    def renderer(session: Session, role: Role) -> tuple[bytes, bytes]:
+        calls.append(1)
+        return render.credentials(session, role)
+
+    return SessionCache(renderer, render.failure), calls
+
+
+def test_rendered_once_served_as_the_same_object() -> None:
+    """The request path hands out the bytes made at store time: no rendering per request."""
+    cache, calls = counting_cache()
+    served = cache.store("i-1", SESSION, ROLE)
+    for _ in range(100):
+        assert cache.answer("i-1", ROLE.arn, extended=False, now=START) is served.document
+        assert cache.answer("i-1", ROLE.arn, extended=True, now=START) is served.extended
+    assert len(calls) == 1
+
+
+def test_expired_session_is_never_served() -> None:
+    """At its expiration instant a session is gone; what remains is the failure shape."""
+    cache, _ = counting_cache()
+    cache.store("i-1", SESSION, ROLE)
+    assert b"Success" in cache.answer(
+        "i-1", ROLE.arn, extended=False, now=SESSION.expiration - timedelta(seconds=1)
+    )
+    body = cache.answer("i-1", ROLE.arn, extended=False, now=SESSION.expiration)
+    assert SESSION.access_key_id.encode() not in body and PENDING_CODE.encode() in body
+
+
+def test_session_of_another_role_is_not_served() -> None:
+    """A session stored for one role never answers for another (a replaced association)."""
+    cache, _ = counting_cache()
+    cache.store("i-1", SESSION, ROLE)
+    assert SESSION.access_key_id.encode() not in cache.answer(
+        "i-1", OTHER.arn, extended=False, now=START
+    )
+
+
+def test_failure_recorded_then_cleared_by_success() -> None:
+    """A failure shows only once no valid session is left, and a new session clears it."""
+    cache, _ = counting_cache()
+    cache.store("i-1", SESSION, ROLE)
+    cache.fail("i-1", "Throttling", "slow down", START)
+    assert b"Success" in cache.answer("i-1", ROLE.arn, extended=False, now=START)
+    late = SESSION.expiration + timedelta(minutes=1)
+    assert b'"Code" : "Throttling"' in cache.answer("i-1", ROLE.arn, extended=False, now=late)
+    cache.store("i-1", SESSION, ROLE)
+    assert cache.failure("i-1") is None
+    cache.drop("i-1")
+    assert cache.get("i-1") is None and cache.keys() == []
