@@ -131,10 +131,11 @@ async def test_failure_document_once_no_valid_session(daemon: Daemon, url: str, 
 
 
 def start_capture(url: str, marker: bytes) -> tuple[threading.Thread, list[int], socket.socket]:
-    """Capture loopback with an AF_PACKET socket: the IPv4 TTL of packets from the daemon's
-    port that carry `marker` land in the returned list (raises PermissionError without root)."""
+    """Capture loopback with an AF_PACKET socket: the IPv4 TTL or IPv6 hop limit of packets
+    from the daemon's port that carry `marker` land in the returned list (PermissionError
+    without CAP_NET_RAW)."""
     port = int(url.rsplit(":", 1)[1])
-    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
     sniffer.bind(("lo", 0))
     sniffer.settimeout(0.2)
     found: list[int] = []
@@ -146,35 +147,47 @@ def start_capture(url: str, marker: bytes) -> tuple[threading.Thread, list[int],
                 frame = sniffer.recv(65535)
             except TimeoutError:
                 continue
-            ip = frame[14:]
-            ihl = (ip[0] & 0x0F) * 4
-            src_port = struct.unpack("!H", ip[ihl : ihl + 2])[0]
-            if src_port == port and marker in ip:
-                found.append(ip[8])
+            ethertype, ip = struct.unpack("!H", frame[12:14])[0], frame[14:]
+            if ethertype == 0x0800:
+                header, hops = (ip[0] & 0x0F) * 4, ip[8]
+            elif ethertype == 0x86DD:
+                header, hops = 40, ip[7]  # no extension headers on loopback TCP
+            else:
+                continue
+            if struct.unpack("!H", ip[header : header + 2])[0] == port and marker in ip:
+                found.append(hops)
 
     thread = threading.Thread(target=sniff)
     thread.start()
     return thread, found, sniffer
 
 
-async def test_hop_limit_sets_ttl_of_token_reply(daemon: Daemon, url: str) -> None:
-    """HttpPutResponseHopLimit: the token reply leaves with the instance's hop_limit as its
-    IP TTL (B: 3), seen on the wire with a packet capture on loopback."""
+async def put_token_captured(url: str, source: str | None) -> list[int]:
+    """PUT a token while capturing; the TTL/hop limit of the reply's packet(s)."""
     try:
         thread, found, sniffer = start_capture(url, b"X-aws-ec2-metadata-token-ttl-seconds")
     except PermissionError:
         pytest.skip("capturing packets needs CAP_NET_RAW")
     try:
-        reply = await http(url, "/latest/api/token", method="PUT", source=B, headers={TTL: "60"})
+        reply = await http(
+            url, "/latest/api/token", method="PUT", source=source, headers={TTL: "60"}
+        )
         assert reply.status == 200
         await asyncio.to_thread(thread.join)
     finally:
         sniffer.close()
-    assert found == [3]
+    return found
+
+
+async def test_hop_limit_sets_ttl_of_token_reply(daemon: Daemon, url: str) -> None:
+    """HttpPutResponseHopLimit: the token reply leaves with the instance's hop_limit as its
+    IP TTL (B: 3), seen on the wire with a packet capture on loopback."""
+    assert await put_token_captured(url, B) == [3]
 
 
 async def test_ipv6_listener_and_caller(clock: FakeClock) -> None:
-    """An instance is also known by an IPv6 address; the token reply's hop limit is set on v6."""
+    """An instance is also known by an IPv6 address (B: ::1); the token reply leaves with the
+    instance's hop limit as its IPv6 hop limit, seen on the wire."""
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     config = replace(make_config(), imds=ImdsConfig(listeners=(Listener(host="::1", port=0),)))
@@ -185,5 +198,6 @@ async def test_ipv6_listener_and_caller(clock: FakeClock) -> None:
             token = await token_for(url, None)
             reply = await http(url, ID_PATH, source=None, headers={TOKEN: token})
             assert reply.text == VM_B
+            assert await put_token_captured(url, None) == [3]
     except OSError as exc:
         pytest.skip(f"IPv6 loopback unavailable: {exc}")
