@@ -111,7 +111,8 @@ class Rotator:
     async def refresh(self, key: str) -> None:
         """Replace the association's session; concurrent callers share one issuer call."""
         task = self._inflight.get(key)
-        if task is None:
+        # A finished task lingers until its done-callback runs: it must not absorb a new refresh.
+        if task is None or task.done():
             task = asyncio.create_task(self._refresh(key), name=f"refresh {key}")
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))

@@ -233,6 +233,19 @@ async def test_single_flight_per_association() -> None:
     assert rig.backend.calls == 1
 
 
+async def test_refresh_right_after_another_is_not_swallowed() -> None:
+    """A refresh asked for just as the previous one finishes (before its bookkeeping runs)
+    issues a new session instead of returning the finished one's result."""
+    rig = Rig()
+    await rig.rotator.refresh(VM_A)
+    first = rig.key_id()
+    finished = asyncio.get_running_loop().create_future()
+    finished.set_result(None)
+    rig.rotator._inflight[VM_A] = finished  # type: ignore[assignment]  # the lingering window
+    await rig.rotator.refresh(VM_A)
+    assert rig.key_id() != first and rig.backend.calls == 2
+
+
 async def test_concurrency_is_bounded() -> None:
     """No more than rotation.concurrency issuer calls run at once."""
     rig = Rig(RotationPolicy(concurrency=1))
