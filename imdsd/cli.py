@@ -17,7 +17,7 @@ from imdsd import __version__, log
 from imdsd.clock import SystemClock
 from imdsd.config import Config, load
 from imdsd.daemon import serve
-from imdsd.errors import ConfigError
+from imdsd.errors import ConfigError, ImdsdError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3
 DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(serve(config, SystemClock()))
     except OSError as exc:
         print(f"imdsd: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ImdsdError as exc:  # e.g. the sts backend found no host credentials
+        print(f"imdsd: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 

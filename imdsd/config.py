@@ -37,8 +37,11 @@ from imdsd.validation import (
     address_list,
     aes_key,
     choice,
+    choices_list,
+    duration_in,
     format_duration,
     fraction,
+    http_url,
     int_in,
     listed,
     listener_list,
@@ -52,11 +55,17 @@ from imdsd.validation import (
     zone_of,
 )
 
-BackendKind = Literal["local"]
+BackendKind = Literal["local", "sts"]
+SessionScope = Literal["instance", "profile"]
+SessionTag = Literal["instance_id", "host"]
+STS_DURATION_MIN = timedelta(seconds=900)  # AssumeRole's DurationSeconds limits
+STS_DURATION_MAX = timedelta(seconds=43200)
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 PRODUCTION_LISTENER = "169.254.169.254:80"
-_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
+REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
+EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
+STS_NAME = re.compile(r"[\w+=,.@{}-]{2,64}", re.ASCII)  # RoleSessionName/SourceIdentity, + {host}
 _MAC = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")
 _ACCOUNT = re.compile(r"\d{12}")
 _AMI = re.compile(r"ami-[0-9a-f]{8,17}")
@@ -79,16 +88,44 @@ class LocalBackendConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StsBackendConfig:
+    """AssumeRole on an upstream STS: where, as whom, for how long, and what to send along."""
+
+    region: str = "us-east-1"
+    endpoint_url: str = ""  # "" = the regional endpoint of `region`
+    profile: str | None = None  # the host's own credentials: a shared-config profile, or the chain
+    duration: timedelta = timedelta(hours=6)
+    session_scope: SessionScope = "instance"
+    session_tags: tuple[SessionTag, ...] = ()
+    source_identity: str | None = None
+    timeout: timedelta = timedelta(seconds=10)
+
+    @property
+    def endpoint(self) -> str:
+        """The configured endpoint, or the region's own STS endpoint."""
+        if self.endpoint_url:
+            return self.endpoint_url
+        suffix = "amazonaws.com.cn" if self.region.startswith("cn-") else "amazonaws.com"
+        return f"https://sts.{self.region}.{suffix}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BackendConfig:
     """Which backend mints sessions, and its own section."""
 
     kind: BackendKind = "local"
     local: LocalBackendConfig = field(default_factory=LocalBackendConfig)
+    sts: StsBackendConfig = field(default_factory=StsBackendConfig)
 
     @property
     def lifetime(self) -> timedelta:
-        """The lifetime of the sessions this backend issues."""
-        return self.local.lifetime
+        """The lifetime of the sessions this backend asks for."""
+        return self.sts.duration if self.kind == "sts" else self.local.lifetime
+
+    @property
+    def lifetime_key(self) -> str:
+        """The key path of that lifetime, for messages."""
+        return "backend.sts.duration" if self.kind == "sts" else "backend.local.lifetime"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,9 +182,11 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         ("imds", "rotation", "backend", "log", "instances", "instance_profiles", "associations"),
     )
     rotation = _rotation(doc.table("rotation", _ROTATION_KEYS))
-    backend = _backend(doc.table("backend", ("kind", "local")))
+    backend = _backend(doc.table("backend", ("kind", "local", "sts")))
     _check_lifetime(reader, rotation, backend)
-    profiles = _profiles(doc.tables("instance_profiles", ("name", "path", "id", "role_arn")))
+    profiles = _profiles(
+        doc.tables("instance_profiles", ("name", "path", "id", "role_arn", "external_id"))
+    )
     instances = _instances(doc.tables("instances", _INSTANCE_KEYS))
     return Config(
         imds=_imds(doc.table("imds", ("listeners",))),
@@ -211,7 +250,59 @@ def _backend(t: Section) -> BackendConfig:
         lifetime=lt.take("lifetime", positive_duration, d.lifetime, "a duration greater than 0s"),
         key=lt.take("key", aes_key, None, "base64 of a 16-, 24- or 32-byte AES key", secret=True),
     )
-    return BackendConfig(kind=kind, local=local)
+    sts = _sts(t.table("sts", _STS_KEYS), required=kind == "sts")
+    if sts.session_scope == "profile" and "instance_id" in sts.session_tags:
+        t.problem(
+            "sts.session_tags",
+            show(list(sts.session_tags)),
+            'tags without "instance_id" when session_scope = "profile" (one session serves many)',
+        )
+    return BackendConfig(kind=kind, local=local, sts=sts)
+
+
+_STS_KEYS = ("region", "endpoint_url", "profile", "duration", "session_scope", "session_tags",
+             "source_identity", "timeout")  # fmt: skip
+
+
+def _sts(t: Section, *, required: bool) -> StsBackendConfig:
+    d = StsBackendConfig()
+    allowed = 'a region name like "eu-west-1"'
+    region = (
+        t.require("region", matching(REGION), allowed)  # no silent default for real STS
+        if required
+        else t.take("region", matching(REGION), d.region, allowed)
+    )
+    scopes, tags = get_args(SessionScope), get_args(SessionTag)
+    return StsBackendConfig(
+        region=region or d.region,
+        endpoint_url=t.take("endpoint_url", http_url, "", "an http:// or https:// URL"),
+        profile=t.take("profile", nonempty, None, "the name of a profile in the AWS config files"),
+        duration=t.take(
+            "duration",
+            duration_in(STS_DURATION_MIN, STS_DURATION_MAX),
+            d.duration,
+            "a duration from 15m to 12h (AssumeRole's 900 to 43200 seconds)",
+        ),
+        session_scope=t.take("session_scope", choice(scopes), d.session_scope, one_of(scopes)),
+        session_tags=t.take(
+            "session_tags",
+            choices_list(tags),
+            d.session_tags,
+            "a list of " + one_of(tags).replace(" or ", ", "),
+        ),
+        source_identity=t.take(
+            "source_identity",
+            matching(STS_NAME),
+            None,
+            "2-64 of A-Z a-z 0-9 +=,.@- ({host} is replaced by the host name)",
+        ),
+        timeout=t.take(
+            "timeout",
+            duration_in(timedelta(seconds=1), timedelta(minutes=5)),
+            d.timeout,
+            "a duration from 1s to 5m",
+        ),
+    )
 
 
 def _check_lifetime(reader: Reader, p: RotationPolicy, backend: BackendConfig) -> None:
@@ -219,7 +310,7 @@ def _check_lifetime(reader: Reader, p: RotationPolicy, backend: BackendConfig) -
     floor = p.refresh_before + p.jitter
     if backend.lifetime <= floor:
         reader.problem(
-            f"backend.{backend.kind}.lifetime",
+            backend.lifetime_key,
             format_duration(backend.lifetime),
             f"more than rotation.refresh_before + rotation.jitter ({format_duration(floor)}),"
             " or the session would be refreshed as soon as it is issued",
@@ -241,13 +332,18 @@ def _profiles(entries: list[Section]) -> tuple[InstanceProfile, ...]:
         role = t.require("role_arn", role_arn, "a role ARN: arn:aws:iam::123456789012:role/NAME")
         iam_path = t.take("path", matching(IAM_PATH), "/", 'an IAM path: "/" or "/a/b/"')
         given_id = t.take("id", matching(PROFILE_ID), None, '"AIPA" followed by 17 of A-Z 0-9')
+        external_id = t.take(
+            "external_id", matching(EXTERNAL_ID), None, "2-1224 of A-Z a-z 0-9 +=,.@:/-"
+        )
         if name is None or role is None:
             continue
         if name in out:
             t.problem("name", show(name), "a name no other instance profile has")
             continue
         profile_id = given_id or _derived_profile_id(role.account_id, name)
-        out[name] = InstanceProfile(name=name, path=iam_path, role=role, id=profile_id)
+        out[name] = InstanceProfile(
+            name=name, path=iam_path, role=role, id=profile_id, external_id=external_id
+        )
     return tuple(out.values())
 
 
@@ -278,7 +374,7 @@ def _instance(t: Section) -> Instance | None:
     addresses = t.require(
         "addresses", address_list, "a non-empty list of IPv4 or IPv6 addresses, each at most once"
     )
-    region = t.take("region", matching(_REGION), "us-east-1", 'a region name like "eu-west-1"')
+    region = t.take("region", matching(REGION), "us-east-1", 'a region name like "eu-west-1"')
     fields = {
         "availability_zone": t.take(
             "availability_zone",

@@ -11,12 +11,14 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from aiohttp import web
 
 from imdsd.backends import OPENERS
 from imdsd.backends.base import Backend
+from imdsd.backends.shared import ProfileScoped
 from imdsd.clock import Clock
 from imdsd.config import Config
 from imdsd.imds import render
@@ -28,6 +30,7 @@ from imdsd.tokens import TokenIssuer
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
+REUSE_MARGIN = timedelta(minutes=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,7 +55,7 @@ async def running(
         opened = await stack.enter_async_context(
             OPENERS[config.backend.kind](config.backend, clock)
         )
-        backend = wrap_backend(opened) if wrap_backend else opened
+        backend = _scoped(wrap_backend(opened) if wrap_backend else opened, config, clock)
         inventory = Inventory(config.instances, config.profiles, config.associations, clock)
         sessions = SessionCache(render.credentials, render.failure)
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
@@ -90,6 +93,13 @@ async def serve(config: Config, clock: Clock) -> None:
         )
         await stop.wait()
         log.info("stopping")
+
+
+def _scoped(backend: Backend, config: Config, clock: Clock) -> Backend:
+    """session_scope = "profile" shares one upstream session among a profile's instances."""
+    if config.backend.kind == "sts" and config.backend.sts.session_scope == "profile":
+        return ProfileScoped(backend, clock, reuse_for=config.rotation.jitter + REUSE_MARGIN)
+    return backend
 
 
 def _url(address: object) -> str:

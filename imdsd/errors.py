@@ -36,13 +36,25 @@ class ConfigError(ImdsdError):
 class BackendError(ImdsdError):
     """A backend could not issue a session.
 
-    `code` is an EC2/STS-style error code (it becomes the `Code` of the failure document);
-    `retryable` says whether a later attempt may succeed (throttling, 5xx, timeouts).
+    `code` is an EC2/STS-style error code and the message is what a guest may read (they become
+    the failure document's `Code` and `Message`); `retryable` says whether a later attempt may
+    succeed (throttling, 5xx, timeouts). `request_id` and `detail` (the upstream's own words)
+    are for the operator's log only.
     """
 
-    def __init__(self, code: str, message: str, *, retryable: bool = True) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = True,
+        request_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         self.code = code
         self.retryable = retryable
+        self.request_id = request_id
+        self.detail = detail
         super().__init__(message)
 
 

@@ -52,6 +52,7 @@ class InstanceProfile:
     path: str
     id: str
     role: Role
+    external_id: str | None = None  # sent with AssumeRole when the role's trust policy asks
 
     @property
     def arn(self) -> str:

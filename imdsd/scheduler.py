@@ -125,16 +125,11 @@ class Rotator:
                 async with self._limit:
                     session = await self._backend.issue(association.profile, session_name=key)
             except BackendError as exc:
-                return self._failed(key, association, exc.code, str(exc), exc.retryable, exc)
+                return self._failed(key, association, exc)
             except Exception as exc:  # any other backend fault: keep serving, retry later
-                return self._failed(
-                    key,
-                    association,
-                    "InternalError",
-                    "The credential issuer failed; retrying.",
-                    True,
-                    exc,
-                )
+                log.error("issuer bug", instance=key, error=exc.__class__.__name__)
+                internal = BackendError("InternalError", "The credential issuer failed; retrying.")
+                return self._failed(key, association, internal)
             current = self._inventory.association(key)
             if current is association:
                 return self._stored(key, association, session)
@@ -155,24 +150,13 @@ class Rotator:
             next_refresh=due.isoformat(),
         )
 
-    def _failed(
-        self,
-        key: str,
-        association: Association,
-        code: str,
-        message: str,
-        retryable: bool,
-        exc: Exception,
-    ) -> None:
+    def _failed(self, key: str, association: Association, exc: BackendError) -> None:
         attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
         now = self._clock.now()
-        self._sessions.fail(key, code, message, now)
-        delay = (
-            retry_after(attempt, self._policy, self._rng.random())
-            if retryable
-            else self._policy.retry_max
-        )
+        self._sessions.fail(key, exc.code, str(exc), now)
+        u = self._rng.random()
+        delay = retry_after(attempt, self._policy, u) if exc.retryable else self._policy.retry_max
         self._schedule(key, now + delay)
         served = self._sessions.get(key)
         log.warning(
@@ -180,7 +164,10 @@ class Rotator:
             instance=key,
             role=association.profile.role.arn,
             error=exc.__class__.__name__,
-            code=code,
+            code=exc.code,
+            retryable=exc.retryable,
+            request_id=exc.request_id,
+            detail=exc.detail,
             attempt=attempt + 1,
             retry_in=round(delay.total_seconds(), 3),
             serving_until=served.session.expiration.isoformat() if served else None,

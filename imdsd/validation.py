@@ -248,3 +248,28 @@ def zone_of(region: str) -> Callable[[Any], str]:
         return value
 
     return convert
+
+
+def duration_in(low: timedelta, high: timedelta) -> Callable[[Any], timedelta]:
+    def convert(value: Any) -> timedelta:
+        result = parse_duration(value)
+        if not low <= result <= high:
+            raise ValueError(value)
+        return result
+
+    return convert
+
+
+def http_url(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+(?:/[^\s?#]*)?", value):
+        raise ValueError(value)
+    return value.rstrip("/") + "/"
+
+
+def choices_list(allowed: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    def convert(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list) or not all(v in allowed for v in value):
+            raise ValueError(value)
+        return tuple(dict.fromkeys(value))
+
+    return convert

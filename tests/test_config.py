@@ -35,7 +35,19 @@ BAD = [
     ("[rotation]\nconcurrency = 0", "rotation.concurrency: got 0; allowed: an integer from 1 to 1024"),
     ('[rotation]\nrefresh_before = "10m"', "rotation.refresh_before: got 10m; allowed: at least rotation.min_remaining (30m)"),
     ('[rotation]\nretry_initial = "10m"\nretry_max = "1m"', "rotation.retry_max: got 1m; allowed: at least rotation.retry_initial (10m)"),
-    ('[backend]\nkind = "vault"', 'backend.kind: got "vault"; allowed: "local"'),
+    ('[backend]\nkind = "vault"', 'backend.kind: got "vault"; allowed: "local" or "sts"'),
+    ('[backend]\nkind = "sts"', 'backend.sts.region: got nothing (the key is missing); allowed: a region name like "eu-west-1"'),
+    ('[backend.sts]\nregion = "us-east-1"\nduration = "10m"',
+     "backend.sts.duration: got \"10m\"; allowed: a duration from 15m to 12h (AssumeRole's 900 to 43200 seconds)"),
+    ('[backend]\nkind = "sts"\n[backend.sts]\nregion = "us-east-1"\nduration = "1h"',
+     "backend.sts.duration: got 1h; allowed: more than rotation.refresh_before + rotation.jitter (1h10m),"
+     " or the session would be refreshed as soon as it is issued"),
+    ('[backend.sts]\nendpoint_url = "sts.example.com"', 'backend.sts.endpoint_url: got "sts.example.com"; allowed: an http:// or https:// URL'),
+    ('[backend.sts]\nsession_scope = "host"', 'backend.sts.session_scope: got "host"; allowed: "instance" or "profile"'),
+    ('[backend.sts]\nsession_tags = ["vm"]', 'backend.sts.session_tags: got ["vm"]; allowed: a list of "instance_id", "host"'),
+    ('[backend.sts]\nsource_identity = "a b"',
+     'backend.sts.source_identity: got "a b"; allowed: 2-64 of A-Z a-z 0-9 +=,.@- ({host} is replaced by the host name)'),
+    (PROFILE + 'external_id = "x"', 'instance_profiles[0].external_id: got "x"; allowed: 2-1224 of A-Z a-z 0-9 +=,.@:/-'),
     ('[backend.local]\nlifetime = "1h"',
      "backend.local.lifetime: got 1h; allowed: more than rotation.refresh_before + rotation.jitter (1h10m),"
      " or the session would be refreshed as soon as it is issued"),
@@ -144,6 +156,26 @@ def test_defaults() -> None:
     assert [str(x) for x in config.imds.listeners] == ["169.254.169.254:80"]
     assert config.backend.kind == "local" and config.backend.lifetime == timedelta(hours=6)
     assert config.rotation.min_remaining == timedelta(minutes=30)
+
+
+def test_sts_section() -> None:
+    """The sts backend: regional endpoint by default, the duration is the session lifetime."""
+    config = parse(
+        '[backend]\nkind = "sts"\n[backend.sts]\nregion = "eu-central-1"\nduration = "12h"\n'
+        'session_tags = ["host", "instance_id", "host"]\nsource_identity = "imdsd-{host}"'
+    )
+    sts = config.backend.sts
+    assert sts.endpoint == "https://sts.eu-central-1.amazonaws.com"
+    assert config.backend.lifetime == timedelta(hours=12) and sts.session_tags == (
+        "host",
+        "instance_id",
+    )
+    assert (
+        parse('[backend.sts]\nregion = "cn-north-1"').backend.sts.endpoint
+        == "https://sts.cn-north-1.amazonaws.com.cn"
+    )
+    custom = parse('[backend.sts]\nendpoint_url = "http://127.0.0.1:5000"').backend.sts
+    assert custom.endpoint == "http://127.0.0.1:5000/"
 
 
 def test_ipv6_listener() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-from imdsd.backends import local
+from imdsd.backends import local, sts
 from imdsd.backends.base import Backend
 from imdsd.clock import Clock
 from imdsd.config import BackendConfig, BackendKind
@@ -14,4 +14,5 @@ Opener = Callable[[BackendConfig, Clock], AbstractAsyncContextManager[Backend]]
 
 OPENERS: dict[BackendKind, Opener] = {
     "local": local.open_backend,
+    "sts": sts.open_backend,
 }

@@ -1,0 +1,223 @@
+"""The sts backend against a real STS (moto's server), with real guests (boto3 processes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
+from urllib.parse import unquote
+
+import structlog
+from structlog.testing import capture_logs
+
+from imdsd.daemon import Daemon
+from tests.fakes import FakeClock
+from tests.helpers import http
+from tests.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest
+from tests.sts.upstream import PARTNER, PARTNER_ROLE, ROLE_DENIED, FaultySts, Moto
+
+StartDaemon = Callable[..., AbstractAsyncContextManager[Daemon]]
+CREDS = "/latest/meta-data/iam/security-credentials/"
+
+
+async def test_guest_is_the_assumed_role_named_after_its_instance(
+    sts_daemon: StartDaemon, moto: Moto
+) -> None:
+    """1. A guest that knows only the metadata endpoint is assumed-role/<role>/<instance-id>."""
+    async with sts_daemon() as daemon:
+        guest = await run_guest(daemon.urls[0], moto, A)
+    assert guest["method"] == "iam-role"
+    assert guest["arn"] == f"arn:aws:sts::123456789012:assumed-role/role-a/{VM_A}"
+
+
+async def test_role_policies_decide_what_each_guest_can_read(
+    sts_daemon: StartDaemon, moto: Moto
+) -> None:
+    """2. With moto's IAM authorization on, A reads bucket-a and is denied bucket-b; B the reverse."""
+    async with sts_daemon() as daemon:
+        a = await run_guest(daemon.urls[0], moto, A)
+        b = await run_guest(daemon.urls[0], moto, B)
+    assert (a["bucket-a"], a["bucket-b"]) == ("from a", "AccessDenied")
+    assert (b["bucket-a"], b["bucket-b"]) == ("AccessDenied", "from b")
+    assert b["arn"] == f"arn:aws:sts::123456789012:assumed-role/role-b/{VM_B}"
+
+
+async def test_cross_account_chaining(sts_daemon: StartDaemon, moto: Moto) -> None:
+    """3. The guest's role credentials AssumeRole into a role of a second account."""
+    async with sts_daemon() as daemon:
+        guest = await run_guest(daemon.urls[0], moto, A, partner=PARTNER_ROLE)
+    assert guest["partner_arn"] == f"arn:aws:sts::{PARTNER}:assumed-role/partner-reader/chained"
+
+
+async def test_replaced_profile_serves_the_new_role(sts_daemon: StartDaemon, moto: Moto) -> None:
+    """4. Replacing A's profile makes the guest's next fetch return the new role's credentials."""
+    async with sts_daemon() as daemon:
+        assert (await run_guest(daemon.urls[0], moto, A))["arn"].endswith(f"role-a/{VM_A}")  # type: ignore[union-attr]
+        daemon.inventory.replace_association(VM_A, "profile-b")
+        await daemon.rotator.follow(VM_A)
+        guest = await run_guest(daemon.urls[0], moto, A)
+    assert guest["arn"] == f"arn:aws:sts::123456789012:assumed-role/role-b/{VM_A}"
+    assert (guest["bucket-a"], guest["bucket-b"]) == ("AccessDenied", "from b")
+
+
+async def test_what_is_sent_upstream(sts_daemon: StartDaemon, proxy: FaultySts) -> None:
+    """RoleSessionName is the instance id; the profile's external id, session tags and source
+    identity are sent when configured; the requested duration is EC2's 6 hours by default."""
+    backend = 'session_tags = ["instance_id", "host"]\nsource_identity = "imdsd-{host}"'
+    async with sts_daemon(backend=backend):
+        pass
+    sent = {unquote(f["RoleSessionName"]): f for f in proxy.seen}
+    b = sent[VM_B]
+    assert (b["Action"], b["DurationSeconds"], b["ExternalId"]) == (
+        "AssumeRole",
+        "21600",
+        "imdsd-test-external-id",
+    )
+    assert (b["Tags.member.1.Key"], b["Tags.member.1.Value"]) == ("InstanceId", VM_B)
+    assert b["Tags.member.2.Key"] == "HostName" and unquote(b["SourceIdentity"]).startswith(
+        "imdsd-"
+    )
+    assert "ExternalId" not in sent[VM_A]
+
+
+async def test_refusal_shows_failure_document_and_spares_others(sts_daemon: StartDaemon) -> None:
+    """AccessDenied from the upstream: D's role document is EC2's failure shape (Code, Message,
+    LastUpdated), a warning names the role ARN, and A is served normally."""
+    extra = f'[[associations]]\ninstance = "{VM_D}"\nprofile = "profile-denied"\n'
+    with capture_logs() as logs:
+        async with sts_daemon(extra) as daemon:
+            denied = await http(daemon.urls[0], CREDS + "role-denied", source=D)
+            fine = await http(daemon.urls[0], CREDS + "role-a", source=A)
+    doc = json.loads(denied.body)
+    assert denied.status == 200 and list(doc) == ["Code", "Message", "LastUpdated"]
+    assert doc["Code"] == "AccessDenied" and ROLE_DENIED in doc["Message"]
+    assert "not authorized" not in doc["Message"]  # the upstream's words stay in the log
+    warning = next(e for e in logs if e["event"] == "session refresh failed")
+    assert (warning["role"], warning["code"], warning["retryable"]) == (
+        ROLE_DENIED,
+        "AccessDenied",
+        False,
+    )
+    assert "not authorized" in warning["detail"] and len(warning["request_id"]) >= 16
+    assert json.loads(fine.body)["Code"] == "Success"
+
+
+async def test_thirty_percent_failures_still_rotate_in_time(sts_daemon: StartDaemon, proxy: FaultySts,
+                                                            clock: FakeClock) -> None:  # fmt: skip
+    """5a. With 30% of upstream calls failing, over 24 hours every served session keeps at least
+    min_remaining (30 min): the retries land long before each deadline."""
+    async with sts_daemon() as daemon:
+        proxy.fail_rate = 0.3
+        keys = set()
+        for _ in range(24 * 60):
+            clock.advance(timedelta(minutes=1))
+            await daemon.rotator.run_due()
+            for vm in (VM_A, VM_B):
+                entry = daemon.sessions.get(vm)
+                assert entry is not None and entry.session.expiration - clock.now() >= timedelta(
+                    minutes=30
+                )
+                keys.add(entry.session.access_key_id)
+    failures = sum(1 for f in proxy.seen if f.get("Action") == "AssumeRole") - len(keys)
+    assert len(keys) >= 2 * 7 and failures >= 3  # ~3-hourly rotations for two VMs, some failed
+
+
+async def test_outage_serves_until_expiry_then_recovers(sts_daemon: StartDaemon, proxy: FaultySts,
+                                                        clock: FakeClock) -> None:  # fmt: skip
+    """5b. A full outage: the current keys are served until they expire and never after; when
+    the upstream returns, rotation resumes and the guest gets fresh keys."""
+    async with sts_daemon() as daemon:
+        url = daemon.urls[0]
+        first = json.loads((await http(url, CREDS + "role-a", source=A)).body)
+        proxy.mode = "outage"
+        for _ in range(6 * 60 - 1):
+            clock.advance(timedelta(minutes=1))
+            await daemon.rotator.run_due()
+        assert json.loads((await http(url, CREDS + "role-a", source=A)).body) == first
+        clock.advance(timedelta(minutes=1))
+        down = json.loads((await http(url, CREDS + "role-a", source=A)).body)
+        assert down["Code"] == "InternalFailure" and "AccessKeyId" not in down
+        proxy.mode = "pass"
+        for _ in range(6):
+            clock.advance(timedelta(minutes=1))
+            await daemon.rotator.run_due()
+        back = json.loads((await http(url, CREDS + "role-a", source=A)).body)
+    assert back["Code"] == "Success" and back["AccessKeyId"] != first["AccessKeyId"]
+
+
+async def test_throttling_and_stalls_are_retried(
+    sts_daemon: StartDaemon, proxy: FaultySts, clock: FakeClock
+) -> None:
+    """Throttling answers and a stalled upstream (past the 2 s timeout) are retryable: the
+    session stays served and the next attempt comes after a short backoff."""
+    async with sts_daemon() as daemon:
+        served = daemon.sessions.get(VM_A)
+        for mode, code in (("throttle", "Throttling"), ("stall", "RequestTimeout")):
+            proxy.mode = mode
+            clock.advance(timedelta(hours=3, minutes=5))
+            with capture_logs() as logs:
+                await daemon.rotator.refresh(VM_A)
+            failure = daemon.sessions.failure(VM_A)
+            assert failure is not None and failure.code == code
+            assert (
+                next(e for e in logs if e["event"] == "session refresh failed")["retryable"] is True
+            )
+            due = daemon.rotator.due(VM_A)
+            assert due is not None and due - clock.now() <= timedelta(seconds=2)
+        assert daemon.sessions.get(VM_A) is served
+        proxy.mode = "pass"
+        await daemon.rotator.refresh(VM_A)
+        assert daemon.sessions.get(VM_A) is not served
+
+
+async def test_duration_clamped_when_the_role_allows_less(
+    sts_daemon: StartDaemon, proxy: FaultySts
+) -> None:
+    """STS says the duration exceeds the role's maximum: one warning, then 1-hour sessions."""
+    proxy.mode = "too-long-once"
+    with capture_logs() as logs:
+        async with sts_daemon(backend="") as daemon:
+            sessions = [daemon.sessions.get(vm) for vm in (VM_A, VM_B)]
+    lifetimes = sorted(s.session.lifetime for s in sessions if s is not None)
+    assert lifetimes[0] == 3600 and lifetimes[1] in (3600, 21600)
+    clamp = next(e for e in logs if e["event"] == "session duration clamped")
+    assert (clamp["asked_seconds"], clamp["using_seconds"]) == (21600, 3600)
+    assert clamp["request_id"] == "req-fault-0001"
+
+
+async def test_profile_scope_shares_one_session(sts_daemon: StartDaemon, proxy: FaultySts) -> None:
+    """session_scope = "profile": two instances of one profile, one upstream call, one session
+    named after the profile (the audit trail names the profile, not the VM)."""
+    extra = f'[[associations]]\ninstance = "{VM_D}"\nprofile = "profile-a"\n'
+    async with sts_daemon(extra, backend='session_scope = "profile"') as daemon:
+        a, d = daemon.sessions.get(VM_A), daemon.sessions.get(VM_D)
+    assert a is not None and d is not None and a.session.access_key_id == d.session.access_key_id
+    names = sorted(unquote(f["RoleSessionName"]) for f in proxy.seen)
+    assert names == ["imdsd-profile-a", "imdsd-profile-b"]
+
+
+async def test_many_associations_do_not_stampede(
+    host_env: dict[str, str], proxy: FaultySts, clock: FakeClock
+) -> None:
+    """200 associations at start: never more than rotation.concurrency upstream calls at once,
+    all primed, and their next refreshes spread over the jitter window."""
+    from imdsd.daemon import running
+    from tests.sts.conftest import sts_config
+
+    many = "".join(
+        f'[[instances]]\nid = "i-{n:08x}"\naddresses = ["127.0.1.{n % 250}", "127.0.{2 + n // 250}.{n % 250}"]\n'
+        f'[[associations]]\ninstance = "i-{n:08x}"\nprofile = "profile-a"\n'
+        for n in range(1, 201)
+    )
+    config = sts_config(proxy.url, many + "[rotation]\nconcurrency = 4\n")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    try:
+        async with running(config, clock) as daemon:
+            dues = [daemon.rotator.due(f"i-{n:08x}") for n in range(1, 201)]
+    finally:
+        structlog.reset_defaults()
+    assert proxy.max_in_flight <= 4
+    assert all(d is not None for d in dues)
+    spread = max(dues) - min(dues)  # type: ignore[type-var,operator]
+    assert spread >= timedelta(minutes=5)  # jitter (10 min) spreads the next wave
