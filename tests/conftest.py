@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import make_config
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging() -> Iterator[None]:
+    """log.configure() is process-global (it writes to the stream it was given, which pytest
+    closes after the test): every test starts and ends with structlog's defaults."""
+    yield
+    structlog.reset_defaults()
+    logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -23,13 +21,11 @@ ISSUER_KEY = base64.b64encode(b"issuer-key-issuer-key-issuer-key").decode()
 
 
 @pytest.fixture
-def captured() -> Iterator[io.StringIO]:
+def captured() -> io.StringIO:
     """structlog configured exactly as in production (JSON, debug), writing to a buffer."""
     buffer = io.StringIO()
     log.configure("debug", "json", stream=buffer)
-    yield buffer
-    structlog.reset_defaults()
-    logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
+    return buffer
 
 
 def forms(secret: str | bytes) -> list[str]:
@@ -102,12 +98,8 @@ async def test_info_level_logs_no_request_lines() -> None:
     only at debug, so a busy host's journal holds rotations and failures, not traffic."""
     buffer = io.StringIO()
     log.configure("info", "json", stream=buffer)
-    try:
-        async with running(make_config(), FakeClock()) as daemon:
-            before = buffer.getvalue()
-            reply = await http(daemon.urls[0], "/latest/meta-data/instance-id", source="127.0.0.2")
-            assert reply.status == 200
-            assert buffer.getvalue() == before
-    finally:
-        structlog.reset_defaults()
-        logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
+    async with running(make_config(), FakeClock()) as daemon:
+        before = buffer.getvalue()
+        reply = await http(daemon.urls[0], "/latest/meta-data/instance-id", source="127.0.0.2")
+        assert reply.status == 200
+        assert buffer.getvalue() == before

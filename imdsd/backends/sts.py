@@ -16,6 +16,7 @@ stretch what the scheduler plans with.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -172,7 +173,7 @@ def _error(
     """Classify an STS error answer; the request id comes from the body, else the header."""
     fields = _xml_fields(payload, ("Code", "Message", "RequestId")) or {}
     code = fields.get("Code") or ("ServiceUnavailable" if status >= 500 else f"HTTP{status}")
-    detail, request_id = fields.get("Message"), fields.get("RequestId") or header_id
+    detail, request_id = _safe_detail(fields.get("Message")), fields.get("RequestId") or header_id
     if code == "ValidationError" and "DurationSeconds" in (detail or ""):
         message = f"The session duration asked for {profile.role.arn} is longer than it allows."
         return DurationTooLong(code, message, retryable=False, request_id=request_id, detail=detail)
@@ -183,6 +184,19 @@ def _error(
         else f"imdsd could not assume the role {profile.role.arn} ({code})."
     )
     return BackendError(code, message, retryable=retryable, request_id=request_id, detail=detail)
+
+
+_SIGNING_ECHO = re.compile(r"canonical string|string-to-sign|string to sign", re.IGNORECASE)
+DETAIL_LIMIT = 300
+
+
+def _safe_detail(message: str | None) -> str | None:
+    """The upstream's message, fit for a log line. SignatureDoesNotMatch echoes the canonical
+    request and string-to-sign, which can carry the host's session token: cut before them."""
+    if message is None:
+        return None
+    echo = _SIGNING_ECHO.search(message)
+    return (message[: echo.start()] if echo else message)[:DETAIL_LIMIT].strip()
 
 
 def _xml_fields(payload: bytes, names: tuple[str, ...]) -> dict[str, str] | None:

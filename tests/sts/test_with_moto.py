@@ -211,13 +211,48 @@ async def test_many_associations_do_not_stampede(
         for n in range(1, 201)
     )
     config = sts_config(proxy.url, many + "[rotation]\nconcurrency = 4\n")
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    try:
-        async with running(config, clock) as daemon:
-            dues = [daemon.rotator.due(f"i-{n:08x}") for n in range(1, 201)]
-    finally:
-        structlog.reset_defaults()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(30)
+    )  # quiet: 200 rotations
+    async with running(config, clock) as daemon:
+        dues = [daemon.rotator.due(f"i-{n:08x}") for n in range(1, 201)]
     assert proxy.max_in_flight <= 4
     assert all(d is not None for d in dues)
     spread = max(dues) - min(dues)  # type: ignore[type-var,operator]
     assert spread >= timedelta(minutes=5)  # jitter (10 min) spreads the next wave
+
+
+async def test_no_upstream_or_session_secret_in_logs(
+    sts_daemon: StartDaemon, moto: Moto, clock: FakeClock
+) -> None:
+    """Invariant 4 with a real upstream: through start, guest fetches, a rotation and a refusal,
+    the production log output holds neither the host's secret key nor any session's secret or
+    token; access key ids appear only by their last four characters."""
+    import io
+
+    from imdsd import log
+    from tests.test_no_secrets import forms
+
+    buffer = io.StringIO()
+    log.configure("debug", "json", stream=buffer)
+    extra = f'[[associations]]\ninstance = "{VM_D}"\nprofile = "profile-denied"\n'
+    sessions = []
+    async with sts_daemon(extra) as daemon:
+        guest = await run_guest(daemon.urls[0], moto, A)
+        sessions.append(daemon.sessions.get(VM_A))
+        clock.advance(timedelta(hours=3, minutes=5))
+        await daemon.rotator.run_due()
+        sessions += [daemon.sessions.get(VM_A), daemon.sessions.get(VM_B)]
+        await http(daemon.urls[0], CREDS + "role-denied", source=D)
+    text = buffer.getvalue()
+    events = {json.loads(line)["event"] for line in text.splitlines()}
+    assert {"session rotated", "session refresh failed", "request"} <= events
+    secrets = [moto.host_key["SecretAccessKey"]]
+    for served in sessions:
+        assert served is not None
+        secrets += [served.session.secret_access_key, served.session.token]
+        assert served.session.access_key_id not in text
+    assert guest["access_key"] not in text
+    for secret in secrets:
+        for form in forms(secret):
+            assert form not in text
