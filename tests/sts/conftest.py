@@ -66,6 +66,16 @@ profile = "profile-b"
 """)
 
 
+def isolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS credentials from this machine, and never a probe of a real metadata endpoint."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", "/nonexistent")
+
+
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
     server = start_moto()
@@ -77,8 +87,7 @@ def moto() -> Iterator[Moto]:
 @pytest.fixture
 def host_env(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The daemon's own AWS identity: the host user, from the environment (the standard chain)."""
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
+    isolate(monkeypatch)
     env = moto.host_env()
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -3,7 +3,6 @@ without host credentials."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from imdsd.backends.sts import DurationTooLong, _error, _xml_fields, host_creden
 from imdsd.cli import main
 from imdsd.errors import BackendError
 from imdsd.model import InstanceProfile, Role
+from tests.sts.conftest import isolate
 
 PROFILE = InstanceProfile(name="p", path="/", id="AIPAAAAAAAAAAAAAAAAAA",
                           role=Role.from_arn("arn:aws:iam::123456789012:role/app"))  # fmt: skip
@@ -112,13 +112,3 @@ def test_named_profile_that_does_not_exist(monkeypatch: pytest.MonkeyPatch) -> N
     isolate(monkeypatch)
     with pytest.raises(BackendError, match="cannot load the host's AWS credentials"):
         asyncio.run(host_credentials("no-such-profile"))
-
-
-def isolate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No credentials from this machine, and never a probe of a real metadata endpoint."""
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("HOME", "/nonexistent")
