@@ -11,7 +11,7 @@ import base64
 import hashlib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -39,6 +39,7 @@ from imdsd.validation import (
     choice,
     choices_list,
     duration_in,
+    file_path,
     format_duration,
     fraction,
     http_url,
@@ -48,6 +49,7 @@ from imdsd.validation import (
     matching,
     nonempty,
     one_of,
+    optional_listener,
     parse_duration,
     positive_duration,
     role_arn,
@@ -63,6 +65,7 @@ STS_DURATION_MAX = timedelta(seconds=43200)
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 PRODUCTION_LISTENER = "169.254.169.254:80"
+DEFAULT_METRICS = "127.0.0.1:9169"
 REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
 EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
 STS_NAME = re.compile(r"[\w+=,.@{}-]{2,64}", re.ASCII)  # RoleSessionName/SourceIdentity, + {host}
@@ -129,6 +132,15 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HostConfig:
+    """Where this host keeps its state, its admin socket and its metrics listener."""
+
+    state_directory: Path = Path("/var/lib/imdsd")
+    admin_socket: Path = Path("/run/imdsd/admin.sock")
+    metrics: Listener | None = None  # None: no metrics listener
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     """Log level and format (auto: JSON unless stdout is a terminal)."""
 
@@ -144,6 +156,7 @@ class Config:
     rotation: RotationPolicy
     backend: BackendConfig
     log: LogConfig
+    host: HostConfig
     instances: tuple[Instance, ...]
     profiles: tuple[InstanceProfile, ...]
     associations: tuple[tuple[str, str], ...]  # (instance id, profile name)
@@ -179,7 +192,8 @@ def parse(text: str, *, source: str = "<config>") -> Config:
 def _config(reader: Reader, data: dict[str, Any]) -> Config:
     doc = reader.root(
         data,
-        ("imds", "rotation", "backend", "log", "instances", "instance_profiles", "associations"),
+        ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "instances",
+         "instance_profiles", "associations"),  # fmt: skip
     )
     rotation = _rotation(doc.table("rotation", _ROTATION_KEYS))
     backend = _backend(doc.table("backend", ("kind", "local", "sts")))
@@ -193,6 +207,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         rotation=rotation,
         backend=backend,
         log=_log(doc.table("log", ("level", "format"))),
+        host=_host(doc),
         instances=instances,
         profiles=profiles,
         associations=_associations(
@@ -317,6 +332,26 @@ def _check_lifetime(reader: Reader, p: RotationPolicy, backend: BackendConfig) -
         )
 
 
+def _host(doc: Section) -> HostConfig:
+    d = HostConfig()
+    path = "an absolute path, or one relative to the directory imdsd runs in"
+    metrics = doc.table("metrics", ("listen",)).take(
+        "listen",
+        optional_listener,
+        optional_listener(DEFAULT_METRICS),
+        '"host:port" (loopback advised), or "" for none',
+    )
+    return HostConfig(
+        state_directory=doc.table("state", ("directory",)).take(
+            "directory", file_path, d.state_directory, path
+        ),
+        admin_socket=doc.table("admin", ("socket",)).take(
+            "socket", file_path, d.admin_socket, path
+        ),
+        metrics=metrics,
+    )
+
+
 def _log(t: Section) -> LogConfig:
     levels, formats = get_args(LogLevel), get_args(LogFormat)
     return LogConfig(
@@ -345,6 +380,24 @@ def _profiles(entries: list[Section]) -> tuple[InstanceProfile, ...]:
             name=name, path=iam_path, role=role, id=profile_id, external_id=external_id
         )
     return tuple(out.values())
+
+
+def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> Instance:
+    """One instance from a table shaped like an [[instances]] entry (the admin API's `add`).
+    With `current`, the table holds only metadata options to change on that instance."""
+    reader = Reader()
+    if current is not None:
+        options = {**asdict(current.options), **data}
+        section = Section(reader, options, "metadata_options")
+        section.reject_unknown(_OPTION_KEYS)
+        result: Instance | None = replace(current, options=_options(section))
+    else:
+        section = Section(reader, data, "instance")
+        section.reject_unknown(_INSTANCE_KEYS)
+        result = _instance(section)
+    if reader.problems or result is None:
+        raise ConfigError(reader.problems)
+    return result
 
 
 def _instances(entries: list[Section]) -> tuple[Instance, ...]:
@@ -393,7 +446,7 @@ def _instance(t: Section) -> Instance | None:
         "mac": t.take("mac", matching(_MAC), None, 'a lowercase MAC like "02:00:00:00:00:01"'),
         "account_id": t.take("account_id", matching(_ACCOUNT), None, "12 digits"),
     }
-    options = _options(t.table("metadata_options", ("http_tokens", "hop_limit", "http_endpoint")))
+    options = _options(t.table("metadata_options", _OPTION_KEYS))
     if iid is None or addresses is None:
         return None
     return _filled_instance(iid, addresses, region, options, fields)
@@ -440,6 +493,7 @@ _ROTATION_KEYS = (
     "retry_max",
     "concurrency",
 )
+_OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint")
 _INSTANCE_KEYS = (
     "id",
     "addresses",

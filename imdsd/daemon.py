@@ -7,15 +7,22 @@ start rotation, then the listeners; on exit, everything closes in reverse order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
+from imdsd import __version__
+from imdsd.admin.app import make_admin_app
 from imdsd.backends import OPENERS
 from imdsd.backends.base import Backend
 from imdsd.backends.shared import ProfileScoped
@@ -26,10 +33,12 @@ from imdsd.imds.app import make_app
 from imdsd.inventory import Inventory
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
+from imdsd.state import StateFile
 from imdsd.tokens import TokenIssuer
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
+ADMIN_SOCKET_MODE = 0o660
 REUSE_MARGIN = timedelta(minutes=1)
 
 
@@ -38,6 +47,7 @@ class Daemon:
     """A running daemon's parts, for the code that started it (the CLI, and tests)."""
 
     urls: tuple[str, ...]
+    admin_socket: Path
     inventory: Inventory
     sessions: SessionCache
     rotator: Rotator
@@ -56,7 +66,8 @@ async def running(
             OPENERS[config.backend.kind](config.backend, clock)
         )
         backend = _scoped(wrap_backend(opened) if wrap_backend else opened, config, clock)
-        inventory = Inventory(config.instances, config.profiles, config.associations, clock)
+        state = StateFile(config.host.state_directory)
+        inventory = Inventory(config.instances, config.profiles, config.associations, clock, state)
         sessions = SessionCache(render.credentials, render.failure)
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
@@ -73,7 +84,55 @@ async def running(
         for listener in config.imds.listeners:
             await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
         urls = tuple(_url(address) for address in runner.addresses)
-        yield Daemon(urls=urls, inventory=inventory, sessions=sessions, rotator=rotator)
+
+        async def sync(instance_ids: set[str]) -> None:
+            await asyncio.gather(*(rotator.follow(i) for i in instance_ids))
+
+        info = {
+            "version": __version__,
+            "started_at": clock.now().isoformat(),
+            "listeners": list(urls),
+            "backend": config.backend.kind,
+            "state_file": str(state.path),
+            "admin_socket": str(config.host.admin_socket),
+        }
+        admin = make_admin_app(inventory, sessions, clock, sync=sync, rotate=rotator.refresh,
+                               due=rotator.due, info=info)  # fmt: skip
+        await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
+        yield Daemon(urls=urls, admin_socket=config.host.admin_socket, inventory=inventory,
+                     sessions=sessions, rotator=rotator)  # fmt: skip
+
+
+@asynccontextmanager
+async def _unix_site(app: web.Application, path: Path) -> AsyncIterator[None]:
+    """Serve `app` on a unix socket, mode 0660 (the service's group may administer)."""
+    _claim_socket_path(path)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, ADMIN_SOCKET_MODE)  # a metadata change on a local socket: not blocking I/O
+        yield
+    finally:
+        await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket left by a killed daemon; refuse one that a live daemon answers on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another imdsd answers on {path}")
 
 
 async def serve(config: Config, clock: Clock) -> None:

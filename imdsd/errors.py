@@ -60,3 +60,11 @@ class BackendError(ImdsdError):
 
 class InventoryError(ImdsdError):
     """An inventory change was refused (unknown id, a second association, ...)."""
+
+
+class NotFoundError(InventoryError):
+    """The change names an instance or profile that does not exist."""
+
+
+class ConflictError(InventoryError):
+    """The change contradicts the current state (a second association, a taken address)."""

@@ -1,19 +1,38 @@
 """Instances, instance profiles and associations: who is who on this host.
 
-Owns the address -> instance map that identifies callers. Values are immutable; a change
-replaces them, so readers (the request path) never see a half-made change. Never imports
-aiohttp. Persistence of runtime changes (the state file) arrives with the admin API.
+The config file is the baseline; runtime changes (the admin API) are overrides kept in the
+state file and applied on top, so a restart or a reload loses nothing acknowledged. Every
+change is validated, persisted, then applied by rebuilding the effective view; values are
+immutable and unchanged ones keep their identity, so readers (the request path) never see a
+half-made change and caches keyed on identity stay warm. Never imports aiohttp.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Literal
+
+import structlog
 
 from imdsd.clock import Clock
-from imdsd.errors import InventoryError
-from imdsd.model import Association, Instance, InstanceProfile
+from imdsd.errors import ConflictError, NotFoundError
+from imdsd.model import Association, Instance, InstanceProfile, MetadataOptions
+from imdsd.state import Overrides, StateFile
+
+Origin = Literal["config", "runtime", "modified"]
+log = structlog.get_logger("imdsd.inventory")
+
+
+@dataclass(frozen=True, slots=True)
+class Baseline:
+    """What the config file says."""
+
+    instances: tuple[Instance, ...]
+    profiles: tuple[InstanceProfile, ...]
+    associations: tuple[tuple[str, str], ...]
 
 
 class Inventory:
@@ -25,17 +44,20 @@ class Inventory:
         profiles: Iterable[InstanceProfile],
         associations: Iterable[tuple[str, str]],
         clock: Clock,
+        state: StateFile | None = None,
     ) -> None:
         self._clock = clock
+        self._state = state
+        self._overrides = state.load() if state else Overrides()
         self._instances: dict[str, Instance] = {}
         self._by_address: dict[str, Instance] = {}
         self._launched: dict[str, datetime] = {}
-        self._profiles = {p.name: p for p in profiles}
         self._associations: dict[str, Association] = {}
-        for instance in instances:
-            self.add_instance(instance)
-        for instance_id, profile_name in associations:
-            self.associate(instance_id, profile_name)
+        self._profiles: dict[str, InstanceProfile] = {}
+        self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
+        self._rebuild()
+
+    # -- reading (the request path uses instance_at and association) --------------------------
 
     def instance_at(self, address: str) -> Instance | None:
         """The instance that owns a socket peer address (IPv4-mapped IPv6 is unwrapped)."""
@@ -59,55 +81,168 @@ class Inventory:
     def profile(self, name: str) -> InstanceProfile | None:
         return self._profiles.get(name)
 
+    def profiles(self) -> list[InstanceProfile]:
+        return list(self._profiles.values())
+
     def association(self, instance_id: str) -> Association | None:
         return self._associations.get(instance_id)
 
     def associations(self) -> list[Association]:
         return list(self._associations.values())
 
-    def add_instance(self, instance: Instance) -> None:
+    def origin(self, instance_id: str) -> Origin:
+        """Where the instance's record comes from: the config, the admin API, or both."""
+        if instance_id in self._overrides.added:
+            return "runtime"
+        if instance_id in self._overrides.options:
+            return "modified"
+        return "config"
+
+    def association_origin(self, instance_id: str) -> Origin:
+        return "runtime" if instance_id in self._overrides.associations else "config"
+
+    # -- changing (the admin API); each is validated, persisted, then applied ----------------
+
+    def add_instance(self, instance: Instance) -> set[str]:
         """Register an instance; its id and every address must be new."""
         if instance.id in self._instances:
-            raise InventoryError(f"instance {instance.id} already exists")
+            raise ConflictError(f"instance {instance.id} already exists")
         for address in instance.addresses:
             if address in self._by_address:
                 owner = self._by_address[address].id
-                raise InventoryError(f"address {address} already belongs to {owner}")
-        self._instances[instance.id] = instance
-        self._launched[instance.id] = self._clock.now()
-        self._by_address.update(dict.fromkeys(instance.addresses, instance))
+                raise ConflictError(f"address {address} already belongs to {owner}")
+        changed = self._changed()
+        changed.added[instance.id] = instance
+        changed.removed.discard(instance.id)
+        return self._commit(changed)
 
-    def associate(self, instance_id: str, profile_name: str) -> Association:
+    def remove_instance(self, instance_id: str) -> set[str]:
+        """Forget an instance (and its association)."""
+        self._require_instance(instance_id)
+        changed = self._changed()
+        if changed.added.pop(instance_id, None) is None:
+            changed.removed.add(instance_id)
+        changed.options.pop(instance_id, None)
+        changed.associations.pop(instance_id, None)
+        return self._commit(changed)
+
+    def set_options(self, instance_id: str, options: MetadataOptions) -> set[str]:
+        """EC2's ModifyInstanceMetadataOptions; takes effect on the next request."""
+        self._require_instance(instance_id)
+        changed = self._changed()
+        if instance_id in changed.added:
+            changed.added[instance_id] = replace(changed.added[instance_id], options=options)
+        else:
+            changed.options[instance_id] = options
+        return self._commit(changed)
+
+    def associate(self, instance_id: str, profile_name: str) -> set[str]:
         """EC2's AssociateIamInstanceProfile: the instance must have no association yet."""
         if instance_id in self._associations:
             current = self._associations[instance_id].profile.name
-            raise InventoryError(f"instance {instance_id} already has an association ({current})")
-        return self._set(instance_id, profile_name)
+            raise ConflictError(f"instance {instance_id} already has an association ({current})")
+        return self._set_association(instance_id, profile_name)
 
-    def replace_association(self, instance_id: str, profile_name: str) -> Association:
+    def replace_association(self, instance_id: str, profile_name: str) -> set[str]:
         """EC2's ReplaceIamInstanceProfileAssociation: swap an associated instance's profile."""
         if instance_id not in self._associations:
-            raise InventoryError(f"instance {instance_id} has no association to replace")
-        return self._set(instance_id, profile_name)
+            raise ConflictError(f"instance {instance_id} has no association to replace")
+        return self._set_association(instance_id, profile_name)
 
-    def disassociate(self, instance_id: str) -> None:
+    def disassociate(self, instance_id: str) -> set[str]:
         """EC2's DisassociateIamInstanceProfile."""
-        if self._associations.pop(instance_id, None) is None:
-            raise InventoryError(f"instance {instance_id} has no association")
+        if instance_id not in self._associations:
+            raise ConflictError(f"instance {instance_id} has no association")
+        changed = self._changed()
+        changed.associations[instance_id] = None
+        return self._commit(changed)
 
-    def _set(self, instance_id: str, profile_name: str) -> Association:
+    def reload(self, instances: Iterable[Instance], profiles: Iterable[InstanceProfile],
+               associations: Iterable[tuple[str, str]]) -> set[str]:  # fmt: skip
+        """A new config baseline (SIGHUP); the recorded overrides still apply on top."""
+        self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
+        return self._rebuild()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _set_association(self, instance_id: str, profile_name: str) -> set[str]:
         self._require_instance(instance_id)
-        profile = self._profiles.get(profile_name)
-        if profile is None:
-            raise InventoryError(f"instance profile {profile_name!r} does not exist")
-        association = Association(
-            instance_id=instance_id, profile=profile, associated_at=self._clock.now()
-        )
-        self._associations[instance_id] = association
-        return association
+        if profile_name not in self._profiles:
+            raise NotFoundError(f"instance profile {profile_name!r} does not exist")
+        changed = self._changed()
+        changed.associations[instance_id] = profile_name
+        return self._commit(changed)
 
     def _require_instance(self, instance_id: str) -> Instance:
         instance = self._instances.get(instance_id)
         if instance is None:
-            raise InventoryError(f"instance {instance_id} does not exist")
+            raise NotFoundError(f"instance {instance_id} does not exist")
         return instance
+
+    def _changed(self) -> Overrides:
+        o = self._overrides
+        return Overrides(dict(o.added), set(o.removed), dict(o.options), dict(o.associations))
+
+    def _commit(self, overrides: Overrides) -> set[str]:
+        if self._state is not None:
+            self._state.save(overrides)  # persisted before it takes effect or is acknowledged
+        self._overrides = overrides
+        return self._rebuild()
+
+    def _rebuild(self) -> set[str]:
+        """Recompute the effective view; returns the ids whose association changed or went."""
+        self._profiles = {p.name: p for p in self._baseline.profiles}
+        instances = self._effective_instances()
+        by_address: dict[str, Instance] = {}
+        for instance in instances.values():
+            by_address.update(dict.fromkeys(instance.addresses, instance))
+        now = self._clock.now()
+        self._launched = {iid: self._launched.get(iid, now) for iid in instances}
+        associations = self._effective_associations(instances, now)
+        gone = set(self._associations) | set(self._instances)
+        changed = {iid for iid in gone | set(associations)
+                   if self._associations.get(iid) is not associations.get(iid)}  # fmt: skip
+        self._instances, self._by_address, self._associations = instances, by_address, associations
+        return changed
+
+    def _effective_instances(self) -> dict[str, Instance]:
+        o = self._overrides
+        out = {i.id: i for i in self._baseline.instances if i.id not in o.removed}
+        claimed = {a for i in out.values() for a in i.addresses}
+        for iid, added in o.added.items():
+            if iid in out or claimed & set(added.addresses):
+                log.warning("runtime instance conflicts with the config; skipped", instance=iid)
+                continue
+            out[iid] = added
+            claimed |= set(added.addresses)
+        for iid, options in o.options.items():
+            if iid in out:
+                out[iid] = replace(out[iid], options=options)
+        return {iid: self._same(self._instances.get(iid), i) for iid, i in out.items()}
+
+    def _effective_associations(
+        self, instances: dict[str, Instance], now: datetime
+    ) -> dict[str, Association]:
+        wanted: dict[str, str | None] = dict(self._baseline.associations)
+        wanted.update(self._overrides.associations)
+        out: dict[str, Association] = {}
+        for iid, name in wanted.items():
+            profile = self._profiles.get(name) if name else None
+            if iid not in instances or profile is None:
+                if name and iid in instances:
+                    log.warning(
+                        "association to an unknown profile skipped", instance=iid, profile=name
+                    )
+                continue
+            old = self._associations.get(iid)
+            keep = old is not None and old.profile == profile
+            out[iid] = (
+                old
+                if keep and old
+                else Association(instance_id=iid, profile=profile, associated_at=now)
+            )
+        return out
+
+    @staticmethod
+    def _same(old: Instance | None, new: Instance) -> Instance:
+        return old if old is not None and old == new else new

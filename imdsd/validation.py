@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from imdsd.errors import Problem
@@ -273,3 +274,16 @@ def choices_list(allowed: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
         return tuple(dict.fromkeys(value))
 
     return convert
+
+
+def file_path(value: Any) -> Path:
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ValueError(value)
+    return Path(value)
+
+
+def optional_listener(value: Any) -> Listener | None:
+    """A "host:port" listener, or None for an empty string (the feature turned off)."""
+    if value == "":
+        return None
+    return listener_address(value)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from imdsd.config import Config, parse
@@ -17,9 +20,20 @@ VM_A, VM_B, VM_C, VM_D = (
     "i-dddddddd",
 )
 
+SCRATCH = Path(tempfile.mkdtemp(prefix="imdsd-tests-"))  # admin sockets and state, per run
+
 BASE = """
 [imds]
 listeners = ["127.0.0.1:0"]
+
+[state]
+directory = "{scratch}/state-{n}"
+
+[admin]
+socket = "{scratch}/admin-{n}.sock"
+
+[metrics]
+listen = "127.0.0.1:0"
 
 [rotation]
 jitter = "0s"
@@ -65,13 +79,21 @@ profile = "profile-b"
 """
 
 
+_SEQUENCE = itertools.count()
+
+
 def config_text(extra: str = "") -> str:
     """Four VMs: A (optional tokens, profile-a), B (required, profile-b, also ::1),
     C (endpoint disabled), D (no association)."""
-    return (
-        BASE.format(role_a=ROLE_A, role_b=ROLE_B, vm_a=VM_A, vm_b=VM_B, vm_c=VM_C, vm_d=VM_D)
-        + extra
-    )
+    names = {
+        "role_a": ROLE_A,
+        "role_b": ROLE_B,
+        "vm_a": VM_A,
+        "vm_b": VM_B,
+        "vm_c": VM_C,
+        "vm_d": VM_D,
+    }
+    return BASE.format(**names, scratch=SCRATCH, n=next(_SEQUENCE)) + extra
 
 
 def make_config(extra: str = "") -> Config:

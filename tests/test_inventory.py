@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
-from imdsd.errors import InventoryError
+from imdsd.errors import InventoryError  # the base of NotFoundError and ConflictError
 from imdsd.inventory import Inventory
+from imdsd.model import MetadataOptions
+from imdsd.state import StateError, StateFile
 from tests.fakes import START, FakeClock
 from tests.helpers import VM_A, VM_B, VM_D, make_config
 
@@ -38,9 +43,10 @@ def test_association_rules(inventory: Inventory) -> None:
         inventory.associate(VM_D, "nope")
     with pytest.raises(InventoryError, match="does not exist"):
         inventory.associate("i-99999999", "profile-a")
-    association = inventory.associate(VM_D, "profile-a")
-    assert inventory.association(VM_D) is association and association.associated_at == START
-    inventory.disassociate(VM_D)
+    assert inventory.associate(VM_D, "profile-a") == {VM_D}
+    association = inventory.association(VM_D)
+    assert association is not None and association.associated_at == START
+    assert inventory.disassociate(VM_D) == {VM_D}
     assert inventory.association(VM_D) is None
     with pytest.raises(InventoryError, match="has no association"):
         inventory.disassociate(VM_D)
@@ -57,3 +63,83 @@ def test_add_instance_refuses_duplicates(inventory: Inventory) -> None:
     assert inventory.instance("i-12345678") is None and inventory.instance_at("127.0.0.50") is None
     assert {i.id for i in inventory.instances()} == {VM_A, VM_B, "i-0cccccccccccccccc", VM_D}
     assert inventory.profile("profile-a") is not None and inventory.profile("x") is None
+
+
+def state_inventory(
+    tmp_path: Path, clock: FakeClock | None = None, config_extra: str = ""
+) -> Inventory:
+    config = make_config(config_extra)
+    return Inventory(config.instances, config.profiles, config.associations, clock or FakeClock(),
+                     StateFile(tmp_path))  # fmt: skip
+
+
+def test_runtime_changes_survive_a_restart(tmp_path: Path) -> None:
+    """Invariant 6: what the admin API changed is there again after a restart, and each
+    record says where it comes from."""
+    first = state_inventory(tmp_path)
+    a = first.instance(VM_A)
+    assert a is not None
+    first.add_instance(replace(a, id="i-12345678", addresses=("127.0.0.60",)))
+    first.associate("i-12345678", "profile-b")
+    first.remove_instance("i-0cccccccccccccccc")
+    first.set_options(VM_A, MetadataOptions(http_tokens="required", hop_limit=2))
+    first.disassociate(VM_B)
+    again = state_inventory(tmp_path)
+    assert again.instance_at("127.0.0.60").id == "i-12345678"  # type: ignore[union-attr]
+    assert again.association("i-12345678").profile.name == "profile-b"  # type: ignore[union-attr]
+    assert again.instance("i-0cccccccccccccccc") is None and again.association(VM_B) is None
+    assert again.instance(VM_A).options.hop_limit == 2  # type: ignore[union-attr]
+    assert (again.origin("i-12345678"), again.origin(VM_A), again.origin(VM_D)) == (
+        "runtime",
+        "modified",
+        "config",
+    )
+    assert (again.association_origin(VM_B), again.association_origin(VM_A)) == ("runtime", "config")
+
+
+def test_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies before the rename (a crash, a full disk) leaves the old file intact
+    and the live view unchanged: nothing is acknowledged that was not stored."""
+    inventory = state_inventory(tmp_path)
+    inventory.associate(VM_D, "profile-a")
+    before = (tmp_path / "state.json").read_text()
+
+    def crash(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StateError, match="No space left"):
+        inventory.disassociate(VM_D)
+    assert (tmp_path / "state.json").read_text() == before
+    assert inventory.association(VM_D) is not None
+
+
+def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
+    """A corrupt state file stops start-up with its path, rather than silently losing state."""
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(StateError, match=r"state\.json"):
+        state_inventory(tmp_path)
+
+
+def test_reload_keeps_unchanged_associations(tmp_path: Path) -> None:
+    """A new baseline keeps the association objects (and LastUpdated) that did not change,
+    reports the ones that did, and still applies the runtime overrides."""
+    clock = FakeClock()
+    inventory = state_inventory(tmp_path, clock)
+    inventory.associate(VM_D, "profile-b")
+    kept = inventory.association(VM_A)
+    clock.advance(timedelta(hours=1))
+    base = make_config()
+    changed = inventory.reload(base.instances, base.profiles, base.associations[:1])
+    assert changed == {VM_B}
+    assert inventory.association(VM_A) is kept and inventory.association(VM_B) is None
+    assert inventory.association(VM_D).profile.name == "profile-b"  # type: ignore[union-attr]
+
+
+def test_removed_config_instance_stays_removed(tmp_path: Path) -> None:
+    """Removing an instance that the config defines is remembered across restarts."""
+    state_inventory(tmp_path).remove_instance(VM_A)
+    again = state_inventory(tmp_path)
+    assert again.instance(VM_A) is None and again.instance_at("127.0.0.2") is None
+    with pytest.raises(InventoryError, match="does not exist"):
+        again.remove_instance(VM_A)

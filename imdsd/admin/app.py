@@ -1,0 +1,209 @@
+"""make_admin_app(): the operator's JSON API, served only on the admin unix socket.
+
+Mirrors EC2's API: instances (add, remove, modify metadata options), associations
+(associate, replace, disassociate), profiles, sessions (list, rotate now), status. Every
+change is persisted before it is acknowledged, and the affected sessions are brought in line
+before the call returns (after `associate`, the instance's iam/ tree serves a session).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from imdsd.admin.keys import CLOCK, DUE, INFO, INVENTORY, ROTATE, SESSIONS, SYNC, Due, Rotate, Sync
+from imdsd.admin.views import instance_view, profile_view, session_view
+from imdsd.clock import Clock
+from imdsd.config import instance_from
+from imdsd.errors import ConfigError, ConflictError, ImdsdError, NotFoundError
+from imdsd.inventory import Inventory
+from imdsd.sessions import SessionCache
+
+log = structlog.get_logger("imdsd.admin")
+routes = web.RouteTableDef()
+
+
+class BadRequest(ImdsdError):
+    """The request body is not what the endpoint takes."""
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal is JSON with a code and a message the CLI prints as it is."""
+    try:
+        return await handler(request)
+    except NotFoundError as exc:
+        return _error(404, "NotFound", str(exc))
+    except ConflictError as exc:
+        return _error(409, "Conflict", str(exc))
+    except ConfigError as exc:
+        return _error(400, "InvalidParameter", str(exc), problems=[str(p) for p in exc.problems])
+    except BadRequest as exc:
+        return _error(400, "BadRequest", str(exc))
+    except ImdsdError as exc:  # e.g. the state file cannot be written: nothing was changed
+        log.error("admin request failed", error=exc.__class__.__name__, path=request.path)
+        return _error(500, "InternalError", str(exc))
+    except web.HTTPException as exc:
+        return _error(exc.status, exc.reason.replace(" ", ""), exc.reason)
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{key!r} must be a non-empty string")
+    return value
+
+
+def _instance_or_404(request: web.Request) -> str:
+    iid = request.match_info["id"]
+    if request.app[INVENTORY].instance(iid) is None:
+        raise NotFoundError(f"instance {iid} does not exist")
+    return iid
+
+
+@routes.get("/v1/status")
+async def status(request: web.Request) -> web.Response:
+    inventory, sessions = request.app[INVENTORY], request.app[SESSIONS]
+    now = request.app[CLOCK].now()
+    views = [
+        session_view(inventory, sessions, a.instance_id, now, None)
+        for a in inventory.associations()
+    ]
+    info: dict[str, Any] = request.app[INFO]
+    return web.json_response({
+        **info,
+        "instances": dict(Counter(inventory.origin(i.id) for i in inventory.instances())),
+        "associations": dict(
+            Counter(inventory.association_origin(a.instance_id) for a in inventory.associations())
+        ),
+        "sessions": dict(Counter(v["state"] for v in views)),
+        "profiles": len(inventory.profiles()),
+    })  # fmt: skip
+
+
+@routes.get("/v1/instances")
+async def list_instances(request: web.Request) -> web.Response:
+    inventory = request.app[INVENTORY]
+    return web.json_response([instance_view(inventory, i) for i in inventory.instances()])
+
+
+@routes.get("/v1/instances/{id}")
+async def show_instance(request: web.Request) -> web.Response:
+    inventory = request.app[INVENTORY]
+    instance = inventory.instance(_instance_or_404(request))
+    assert instance is not None  # noqa: S101 -- checked just above
+    return web.json_response(instance_view(inventory, instance))
+
+
+@routes.post("/v1/instances")
+async def add_instance(request: web.Request) -> web.Response:
+    inventory = request.app[INVENTORY]
+    instance = instance_from(await _body(request))
+    await request.app[SYNC](inventory.add_instance(instance))
+    log.info("instance added", instance=instance.id, addresses=list(instance.addresses))
+    return web.json_response(instance_view(inventory, instance), status=201)
+
+
+@routes.delete("/v1/instances/{id}")
+async def remove_instance(request: web.Request) -> web.Response:
+    iid = request.match_info["id"]
+    await request.app[SYNC](request.app[INVENTORY].remove_instance(iid))
+    log.info("instance removed", instance=iid)
+    return web.json_response({"removed": iid})
+
+
+@routes.patch("/v1/instances/{id}/metadata-options")
+async def modify_options(request: web.Request) -> web.Response:
+    inventory = request.app[INVENTORY]
+    current = inventory.instance(_instance_or_404(request))
+    assert current is not None  # noqa: S101 -- checked just above
+    changed = instance_from(await _body(request), current=current)
+    inventory.set_options(current.id, changed.options)
+    log.info("metadata options modified", instance=current.id, options=str(changed.options))
+    return web.json_response(instance_view(inventory, changed))
+
+
+@routes.get("/v1/profiles")
+async def list_profiles(request: web.Request) -> web.Response:
+    return web.json_response([profile_view(p) for p in request.app[INVENTORY].profiles()])
+
+
+@routes.post("/v1/associations")
+async def associate(request: web.Request) -> web.Response:
+    data = await _body(request)
+    iid, profile = _text(data, "instance"), _text(data, "profile")
+    return await _associated(request, iid, request.app[INVENTORY].associate(iid, profile), 201)
+
+
+@routes.put("/v1/associations/{id}")
+async def replace_association(request: web.Request) -> web.Response:
+    iid, profile = request.match_info["id"], _text(await _body(request), "profile")
+    return await _associated(
+        request, iid, request.app[INVENTORY].replace_association(iid, profile), 200
+    )
+
+
+@routes.delete("/v1/associations/{id}")
+async def disassociate(request: web.Request) -> web.Response:
+    iid = request.match_info["id"]
+    await request.app[SYNC](request.app[INVENTORY].disassociate(iid))
+    log.info("instance disassociated", instance=iid)
+    return web.json_response({"disassociated": iid})
+
+
+async def _associated(
+    request: web.Request, iid: str, changed: set[str], status: int
+) -> web.Response:
+    await request.app[SYNC](changed)  # the session exists (or has failed) before we answer
+    view = _session(request, iid)
+    log.info("instance associated", instance=iid, profile=view["profile"], session=view["state"])
+    return web.json_response(view, status=status)
+
+
+@routes.get("/v1/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    inventory = request.app[INVENTORY]
+    return web.json_response([_session(request, a.instance_id) for a in inventory.associations()])
+
+
+@routes.post("/v1/sessions/{id}/rotate")
+async def rotate(request: web.Request) -> web.Response:
+    iid = _instance_or_404(request)
+    if request.app[INVENTORY].association(iid) is None:
+        raise ConflictError(f"instance {iid} has no association, so no session to rotate")
+    await request.app[ROTATE](iid)
+    return web.json_response(_session(request, iid))
+
+
+def _session(request: web.Request, iid: str) -> dict[str, Any]:
+    app = request.app
+    return session_view(app[INVENTORY], app[SESSIONS], iid, app[CLOCK].now(), app[DUE](iid))
+
+
+def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, *, sync: Sync,
+                   rotate: Rotate, due: Due, info: dict[str, Any]) -> web.Application:  # fmt: skip
+    """The admin API over the daemon's inventory and sessions."""
+    app = web.Application(middlewares=[json_errors], client_max_size=256 * 1024)
+    app[INVENTORY], app[SESSIONS], app[CLOCK] = inventory, sessions, clock
+    app[SYNC], app[ROTATE], app[DUE], app[INFO] = sync, rotate, due, info
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,26 @@
+"""This app's typed keys. What the admin API may ask of the rotation engine arrives as plain
+callables from the composition root: admin.* never imports the scheduler or the backends."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from imdsd.clock import Clock
+from imdsd.inventory import Inventory
+from imdsd.sessions import SessionCache
+
+Sync = Callable[[set[str]], Awaitable[None]]  # bring these instances' sessions in line, now
+Rotate = Callable[[str], Awaitable[None]]  # issue a new session for this instance, now
+Due = Callable[[str], datetime | None]  # when this instance's next refresh is due
+
+INVENTORY = web.AppKey("inventory", Inventory)
+SESSIONS = web.AppKey("sessions", SessionCache)
+CLOCK = web.AppKey("clock", Clock)
+SYNC: web.AppKey[Sync] = web.AppKey("sync")
+ROTATE: web.AppKey[Rotate] = web.AppKey("rotate")
+DUE: web.AppKey[Due] = web.AppKey("due")
+INFO: web.AppKey[dict[str, Any]] = web.AppKey("info")  # version, listeners, backend, paths, start
