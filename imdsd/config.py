@@ -190,11 +190,7 @@ def parse(text: str, *, source: str = "<config>") -> Config:
 
 
 def _config(reader: Reader, data: dict[str, Any]) -> Config:
-    doc = reader.root(
-        data,
-        ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "instances",
-         "instance_profiles", "associations"),  # fmt: skip
-    )
+    doc = reader.root(data, _SECTIONS)
     rotation = _rotation(doc.table("rotation", _ROTATION_KEYS))
     backend = _backend(doc.table("backend", ("kind", "local", "sts")))
     _check_lifetime(reader, rotation, backend)
@@ -493,6 +489,8 @@ _ROTATION_KEYS = (
     "retry_max",
     "concurrency",
 )
+_SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "instances",
+             "instance_profiles", "associations")  # fmt: skip
 _OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint")
 _INSTANCE_KEYS = (
     "id",
