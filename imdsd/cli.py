@@ -1,7 +1,8 @@
 """The command line: parse arguments, map errors to exit codes. No logic of its own.
 
-Exit codes: 0 ok, 1 runtime failure (e.g. a listener address cannot be bound), 2 usage,
-3 bad configuration (systemd's RestartPreventExitStatus: restarting will not fix it).
+Exit codes: 0 ok, 1 runtime failure (e.g. a listener address cannot be bound) or an admin
+call the daemon refused, 2 usage, 3 bad configuration (systemd's RestartPreventExitStatus:
+restarting will not fix it), 4 no daemon on the admin socket.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from imdsd import __version__, log
+from imdsd.admin import commands
 from imdsd.clock import SystemClock
 from imdsd.config import Config, load
 from imdsd.daemon import serve
@@ -25,6 +27,8 @@ DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in commands.VERBS:
+        return commands.run(args)
     try:
         config = load(args.config)
     except ConfigError as exc:
@@ -52,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="imdsd", description="EC2-compatible instance metadata daemon"
     )
     parser.add_argument("--version", action="version", version=f"imdsd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="serve the metadata API")
-    check = commands.add_parser(
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    run = subcommands.add_parser("run", help="serve the metadata API")
+    check = subcommands.add_parser(
         "check-config", help="validate a config file and exit (3 if invalid)"
     )
     for command in (run, check):
@@ -65,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="overrides [log] level"
     )
+    commands.add_commands(subcommands)
     return parser
 
 

@@ -1,0 +1,224 @@
+"""The admin verbs of the command line, mirroring EC2's API, talking to the admin socket.
+
+Tables for people by default, `--json` for scripts. Exit status: 0 done, 1 refused by the
+daemon (unknown id, a conflict, invalid values), 4 no daemon on the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from imdsd.admin.client import DaemonUnavailable, Refused, call
+from imdsd.config import load
+from imdsd.errors import ConfigError
+
+EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 4
+DEFAULT_SOCKET = Path("/run/imdsd/admin.sock")
+PLACEMENT = (
+    "region",
+    "availability_zone",
+    "instance_type",
+    "ami_id",
+    "hostname",
+    "mac",
+    "account_id",
+)
+VERBS = ("instances", "associate", "replace-association", "disassociate",
+         "modify-instance-metadata-options", "profiles", "sessions", "rotate",
+         "status")  # fmt: skip
+
+
+def add_commands(commands: Any) -> None:
+    """Register every admin verb on the CLI's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    where = "admin socket (default: $IMDSD_ADMIN_SOCKET, the [admin] socket of --config, or "
+    common.add_argument("--socket", type=Path, help=where + str(DEFAULT_SOCKET) + ")")
+    common.add_argument("--config", type=Path, help="read the admin socket path from this config")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    instances = commands.add_parser("instances", help="list, show, add or remove instances")
+    verbs = instances.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", parents=[common])
+    for name in ("show", "remove"):
+        verbs.add_parser(name, parents=[common]).add_argument("instance_id")
+    add = verbs.add_parser("add", parents=[common])
+    add.add_argument("--id", required=True)
+    add.add_argument("--address", action="append", required=True, help="repeat for each address")
+    for option in (
+        "region",
+        "availability-zone",
+        "instance-type",
+        "ami-id",
+        "hostname",
+        "mac",
+        "account-id",
+    ):
+        add.add_argument(f"--{option}")
+    _option_flags(add)
+    for name in ("associate", "replace-association"):
+        verb = commands.add_parser(name, parents=[common], help=f"EC2's {name} for an instance")
+        verb.add_argument("--instance", required=True)
+        verb.add_argument("--profile", required=True)
+    for name, text in (
+        ("disassociate", "remove an instance's association"),
+        ("rotate", "rotate its session now"),
+    ):
+        commands.add_parser(name, parents=[common], help=text).add_argument(
+            "--instance", required=True
+        )
+    modify = commands.add_parser(
+        "modify-instance-metadata-options", parents=[common], help="EC2's metadata options"
+    )
+    modify.add_argument("--instance", required=True)
+    _option_flags(modify)
+    for name in ("profiles", "sessions"):
+        listing = commands.add_parser(name, help=f"list {name}")
+        listing.add_subparsers(dest="verb", required=True).add_parser("list", parents=[common])
+    commands.add_parser("status", parents=[common], help="what the daemon serves, and from where")
+
+
+def _option_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http-tokens", choices=("optional", "required"))
+    parser.add_argument("--hop-limit", type=int)
+    parser.add_argument("--http-endpoint", choices=("enabled", "disabled"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute one admin verb; print the result; map refusals to exit codes."""
+    socket = _socket(args)
+    method, path, body, show = _route(args)
+    try:
+        result = call(socket, method, path, body)
+    except DaemonUnavailable as exc:
+        print(f"imdsd: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except Refused as exc:
+        for line in exc.problems or [str(exc)]:  # each problem already names its key path
+            print(f"imdsd: {exc.code}: {line}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(json.dumps(result, indent=2) if args.json else show(result))
+    return 0
+
+
+Route = tuple[str, str, dict[str, Any] | None, Callable[[Any], str]]
+
+
+def _route(args: argparse.Namespace) -> Route:
+    """(method, path, body, how to print the answer) for the verb on the command line."""
+    verb = (args.command, getattr(args, "verb", None))
+    iid = getattr(args, "instance", None) or getattr(args, "instance_id", None)
+    profile = {"profile": getattr(args, "profile", None)}
+    routes: dict[tuple[str, str | None], Route] = {
+        ("instances", "list"): ("GET", "/v1/instances", None, _instances_table),
+        ("instances", "show"): ("GET", f"/v1/instances/{iid}", None, _record),
+        ("instances", "add"): ("POST", "/v1/instances", _instance_body(args), _record),
+        ("instances", "remove"): ("DELETE", f"/v1/instances/{iid}", None, _said("removed", iid)),
+        ("associate", None): ("POST", "/v1/associations", {"instance": iid, **profile}, _record),
+        ("replace-association", None): ("PUT", f"/v1/associations/{iid}", profile, _record),
+        ("disassociate", None): (
+            "DELETE",
+            f"/v1/associations/{iid}",
+            None,
+            _said("disassociated", iid),
+        ),
+        ("modify-instance-metadata-options", None): (
+            "PATCH",
+            f"/v1/instances/{iid}/metadata-options",
+            _options(args),
+            _record,
+        ),
+        ("profiles", "list"): ("GET", "/v1/profiles", None, _profiles_table),
+        ("sessions", "list"): ("GET", "/v1/sessions", None, _sessions_table),
+        ("rotate", None): ("POST", f"/v1/sessions/{iid}/rotate", None, _record),
+        ("status", None): ("GET", "/v1/status", None, _record),
+    }
+    return routes[verb]
+
+
+def _said(what: str, iid: str | None) -> Callable[[Any], str]:
+    return lambda _: f"{what} {iid}"
+
+
+def _instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
+    if getattr(args, "verb", None) != "add":
+        return None
+    body: dict[str, Any] = {"id": args.id, "addresses": args.address}
+    for key in (
+        "region",
+        "availability_zone",
+        "instance_type",
+        "ami_id",
+        "hostname",
+        "mac",
+        "account_id",
+    ):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    options = _options(args)
+    if options:
+        body["metadata_options"] = options
+    return body
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("http_tokens", "hop_limit", "http_endpoint")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    if os.environ.get("IMDSD_ADMIN_SOCKET"):
+        return Path(os.environ["IMDSD_ADMIN_SOCKET"])
+    if args.config:
+        try:
+            return load(args.config).host.admin_socket
+        except ConfigError:
+            pass  # an unreadable config still leaves the default to try
+    return DEFAULT_SOCKET
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """Left-aligned columns, two spaces apart; '-' for nothing."""
+    cells = [[str(h) for h in header]] + [
+        ["-" if c is None else str(c) for c in row] for row in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _instances_table(rows: list[dict[str, Any]]) -> str:
+    header = ("INSTANCE", "ADDRESSES", "PROFILE", "TOKENS", "HOPS", "ENDPOINT", "SOURCE")
+    lines = []
+    for r in rows:
+        o = r["metadata_options"]
+        lines.append((r["id"], ",".join(r["addresses"]), r["profile"], o["http_tokens"],
+                      o["hop_limit"], o["http_endpoint"], r["source"]))  # fmt: skip
+    return table(lines, header)
+
+
+def _profiles_table(rows: list[dict[str, Any]]) -> str:
+    return table([(r["name"], r["role_arn"], r["id"]) for r in rows], ("PROFILE", "ROLE", "ID"))
+
+
+def _sessions_table(rows: list[dict[str, Any]]) -> str:
+    header = ("INSTANCE", "PROFILE", "KEY", "EXPIRES", "NEXT REFRESH", "STATE", "LAST ERROR")
+    lines = []
+    for r in rows:
+        error = (r["last_error"] or {}).get("code")
+        lines.append((r["instance"], r["profile"], r["access_key"], r["expires"],
+                      r["next_refresh"], r["state"], error))  # fmt: skip
+    return table(lines, header)
+
+
+def _record(data: dict[str, Any]) -> str:
+    return "\n".join(
+        f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in data.items()
+    )

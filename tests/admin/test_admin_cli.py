@@ -1,0 +1,216 @@
+"""Every admin verb through the real CLI (a separate process) against a running daemon, and
+EC2's ordering guarantees: when a call returns, its effect is what the guests see."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from imdsd.daemon import Daemon, running
+from tests.fakes import FakeClock
+from tests.helpers import ROLE_B, VM_A, VM_B, VM_D, http, make_config, token_for
+
+CREDS = "/latest/meta-data/iam/security-credentials/"
+
+
+@pytest.fixture
+async def daemon(clock: FakeClock) -> AsyncIterator[Daemon]:
+    async with running(make_config(), clock) as d:
+        yield d
+
+
+async def cli(daemon: Daemon | Path, *args: str) -> tuple[int, str, str]:
+    """`python -m imdsd ARGS --socket S`, run while this loop keeps serving."""
+    socket = daemon if isinstance(daemon, Path) else daemon.admin_socket
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imdsd", *args, "--socket", str(socket),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def ok_json(daemon: Daemon, *args: str) -> object:
+    code, out, err = await cli(daemon, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+async def test_lists_and_status(daemon: Daemon) -> None:
+    """status, instances list/show, profiles list, sessions list: tables and --json."""
+    status = await ok_json(daemon, "status")
+    assert status["instances"] == {"config": 4} and status["sessions"] == {"fresh": 2}  # type: ignore[index]
+    code, table, _ = await cli(daemon, "instances", "list")
+    assert code == 0 and table.splitlines()[0].split() == [
+        "INSTANCE",
+        "ADDRESSES",
+        "PROFILE",
+        "TOKENS",
+        "HOPS",
+        "ENDPOINT",
+        "SOURCE",
+    ]
+    assert f"{VM_B}  127.0.0.3,::1" in table
+    shown = await ok_json(daemon, "instances", "show", VM_A)
+    assert shown["profile"] == "profile-a" and shown["source"] == "config"  # type: ignore[index]
+    profiles = await ok_json(daemon, "profiles", "list")
+    assert [p["name"] for p in profiles] == ["profile-a", "profile-b"]  # type: ignore[union-attr,index]
+    code, sessions, _ = await cli(daemon, "sessions", "list")
+    assert code == 0 and "****" in sessions and "fresh" in sessions
+    entry = daemon.sessions.get(VM_A)
+    assert entry is not None and entry.session.secret_access_key not in sessions + table
+    assert entry.session.access_key_id not in sessions
+
+
+async def test_add_instance_is_served_at_once_and_refusals_exit_1(daemon: Daemon) -> None:
+    """instances add: the new VM is answered on its next request; a taken address, an existing
+    id or a bad value is refused with exit status 1 and one line each."""
+    code, _, err = await cli(daemon, "instances", "add", "--id", "i-12345678", "--address", "127.0.0.6",
+                             "--region", "eu-north-1", "--http-tokens", "optional")  # fmt: skip
+    assert code == 0, err
+    reply = await http(daemon.urls[0], "/latest/meta-data/placement/region", source="127.0.0.6")
+    assert (reply.status, reply.text) == (200, "eu-north-1")
+    for args, message in [
+        (
+            ("--id", "i-87654321", "--address", "127.0.0.2"),
+            "Conflict: address 127.0.0.2 already belongs to",
+        ),
+        (
+            ("--id", "i-12345678", "--address", "127.0.0.7"),
+            "Conflict: instance i-12345678 already exists",
+        ),
+        (("--id", "vm-1", "--address", "127.0.0.8"), 'InvalidParameter: instance.id: got "vm-1"'),
+        (
+            ("--id", "i-11111111", "--address", "127.0.0.9", "--hop-limit", "99"),
+            "metadata_options.hop_limit: got 99",
+        ),
+    ]:
+        code, _, err = await cli(daemon, "instances", "add", *args)
+        assert code == 1 and message in err, err
+
+
+async def test_associate_serves_a_session_before_returning(daemon: Daemon) -> None:
+    """associate: when the command returns, the instance's iam/ tree serves credentials; a
+    second associate is refused (exit 1)."""
+    assert (await http(daemon.urls[0], "/latest/meta-data/iam/", source="127.0.0.5")).status == 404
+    view = await ok_json(daemon, "associate", "--instance", VM_D, "--profile", "profile-b")
+    assert view["state"] == "fresh"  # type: ignore[index]
+    doc = json.loads((await http(daemon.urls[0], CREDS + "role-b", source="127.0.0.5")).body)
+    assert doc["Code"] == "Success" and doc["AccessKeyId"].startswith("ASIA")
+    code, _, err = await cli(daemon, "associate", "--instance", VM_D, "--profile", "profile-a")
+    assert code == 1 and "already has an association (profile-b)" in err
+
+
+async def test_replace_and_disassociate(daemon: Daemon) -> None:
+    """replace-association: the new role is served and the old role's path is 404 when the
+    command returns; disassociate: iam/ is gone and the session is dropped."""
+    await ok_json(daemon, "replace-association", "--instance", VM_A, "--profile", "profile-b")
+    url = daemon.urls[0]
+    assert (await http(url, CREDS, source="127.0.0.2")).text == "role-b"
+    assert (await http(url, CREDS + "role-a", source="127.0.0.2")).status == 404
+    entry = daemon.sessions.get(VM_A)
+    assert entry is not None and entry.role_arn == ROLE_B
+    code, out, _ = await cli(daemon, "disassociate", "--instance", VM_A)
+    assert (code, out.strip()) == (0, f"disassociated {VM_A}")
+    assert (await http(url, "/latest/meta-data/iam/", source="127.0.0.2")).status == 404
+    assert daemon.sessions.get(VM_A) is None
+    code, _, err = await cli(daemon, "disassociate", "--instance", VM_A)
+    assert code == 1 and "has no association" in err
+
+
+async def test_remove_instance_forgets_it_and_its_session(daemon: Daemon) -> None:
+    """instances remove: its address becomes a stranger (404) and its session is gone."""
+    code, _, err = await cli(daemon, "instances", "remove", VM_A)
+    assert code == 0, err
+    assert (
+        await http(daemon.urls[0], "/latest/meta-data/instance-id", source="127.0.0.2")
+    ).status == 404
+    assert daemon.sessions.get(VM_A) is None
+    code, _, err = await cli(daemon, "instances", "show", VM_A)
+    assert code == 1 and f"NotFound: instance {VM_A} does not exist" in err
+
+
+async def test_modified_metadata_options_apply_to_the_next_request(daemon: Daemon) -> None:
+    """modify-instance-metadata-options (EC2's ModifyInstanceMetadataOptions): next request."""
+    url = daemon.urls[0]
+    assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).status == 200
+    await ok_json(
+        daemon, "modify-instance-metadata-options", "--instance", VM_A, "--http-tokens", "required"
+    )
+    assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).status == 401
+    token = await token_for(url, "127.0.0.2")
+    reply = await http(
+        url,
+        "/latest/meta-data/instance-id",
+        source="127.0.0.2",
+        headers={"X-aws-ec2-metadata-token": token},
+    )
+    assert reply.text == VM_A
+    await ok_json(
+        daemon,
+        "modify-instance-metadata-options",
+        "--instance",
+        VM_A,
+        "--http-endpoint",
+        "disabled",
+    )
+    assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).status == 403
+    shown = await ok_json(daemon, "instances", "show", VM_A)
+    assert shown["source"] == "modified" and shown["metadata_options"]["http_tokens"] == "required"  # type: ignore[index]
+
+
+async def test_rotate_now(daemon: Daemon) -> None:
+    """rotate: a new session before the command returns; refused without an association."""
+    before = daemon.sessions.get(VM_A)
+    view = await ok_json(daemon, "rotate", "--instance", VM_A)
+    after = daemon.sessions.get(VM_A)
+    assert (
+        before is not None
+        and after is not None
+        and after.session.access_key_id != before.session.access_key_id
+    )
+    assert view["access_key"] == "****" + after.session.access_key_id[-4:]  # type: ignore[index]
+    code, _, err = await cli(daemon, "rotate", "--instance", VM_D)
+    assert code == 1 and "no association" in err
+
+
+async def test_no_daemon_exits_4(tmp_path: Path) -> None:
+    """Every verb reports a missing daemon in one line with exit status 4."""
+    code, out, err = await cli(tmp_path / "nothing.sock", "status")
+    assert (
+        (code, out) == (4, "")
+        and err.startswith("imdsd: no imdsd daemon answers on")
+        and len(err.splitlines()) == 1
+    )
+
+
+async def test_changes_survive_a_restart(clock: FakeClock) -> None:
+    """Invariant 6: what the CLI changed is there after the daemon restarts on the same config."""
+    config = make_config()
+    async with running(config, clock) as first:
+        await ok_json(
+            first,
+            "instances",
+            "add",
+            "--id",
+            "i-22222222",
+            "--address",
+            "127.0.0.20",
+            "--http-tokens",
+            "optional",
+        )
+        await ok_json(first, "associate", "--instance", "i-22222222", "--profile", "profile-a")
+        await ok_json(first, "disassociate", "--instance", VM_B)
+    async with running(config, clock) as second:
+        status = await ok_json(second, "status")
+        assert status["instances"] == {"config": 4, "runtime": 1}  # type: ignore[index]
+        assert status["associations"] == {"config": 1, "runtime": 1}  # type: ignore[index]
+        reply = await http(second.urls[0], CREDS, source="127.0.0.20")
+        assert reply.text == "role-a"
+        assert second.inventory.association(VM_B) is None
