@@ -21,7 +21,9 @@ run: $(STAMP)  ## run the daemon on the embedded issuer, listening on 127.0.0.1:
 	$(BIN)/imdsd run --config config/imdsd.dev.toml
 
 test: $(STAMP)  ## the whole suite, with branch coverage enforced
+	rm -f .coverage .coverage.*
 	$(BIN)/coverage run -m pytest
+	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 
 e2e: $(STAMP)  ## only the end-to-end tests (real daemon process + botocore)

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _with_overrides(config, args)
     log.configure(config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config, SystemClock()))
+        asyncio.run(serve(config, SystemClock(), args.config))
     except OSError as exc:
         print(f"imdsd: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -14,20 +14,21 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import structlog
 from aiohttp import web
 
-from imdsd import __version__
+from imdsd import __version__, systemd
 from imdsd.admin.app import make_admin_app
 from imdsd.backends import OPENERS
 from imdsd.backends.base import Backend
 from imdsd.backends.shared import ProfileScoped
 from imdsd.clock import Clock
-from imdsd.config import Config
+from imdsd.config import Config, load
+from imdsd.errors import ConfigError
 from imdsd.imds import render
 from imdsd.imds.app import make_app
 from imdsd.inventory import Inventory
@@ -51,6 +52,10 @@ class Daemon:
     inventory: Inventory
     sessions: SessionCache
     rotator: Rotator
+
+    async def sync(self, instance_ids: set[str]) -> None:
+        """Bring these instances' sessions in line with their associations, now."""
+        await asyncio.gather(*(self.rotator.follow(i) for i in instance_ids))
 
 
 @asynccontextmanager
@@ -85,9 +90,6 @@ async def running(
             await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
         urls = tuple(_url(address) for address in runner.addresses)
 
-        async def sync(instance_ids: set[str]) -> None:
-            await asyncio.gather(*(rotator.follow(i) for i in instance_ids))
-
         info = {
             "version": __version__,
             "started_at": clock.now().isoformat(),
@@ -96,11 +98,12 @@ async def running(
             "state_file": str(state.path),
             "admin_socket": str(config.host.admin_socket),
         }
-        admin = make_admin_app(inventory, sessions, clock, sync=sync, rotate=rotator.refresh,
+        daemon = Daemon(urls=urls, admin_socket=config.host.admin_socket, inventory=inventory,
+                        sessions=sessions, rotator=rotator)  # fmt: skip
+        admin = make_admin_app(inventory, sessions, clock, sync=daemon.sync, rotate=rotator.refresh,
                                due=rotator.due, info=info)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
-        yield Daemon(urls=urls, admin_socket=config.host.admin_socket, inventory=inventory,
-                     sessions=sessions, rotator=rotator)  # fmt: skip
+        yield daemon
 
 
 @asynccontextmanager
@@ -135,23 +138,81 @@ def _claim_socket_path(path: Path) -> None:
     raise OSError(errno.EADDRINUSE, f"another imdsd answers on {path}")
 
 
-async def serve(config: Config, clock: Clock) -> None:
-    """Run until SIGTERM or SIGINT; in-flight requests get a grace period, then exit."""
-    stop = asyncio.Event()
+async def serve(config: Config, clock: Clock, config_path: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT (in-flight requests get a grace period, then exit 0);
+    SIGHUP reloads `config_path`, refusing a bad file and keeping the running config."""
+    stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     async with running(config, clock) as daemon:
+        systemd.notify("READY=1", f"STATUS=serving {len(daemon.inventory.instances())} instances")
         log.info(
             "ready",
             listening=list(daemon.urls),
+            admin_socket=str(daemon.admin_socket),
             instances=len(daemon.inventory.instances()),
             associations=len(daemon.inventory.associations()),
             backend=config.backend.kind,
             curl=_curl_hint(daemon.urls[0]),
         )
-        await stop.wait()
+        async with asyncio.TaskGroup() as tasks:
+            interval = systemd.watchdog_interval()
+            if interval:
+                tasks.create_task(_watchdog(interval, stop), name="watchdog")
+            while not stop.is_set():
+                await _first(stop, reload)
+                if reload.is_set() and not stop.is_set():
+                    reload.clear()
+                    config = await _reload(daemon, config, config_path)
+        systemd.notify("STOPPING=1")
         log.info("stopping")
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def _watchdog(interval: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        systemd.notify("WATCHDOG=1")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def _reload(daemon: Daemon, current: Config, path: Path | None) -> Config:
+    """SIGHUP: apply the file's instances, profiles and associations; sessions that did not
+    change are kept. A bad file is refused and logged; the running config stays."""
+    if path is None:
+        return current
+    systemd.reloading()
+    try:
+        new = load(path)
+    except ConfigError as exc:
+        log.error("reload refused: the config is invalid; keeping the running one",
+                  problems=[str(p) for p in exc.problems])  # fmt: skip
+        systemd.notify("READY=1")
+        return current
+    changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
+    await daemon.sync(changed)
+    kept = [
+        k for k in ("imds", "rotation", "backend", "host") if getattr(new, k) != getattr(current, k)
+    ]
+    if kept:
+        log.warning("reload: these sections change only at restart", sections=kept)
+    log.info(
+        "reloaded",
+        changed_associations=sorted(changed),
+        instances=len(daemon.inventory.instances()),
+    )
+    systemd.notify("READY=1")
+    return replace(new, **{k: getattr(current, k) for k in kept})
 
 
 def _scoped(backend: Backend, config: Config, clock: Clock) -> Backend:

@@ -1,0 +1,197 @@
+"""The daemon as systemd runs it: notify messages, SIGHUP reload, SIGTERM, and SIGKILL in the
+middle of a burst of admin calls (nothing acknowledged is lost)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imdsd.admin.client import DaemonUnavailable, request
+from tests.helpers import http
+
+INSTANCE = '[[instances]]\nid = "{iid}"\naddresses = ["{address}"]\nmetadata_options = {{ http_tokens = "optional" }}\n'
+BASE = """
+[imds]
+listeners = ["127.0.0.1:0"]
+[state]
+directory = "{d}/state"
+[admin]
+socket = "{d}/admin.sock"
+[metrics]
+listen = ""
+[log]
+level = "info"
+[[instance_profiles]]
+name = "web"
+role_arn = "arn:aws:iam::123456789012:role/web"
+[[instance_profiles]]
+name = "batch"
+role_arn = "arn:aws:iam::123456789012:role/batch"
+"""
+
+
+class Proc:
+    """A daemon process with its config file, log and (optionally) a notify socket."""
+
+    def __init__(
+        self, directory: Path, config: str, notify: Path | None = None, watchdog_usec: int = 0
+    ) -> None:
+        self.directory, self.config = directory, directory / "imdsd.toml"
+        self.config.write_text(config)
+        self.log = directory / f"log-{time.monotonic_ns()}.jsonl"
+        env = {**os.environ}
+        if notify:
+            env["NOTIFY_SOCKET"] = str(notify)
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(self.config),
+                                             "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        self.url = str(self.wait_for("ready")["listening"][0])  # type: ignore[index]
+
+    def events(self) -> list[dict[str, object]]:
+        return [
+            json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")
+        ]
+
+    def wait_for(self, event: str, after: int = 0) -> dict[str, object]:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = [e for e in self.events()[after:] if e.get("event") == event]
+            if found:
+                return found[0]
+            assert self.process.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+        raise AssertionError(f"no {event!r} in:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[Path, socket.socket]]:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    yield path, sock
+    sock.close()
+
+
+def receive_until(sock: socket.socket, field: str) -> list[str]:
+    seen: list[str] = []
+    while field not in seen:
+        seen += sock.recv(4096).decode().split("\n")
+    return seen
+
+
+def config(directory: Path, instances: list[tuple[str, str, str | None]]) -> str:
+    text = BASE.format(d=directory)
+    for iid, address, profile in instances:
+        text += INSTANCE.format(iid=iid, address=address)
+        if profile:
+            text += f'[[associations]]\ninstance = "{iid}"\nprofile = "{profile}"\n'
+    return text
+
+
+def test_notify_ready_watchdog_reload_stopping(
+    tmp_path: Path, notify_socket: tuple[Path, socket.socket]
+) -> None:
+    """Type=notify: READY=1 once serving, WATCHDOG=1 pings, RELOADING=1 then READY=1 around a
+    SIGHUP, STOPPING=1 on SIGTERM, and exit status 0."""
+    path, sock = notify_socket
+    proc = Proc(
+        tmp_path,
+        config(tmp_path, [("i-0000000a", "127.0.0.2", "web")]),
+        notify=path,
+        watchdog_usec=200_000,
+    )
+    try:
+        assert "READY=1" in receive_until(sock, "READY=1")
+        assert "WATCHDOG=1" in receive_until(sock, "WATCHDOG=1")
+        proc.process.send_signal(signal.SIGHUP)
+        seen = receive_until(sock, "READY=1")
+        assert "RELOADING=1" in seen and any(f.startswith("MONOTONIC_USEC=") for f in seen)
+        proc.process.terminate()
+        assert "STOPPING=1" in receive_until(sock, "STOPPING=1")
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_sighup_applies_changes_and_keeps_unchanged_sessions(tmp_path: Path) -> None:
+    """SIGHUP: a new instance and a changed association apply; an unchanged association keeps
+    its session (same keys); a bad file is refused, logged, and the old config stays."""
+    a, b, c = ("i-0000000a", "127.0.0.2"), ("i-0000000b", "127.0.0.3"), ("i-0000000c", "127.0.0.4")
+    proc = Proc(tmp_path, config(tmp_path, [(*a, "web"), (*b, "web")]))
+    try:
+        creds = "/latest/meta-data/iam/security-credentials/"
+        before = json.loads((await http(proc.url, creds + "web", source=a[1])).body)
+        proc.config.write_text(config(tmp_path, [(*a, "web"), (*b, "batch"), (*c, "batch")]))
+        mark = len(proc.events())
+        proc.process.send_signal(signal.SIGHUP)
+        proc.wait_for("reloaded", after=mark)
+        assert json.loads((await http(proc.url, creds + "web", source=a[1])).body) == before
+        assert (await http(proc.url, creds, source=b[1])).text == "batch"
+        assert (await http(proc.url, creds, source=c[1])).text == "batch"
+        proc.config.write_text(config(tmp_path, [(*a, "web")]) + "[rotation]\nconcurrency = 0\n")
+        mark = len(proc.events())
+        proc.process.send_signal(signal.SIGHUP)
+        refused = proc.wait_for(
+            "reload refused: the config is invalid; keeping the running one", after=mark
+        )
+        assert refused["problems"] == [
+            "rotation.concurrency: got 0; allowed: an integer from 1 to 1024"
+        ]
+        assert (await http(proc.url, creds, source=c[1])).text == "batch"
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_sigkill_mid_burst_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Admin calls fired back to back, the daemon SIGKILLed in the middle: after a restart,
+    every call the API acknowledged is there."""
+    text = config(tmp_path, [])
+    proc = Proc(tmp_path, text)
+    socket_path = tmp_path / "admin.sock"
+    acknowledged: list[str] = []
+
+    async def burst() -> None:
+        for n in range(1, 400):
+            iid = f"i-{n:08x}"
+            body = {"id": iid, "addresses": [f"127.0.{3 + n // 250}.{n % 250 + 1}"]}
+            try:
+                await request(socket_path, "POST", "/v1/instances", body)
+                await request(
+                    socket_path, "POST", "/v1/associations", {"instance": iid, "profile": "web"}
+                )
+            except DaemonUnavailable:
+                return
+            acknowledged.append(iid)
+
+    async def kill_soon() -> None:
+        while len(acknowledged) < 25:
+            await asyncio.sleep(0.005)
+        proc.process.kill()
+
+    await asyncio.gather(burst(), kill_soon())
+    assert proc.process.wait(timeout=10) == -signal.SIGKILL
+    assert 25 <= len(acknowledged) < 399
+    again = Proc(tmp_path, text)
+    try:
+        instances = await request(socket_path, "GET", "/v1/instances")
+        associated = {i["id"] for i in instances if i["profile"] == "web"}
+        assert set(acknowledged) <= associated
+    finally:
+        assert again.stop() == 0
