@@ -25,6 +25,7 @@ from imdsd import __version__, systemd
 from imdsd.admin.app import make_admin_app
 from imdsd.backends import OPENERS
 from imdsd.backends.base import Backend
+from imdsd.backends.measured import Measured
 from imdsd.backends.shared import ProfileScoped
 from imdsd.clock import Clock
 from imdsd.config import Config, load
@@ -32,10 +33,12 @@ from imdsd.errors import ConfigError
 from imdsd.imds import render
 from imdsd.imds.app import make_app
 from imdsd.inventory import Inventory
+from imdsd.metrics import Metrics, make_metrics_app
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
 from imdsd.state import StateFile
 from imdsd.tokens import TokenIssuer
+from imdsd.validation import Listener
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -49,6 +52,7 @@ class Daemon:
 
     urls: tuple[str, ...]
     admin_socket: Path
+    metrics_url: str | None
     inventory: Inventory
     sessions: SessionCache
     rotator: Rotator
@@ -70,17 +74,24 @@ async def running(
         opened = await stack.enter_async_context(
             OPENERS[config.backend.kind](config.backend, clock)
         )
-        backend = _scoped(wrap_backend(opened) if wrap_backend else opened, config, clock)
+        metrics, ready = Metrics(), asyncio.Event()
+        wrapped = wrap_backend(opened) if wrap_backend else opened
+        backend = _scoped(Measured(wrapped, metrics), config, clock)
         state = StateFile(config.host.state_directory)
         inventory = Inventory(config.instances, config.profiles, config.associations, clock, state)
         sessions = SessionCache(render.credentials, render.failure)
+        metrics.watch(inventory, sessions, clock)
+        metrics_url = None
+        if config.host.metrics is not None:  # up before priming, so /readyz can say "starting"
+            metrics_url = await stack.enter_async_context(
+                _tcp_site(make_metrics_app(metrics, ready), config.host.metrics)
+            )
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
         await rotator.prime()  # warm before listening: the first guest request is served
         rotator.start()
-        app = make_app(
-            inventory, sessions, TokenIssuer(clock), clock, log_requests=config.log.level == "debug"
-        )
+        debug = config.log.level == "debug"
+        app = make_app(inventory, sessions, TokenIssuer(clock), clock, metrics, log_requests=debug)
         runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
         )
@@ -98,12 +109,25 @@ async def running(
             "state_file": str(state.path),
             "admin_socket": str(config.host.admin_socket),
         }
-        daemon = Daemon(urls=urls, admin_socket=config.host.admin_socket, inventory=inventory,
-                        sessions=sessions, rotator=rotator)  # fmt: skip
+        daemon = Daemon(urls=urls, admin_socket=config.host.admin_socket, metrics_url=metrics_url,
+                        inventory=inventory, sessions=sessions, rotator=rotator)  # fmt: skip
         admin = make_admin_app(inventory, sessions, clock, sync=daemon.sync, rotate=rotator.refresh,
                                due=rotator.due, info=info)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
+        ready.set()
         yield daemon
+
+
+@asynccontextmanager
+async def _tcp_site(app: web.Application, listener: Listener) -> AsyncIterator[str]:
+    """Serve `app` on one TCP listener; yields its URL (the real port when 0 was asked)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
+        yield _url(runner.addresses[0])
+    finally:
+        await runner.cleanup()
 
 
 @asynccontextmanager

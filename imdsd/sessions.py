@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from imdsd.model import Role, Session
 
+SessionState = Literal["fresh", "failing", "failed", "expired", "pending"]
 PENDING_CODE = "CredentialsPending"
 PENDING_MESSAGE = "No credentials are available for this role yet; retry shortly."
 
@@ -81,6 +83,16 @@ class SessionCache:
         if failure is not None:
             return failure.document
         return self._render_failure(PENDING_CODE, PENDING_MESSAGE, now)
+
+    def state(self, key: str, now: datetime) -> SessionState:
+        """fresh (valid, last refresh fine), failing (valid, last refresh failed), failed (no
+        valid session, a failure recorded), expired (no valid session, no failure), pending."""
+        served, failure = self._served.get(key), self._failures.get(key)
+        if served is not None and now < served.session.expiration:
+            return "failing" if failure else "fresh"
+        if failure is not None:
+            return "failed"
+        return "expired" if served is not None else "pending"
 
     def get(self, key: str) -> Served | None:
         return self._served.get(key)

@@ -42,18 +42,6 @@ def session_view(inventory: Inventory, sessions: SessionCache, instance_id: str,
                  due: datetime | None) -> dict[str, Any]:  # fmt: skip
     association = inventory.association(instance_id)
     served, failure = sessions.get(instance_id), sessions.failure(instance_id)
-    valid = served is not None and now < served.session.expiration
-    state = (
-        "fresh"
-        if valid and failure is None
-        else "failing"
-        if valid
-        else "expired"
-        if served
-        else "pending"
-    )
-    if failure is not None and not valid:
-        state = "failed"
     return {
         "instance": instance_id,
         "profile": association.profile.name if association else None,
@@ -61,7 +49,7 @@ def session_view(inventory: Inventory, sessions: SessionCache, instance_id: str,
         "access_key": key_display(served.session.access_key_id) if served else None,
         "expires": _iso(served.session.expiration) if served else None,
         "next_refresh": _iso(due),
-        "state": state,
+        "state": sessions.state(instance_id, now),
         "last_error": {"code": failure.code, "at": _iso(failure.at)} if failure else None,
         "source": inventory.association_origin(instance_id),
     }

@@ -11,10 +11,11 @@ from aiohttp import web
 
 from imdsd.clock import Clock
 from imdsd.imds.handlers import dispatch
-from imdsd.imds.keys import CLOCK, INVENTORY, SESSIONS, TOKENS, TREES
+from imdsd.imds.keys import CLOCK, INVENTORY, METRICS, SESSIONS, TOKENS, TREES
 from imdsd.imds.middlewares import LOGGED_MIDDLEWARES, MIDDLEWARES
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
+from imdsd.metrics import Metrics
 from imdsd.sessions import SessionCache
 from imdsd.tokens import TokenIssuer
 
@@ -24,6 +25,7 @@ def make_app(
     sessions: SessionCache,
     tokens: TokenIssuer,
     clock: Clock,
+    metrics: Metrics,
     *,
     log_requests: bool = False,
 ) -> web.Application:
@@ -35,5 +37,6 @@ def make_app(
     app[TOKENS] = tokens
     app[CLOCK] = clock
     app[TREES] = TreeCache()
+    app[METRICS] = metrics
     app.router.add_route("*", "/{path:.*}", dispatch)
     return app

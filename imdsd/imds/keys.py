@@ -7,6 +7,7 @@ from aiohttp import web
 from imdsd.clock import Clock
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
+from imdsd.metrics import Metrics
 from imdsd.model import Instance
 from imdsd.sessions import SessionCache
 from imdsd.tokens import TokenIssuer
@@ -16,4 +17,5 @@ SESSIONS = web.AppKey("sessions", SessionCache)
 TOKENS = web.AppKey("tokens", TokenIssuer)
 CLOCK = web.AppKey("clock", Clock)
 TREES = web.AppKey("trees", TreeCache)
+METRICS = web.AppKey("metrics", Metrics)
 INSTANCE = web.RequestKey("instance", Instance)

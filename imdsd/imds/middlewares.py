@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler
 
 from imdsd.imds import render
 from imdsd.imds.identity import identify, peer_address
-from imdsd.imds.keys import INSTANCE, INVENTORY, TOKENS
+from imdsd.imds.keys import INSTANCE, INVENTORY, METRICS, TOKENS
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 -- a header name
@@ -46,18 +46,20 @@ def error_page(status: int) -> web.Response:
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Threat: a malformed request that crashes a handler and leaks a traceback, or takes the
-    daemon down for every VM. Every failure becomes an EC2 status page."""
+    daemon down for every VM. Every failure becomes an EC2 status page. Counts every answer."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except Ec2Error as exc:
         request[REASON] = str(exc)
-        return error_page(exc.status)
+        response = error_page(exc.status)
     except web.HTTPException as exc:
         request[REASON] = exc.reason
-        return error_page(exc.status if exc.status in render.ERROR_PAGES else 400)
+        response = error_page(exc.status if exc.status in render.ERROR_PAGES else 400)
     except Exception as exc:
         log.error("request failed", error=exc.__class__.__name__, path=request.path)
-        return error_page(500)
+        response = error_page(500)
+    request.app[METRICS].request(request.path, response.status)
+    return response
 
 
 @web.middleware

@@ -6,8 +6,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from imdsd.imds.keys import METRICS
 from imdsd.imds.middlewares import errors
 from imdsd.imds.render import ERROR_PAGES
+from imdsd.metrics import Metrics
 
 
 async def test_unexpected_exception_becomes_500_page(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
@@ -20,6 +22,7 @@ async def test_unexpected_exception_becomes_500_page(aiohttp_client) -> None:  #
         return web.Response(text="fine")
 
     app = web.Application(middlewares=[errors])
+    app[METRICS] = metrics = Metrics()
     app.router.add_get("/{tail:.*}", broken)
     client: TestClient = await aiohttp_client(app)
     with capture_logs() as logs:
@@ -34,3 +37,9 @@ async def test_unexpected_exception_becomes_500_page(aiohttp_client) -> None:  #
         "log_level": "error",
     } in logs
     assert (await (await client.get("/ok")).text()) == "fine"
+    assert (
+        metrics.registry.get_sample_value(
+            "imdsd_requests_total", {"path": "metadata", "status": "500"}
+        )
+        == 1
+    )

@@ -1,0 +1,131 @@
+"""Every Prometheus metric imdsd exports, declared in one place, on the daemon's own registry,
+and the small app that serves them with /healthz and /readyz on their own listener.
+
+No label carries a secret or an unbounded value: path classes, status codes, results and
+error classes are small fixed sets; instance ids and role ARNs are never labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import get_args
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from imdsd.clock import Clock
+from imdsd.inventory import Inventory
+from imdsd.sessions import SessionCache, SessionState
+
+PATH_CLASSES = ("token", "credentials", "identity", "metadata")
+STATUSES = (200, 400, 401, 403, 404, 405, 500)
+SESSION_STATES = get_args(SessionState)
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The registry and the instruments the daemon's parts update."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "imdsd_requests",
+            "Guest requests by path class and status.",
+            ["path", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "imdsd_tokens",
+            "IMDSv2 tokens issued, refused (PUT), rejected (GET 401).",
+            ["result"],
+            registry=r,
+        )
+        self.issues = Counter(
+            "imdsd_rotations",
+            "Session issue attempts by result and error class.",
+            ["result", "error"],
+            registry=r,
+        )
+        self.upstream = Histogram(
+            "imdsd_upstream_seconds", "Issuer call latency.", registry=r, buckets=LATENCY_BUCKETS
+        )
+        # Children made once: the request path does a dict lookup, never a label resolution.
+        self._children = {
+            (p, s): self.requests.labels(p, str(s)) for p in PATH_CLASSES for s in STATUSES
+        }
+        self._tokens = {r: self.tokens.labels(r) for r in ("issued", "refused", "rejected")}
+
+    def request(self, path: str, status: int) -> None:
+        """Count one guest request (called once per request, on the hot path)."""
+        cls = "token" if path == "/latest/api/token" else (
+            "credentials" if "/iam/security-credentials" in path else
+            "identity" if "/dynamic/" in path else "metadata")  # fmt: skip
+        child = self._children.get((cls, status)) or self.requests.labels(cls, "other")
+        child.inc()
+        if cls == "token":
+            self._tokens["issued" if status == 200 else "refused"].inc()
+        elif status == 401:
+            self._tokens["rejected"].inc()
+
+    def watch(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
+        """Session gauges, computed at scrape time from the live state."""
+        self.registry.register(_SessionCollector(inventory, sessions, clock))
+
+
+class _SessionCollector(Collector):
+    def __init__(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
+        self._inventory, self._sessions, self._clock = inventory, sessions, clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = self._clock.now()
+        keys = [a.instance_id for a in self._inventory.associations()]
+        states = Tally(self._sessions.state(key, now) for key in keys)
+        gauge = GaugeMetricFamily(
+            "imdsd_sessions", "Associations by session state.", labels=["state"]
+        )
+        for state in SESSION_STATES:
+            gauge.add_metric([state], states[state])
+        yield gauge
+        expiring = [
+            served.session.expiration
+            for key in keys
+            if (served := self._sessions.get(key)) is not None and now < served.session.expiration
+        ]
+        seconds = (min(expiring) - now).total_seconds() if expiring else 0.0
+        help_text = "Seconds until the earliest valid session expires (0: none)."
+        yield GaugeMetricFamily("imdsd_session_earliest_expiry_seconds", help_text, value=seconds)
+
+
+def make_metrics_app(metrics: Metrics, ready: asyncio.Event) -> web.Application:
+    """/metrics (Prometheus text), /healthz (alive), /readyz (sessions primed, listeners up)."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        return (
+            web.Response(text="ready\n")
+            if ready.is_set()
+            else web.Response(status=503, text="starting\n")
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,110 @@
+"""/metrics, /healthz and /readyz on their own listener; parsed with prometheus-client's parser."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import replace
+from datetime import timedelta
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from imdsd.backends.base import Backend
+from imdsd.daemon import Daemon, running
+from imdsd.errors import BackendError
+from imdsd.validation import Listener
+from tests.fakes import FakeClock, FlakyBackend
+from tests.helpers import VM_A, VM_B, http, make_config, token_for
+
+
+async def scrape(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert daemon.metrics_url is not None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(daemon.metrics_url + "/metrics") as reply,
+    ):
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
+        text = await reply.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+
+
+async def test_metrics_count_what_happened(
+    daemon: Daemon, url: str, clock: FakeClock, flaky: list[FlakyBackend]
+) -> None:
+    """Requests by path class and status, tokens, sessions by state, the earliest expiry,
+    rotations and failures by error class, upstream latency; no label carries a secret."""
+    token = await token_for(url, "127.0.0.3")
+    await http(url, "/latest/api/token", method="PUT", source="127.0.0.3")  # no TTL: refused
+    await http(url, "/latest/meta-data/iam/security-credentials/role-b", source="127.0.0.3",
+               headers={"X-aws-ec2-metadata-token": token})  # fmt: skip
+    await http(url, "/latest/meta-data/instance-id", source="127.0.0.3")  # required: 401
+    await http(url, "/nope", source="127.0.0.2")
+    flaky[0].failing = BackendError("Throttling", "slow down")
+    clock.advance(timedelta(hours=4))
+    await daemon.rotator.run_due()
+    m = await scrape(daemon)
+    assert m[("imdsd_requests_total", (("path", "token"), ("status", "200")))] == 1
+    assert m[("imdsd_requests_total", (("path", "token"), ("status", "400")))] == 1
+    assert m[("imdsd_requests_total", (("path", "credentials"), ("status", "200")))] == 1
+    assert m[("imdsd_requests_total", (("path", "metadata"), ("status", "401")))] == 1
+    assert m[("imdsd_requests_total", (("path", "metadata"), ("status", "404")))] == 1
+    assert m[("imdsd_tokens_total", (("result", "issued"),))] == 1
+    assert m[("imdsd_tokens_total", (("result", "refused"),))] == 1
+    assert m[("imdsd_tokens_total", (("result", "rejected"),))] == 1
+    assert m[("imdsd_sessions", (("state", "failing"),))] == 2
+    assert m[("imdsd_session_earliest_expiry_seconds", ())] == 2 * 3600
+    assert m[("imdsd_rotations_total", (("error", ""), ("result", "success")))] == 2
+    assert m[("imdsd_rotations_total", (("error", "retryable"), ("result", "failure")))] == 2
+    assert m[("imdsd_upstream_seconds_count", ())] == 4
+    labels = " ".join(v for _, pairs in m for _, v in pairs)
+    for key in (VM_A, VM_B):
+        entry = daemon.sessions.get(key)
+        assert entry is not None
+        for secret in (
+            entry.session.access_key_id,
+            entry.session.secret_access_key,
+            entry.session.token,
+            key,
+        ):
+            assert secret not in labels
+
+
+async def test_health_and_readiness(clock: FakeClock) -> None:
+    """/healthz answers while starting; /readyz is 503 until sessions are primed and the
+    listeners are up, then 200."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = replace(
+        make_config(),
+        host=replace(make_config().host, metrics=Listener(host="127.0.0.1", port=port)),
+    )
+    gate = asyncio.Event()
+
+    def hold(backend: Backend) -> Backend:
+        return FlakyBackend(backend, gate=gate)
+
+    async def start() -> None:
+        async with running(config, clock, wrap_backend=hold) as d:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{d.metrics_url}/readyz") as reply,
+            ):
+                assert reply.status == 200
+
+    starting = asyncio.create_task(start())
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(base + "/healthz") as reply:
+                    assert reply.status == 200
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.01)
+        async with session.get(base + "/readyz") as reply:
+            assert reply.status == 503
+    gate.set()
+    await starting
