@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -214,3 +215,36 @@ async def test_changes_survive_a_restart(clock: FakeClock) -> None:
         reply = await http(second.urls[0], CREDS, source="127.0.0.20")
         assert reply.text == "role-a"
         assert second.inventory.association(VM_B) is None
+
+
+DOMAIN_XML = """<domain type="kvm"><name>web-1</name>
+  <metadata>
+    <imdsd:instance xmlns:imdsd="https://github.com/imdsd/imdsd/1" id="i-0feedfeedfeedfeed"
+                    profile="profile-a" http-tokens="optional">
+      <imdsd:address>127.0.0.30</imdsd:address>
+    </imdsd:instance>
+  </metadata></domain>"""
+
+
+async def test_libvirt_hook_registers_and_forgets(daemon: Daemon) -> None:
+    """config/libvirt-hook-qemu, called as libvirt calls it: on `started` the VM is registered
+    with its profile and served; on `release` it is forgotten."""
+    hook = Path(__file__).parents[2] / "config" / "libvirt-hook-qemu"
+    env = {**os.environ, "IMDSD": str(Path(sys.executable).with_name("imdsd")),
+           "IMDSD_ADMIN_SOCKET": str(daemon.admin_socket)}  # fmt: skip
+
+    async def call(operation: str) -> int:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(hook), "web-1", operation, "begin", "-", env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(DOMAIN_XML.encode()), 60)
+        assert process.returncode == 0, err.decode()
+        return process.returncode
+
+    await call("started")
+    reply = await http(daemon.urls[0], CREDS, source="127.0.0.30")
+    assert (reply.status, reply.text) == (200, "role-a")
+    await call("release")
+    assert (await http(daemon.urls[0], CREDS, source="127.0.0.30")).status == 404
+    assert daemon.inventory.instance("i-0feedfeedfeedfeed") is None

@@ -1,0 +1,61 @@
+"""The shipped unit: valid for systemd, hardened to 2.0 or lower, and saying what the daemon does."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).parents[1] / "systemd" / "imdsd.service"
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+def directives() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_unit_says_what_the_daemon_does() -> None:
+    """Type=notify with a watchdog, check-config before start, reload by SIGHUP, no restart on
+    a bad config (exit 3), the three directories, and CAP_NET_BIND_SERVICE alone."""
+    d = directives()
+    assert d["Type"] == ["notify"] and d["WatchdogSec"]
+    assert d["ExecStartPre"] == ["/usr/bin/imdsd check-config --config /etc/imdsd/imdsd.toml"]
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert (d["Restart"], d["RestartPreventExitStatus"]) == (["on-failure"], ["3"])
+    assert d["StateDirectory"] == d["RuntimeDirectory"] == d["ConfigurationDirectory"] == ["imdsd"]
+    assert d["CapabilityBoundingSet"] == d["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+
+
+@needs_analyze
+def test_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit (ExecStart pointed at an imdsd that exists here)."""
+    unit = tmp_path / "imdsd.service"
+    imdsd = Path(sys.executable).with_name("imdsd")
+    unit.write_text(UNIT.read_text().replace("/usr/bin/imdsd", str(imdsd)))
+    done = subprocess.run(
+        [str(ANALYZE), "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "imdsd.service" not in done.stderr, done.stderr
+
+
+@needs_analyze
+def test_unit_exposure_is_at_most_2() -> None:
+    """`systemd-analyze security` rates the unit 2.0 or lower (the README prints the figure)."""
+    done = subprocess.run([str(ANALYZE), "security", "--offline=true", str(UNIT)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    match = re.search(r"Overall exposure level for imdsd\.service: (\d+\.\d)", done.stdout)
+    assert match is not None, done.stdout + done.stderr
+    assert float(match.group(1)) <= 2.0
+    readme = (UNIT.parents[1] / "README.md").read_text()
+    assert f"rates the unit **{match.group(1)}**" in readme
