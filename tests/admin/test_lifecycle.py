@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from imdsd.admin.client import DaemonUnavailable, request
-from tests.helpers import http
+from imdsd.backends.base import Backend
+from imdsd.daemon import running
+from tests.fakes import FakeClock, FlakyBackend
+from tests.helpers import VM_D, http, make_config
 
 INSTANCE = '[[instances]]\nid = "{iid}"\naddresses = ["{address}"]\nmetadata_options = {{ http_tokens = "optional" }}\n'
 BASE = """
@@ -195,3 +198,26 @@ async def test_sigkill_mid_burst_loses_nothing_acknowledged(tmp_path: Path) -> N
         assert set(acknowledged) <= associated
     finally:
         assert again.stop() == 0
+
+
+async def test_shutdown_lets_requests_in_flight_finish(clock: object) -> None:
+    """On stop, a call already in flight (an associate waiting on the issuer) completes and is
+    answered; only then does the daemon close."""
+    from tests.fakes import FlakyBackend
+
+    gate = asyncio.Event()
+    held: list[FlakyBackend] = []
+
+    def hold(backend: Backend) -> Backend:
+        held.append(FlakyBackend(backend))
+        return held[0]
+
+    async with running(make_config(), FakeClock(), wrap_backend=hold) as daemon:
+        held[0].gate = gate
+        call = asyncio.create_task(request(daemon.admin_socket, "POST", "/v1/associations",
+                                           {"instance": VM_D, "profile": "profile-a"}))  # fmt: skip
+        while held[0].in_flight == 0:
+            await asyncio.sleep(0.01)
+        asyncio.get_running_loop().call_later(0.2, gate.set)  # the issuer answers during shutdown
+    answer = await call
+    assert answer["state"] == "fresh" and answer["instance"] == VM_D
