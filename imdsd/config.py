@@ -7,26 +7,19 @@ never echoed back in a message.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from imdsd import fleet
 from imdsd.errors import ConfigError, Problem
+from imdsd.fleet import REGION
 from imdsd.model import (
-    IAM_NAME,
-    IAM_PATH,
-    INSTANCE_ID,
-    PROFILE_ID,
-    HttpEndpoint,
-    HttpTokens,
     Instance,
     InstanceProfile,
-    MetadataOptions,
     RotationPolicy,
 )
 from imdsd.validation import (
@@ -34,7 +27,6 @@ from imdsd.validation import (
     Listener,
     Reader,
     Section,
-    address_list,
     aes_key,
     choice,
     choices_list,
@@ -44,7 +36,6 @@ from imdsd.validation import (
     fraction,
     http_url,
     int_in,
-    listed,
     listener_list,
     matching,
     nonempty,
@@ -52,9 +43,7 @@ from imdsd.validation import (
     optional_listener,
     parse_duration,
     positive_duration,
-    role_arn,
     show,
-    zone_of,
 )
 
 BackendKind = Literal["local", "sts"]
@@ -66,13 +55,7 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 PRODUCTION_LISTENER = "169.254.169.254:80"
 DEFAULT_METRICS = "127.0.0.1:9169"
-REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
-EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
 STS_NAME = re.compile(r"[\w+=,.@{}-]{2,64}", re.ASCII)  # RoleSessionName/SourceIdentity, + {host}
-_MAC = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")
-_ACCOUNT = re.compile(r"\d{12}")
-_AMI = re.compile(r"ami-[0-9a-f]{8,17}")
-_INSTANCE_TYPE = re.compile(r"[a-z0-9-]+\.[a-z0-9]+")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,10 +177,10 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
     rotation = _rotation(doc.table("rotation", _ROTATION_KEYS))
     backend = _backend(doc.table("backend", ("kind", "local", "sts")))
     _check_lifetime(reader, rotation, backend)
-    profiles = _profiles(
+    profiles = fleet.profiles(
         doc.tables("instance_profiles", ("name", "path", "id", "role_arn", "external_id"))
     )
-    instances = _instances(doc.tables("instances", _INSTANCE_KEYS))
+    instances = fleet.instances(doc.tables("instances", fleet.INSTANCE_KEYS))
     return Config(
         imds=_imds(doc.table("imds", ("listeners",))),
         rotation=rotation,
@@ -206,7 +189,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         host=_host(doc),
         instances=instances,
         profiles=profiles,
-        associations=_associations(
+        associations=fleet.associations(
             doc.tables("associations", ("instance", "profile")), instances, profiles
         ),
     )
@@ -356,130 +339,6 @@ def _log(t: Section) -> LogConfig:
     )
 
 
-def _profiles(entries: list[Section]) -> tuple[InstanceProfile, ...]:
-    out: dict[str, InstanceProfile] = {}
-    for t in entries:
-        name = t.require("name", matching(IAM_NAME), "an IAM name: 1-128 of A-Z a-z 0-9 +=,.@_-")
-        role = t.require("role_arn", role_arn, "a role ARN: arn:aws:iam::123456789012:role/NAME")
-        iam_path = t.take("path", matching(IAM_PATH), "/", 'an IAM path: "/" or "/a/b/"')
-        given_id = t.take("id", matching(PROFILE_ID), None, '"AIPA" followed by 17 of A-Z 0-9')
-        external_id = t.take(
-            "external_id", matching(EXTERNAL_ID), None, "2-1224 of A-Z a-z 0-9 +=,.@:/-"
-        )
-        if name is None or role is None:
-            continue
-        if name in out:
-            t.problem("name", show(name), "a name no other instance profile has")
-            continue
-        profile_id = given_id or _derived_profile_id(role.account_id, name)
-        out[name] = InstanceProfile(
-            name=name, path=iam_path, role=role, id=profile_id, external_id=external_id
-        )
-    return tuple(out.values())
-
-
-def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> Instance:
-    """One instance from a table shaped like an [[instances]] entry (the admin API's `add`).
-    With `current`, the table holds only metadata options to change on that instance."""
-    reader = Reader()
-    if current is not None:
-        options = {**asdict(current.options), **data}
-        section = Section(reader, options, "metadata_options")
-        section.reject_unknown(_OPTION_KEYS)
-        result: Instance | None = replace(current, options=_options(section))
-    else:
-        section = Section(reader, data, "instance")
-        section.reject_unknown(_INSTANCE_KEYS)
-        result = _instance(section)
-    if reader.problems or result is None:
-        raise ConfigError(reader.problems)
-    return result
-
-
-def _instances(entries: list[Section]) -> tuple[Instance, ...]:
-    out: dict[str, Instance] = {}
-    owner: dict[str, str] = {}
-    for t in entries:
-        instance = _instance(t)
-        if instance is None:
-            continue
-        if instance.id in out:
-            t.problem("id", show(instance.id), "an id no other instance has")
-            continue
-        for address in instance.addresses:
-            if address in owner:
-                t.problem(
-                    "addresses",
-                    show(address),
-                    f"addresses no other instance claims ({owner[address]} has this one)",
-                )
-            owner.setdefault(address, instance.id)
-        out[instance.id] = instance
-    return tuple(out.values())
-
-
-def _instance(t: Section) -> Instance | None:
-    iid = t.require("id", matching(INSTANCE_ID), '"i-" followed by 8 or 17 lowercase hex digits')
-    addresses = t.require(
-        "addresses", address_list, "a non-empty list of IPv4 or IPv6 addresses, each at most once"
-    )
-    region = t.take("region", matching(REGION), "us-east-1", 'a region name like "eu-west-1"')
-    fields = {
-        "availability_zone": t.take(
-            "availability_zone",
-            zone_of(region),
-            f"{region}a",
-            f'a zone of the region, like "{region}a"',
-        ),
-        "instance_type": t.take(
-            "instance_type",
-            matching(_INSTANCE_TYPE),
-            "t3.micro",
-            'an instance type like "m5.large"',
-        ),
-        "ami_id": t.take("ami_id", matching(_AMI), None, '"ami-" followed by 8 or 17 hex digits'),
-        "hostname": t.take("hostname", nonempty, None, "a non-empty string"),
-        "mac": t.take("mac", matching(_MAC), None, 'a lowercase MAC like "02:00:00:00:00:01"'),
-        "account_id": t.take("account_id", matching(_ACCOUNT), None, "12 digits"),
-    }
-    options = _options(t.table("metadata_options", _OPTION_KEYS))
-    if iid is None or addresses is None:
-        return None
-    return _filled_instance(iid, addresses, region, options, fields)
-
-
-def _options(t: Section) -> MetadataOptions:
-    tokens, endpoint = get_args(HttpTokens), get_args(HttpEndpoint)
-    d = MetadataOptions()
-    return MetadataOptions(
-        http_tokens=t.take("http_tokens", choice(tokens), d.http_tokens, one_of(tokens)),
-        hop_limit=t.take("hop_limit", int_in(1, 64), d.hop_limit, "an integer from 1 to 64"),
-        http_endpoint=t.take("http_endpoint", choice(endpoint), d.http_endpoint, one_of(endpoint)),
-    )
-
-
-def _associations(
-    entries: list[Section], instances: tuple[Instance, ...], profiles: tuple[InstanceProfile, ...]
-) -> tuple[tuple[str, str], ...]:
-    known_instances = {i.id for i in instances}
-    known_profiles = {p.name for p in profiles}
-    out: dict[str, str] = {}
-    for t in entries:
-        iid = t.require("instance", str, "the id of an instance in [[instances]]")
-        name = t.require("profile", str, "the name of a profile in [[instance_profiles]]")
-        if iid is not None and iid not in known_instances:
-            t.problem("instance", show(iid), listed(known_instances, "instance ids"))
-        elif iid in out:
-            t.problem(
-                "instance", show(iid), f"an instance without an association (it has {out[iid]!r})"
-            )
-        if name is not None and name not in known_profiles:
-            t.problem("profile", show(name), listed(known_profiles, "instance profile names"))
-        elif iid in known_instances and iid not in out and name is not None:
-            out[iid] = name
-    return tuple(out.items())
-
-
 _ROTATION_KEYS = (
     "refresh_fraction",
     "refresh_before",
@@ -491,50 +350,3 @@ _ROTATION_KEYS = (
 )
 _SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "instances",
              "instance_profiles", "associations")  # fmt: skip
-_OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint")
-_INSTANCE_KEYS = (
-    "id",
-    "addresses",
-    "region",
-    "availability_zone",
-    "instance_type",
-    "ami_id",
-    "hostname",
-    "mac",
-    "account_id",
-    "metadata_options",
-)
-
-
-def _derived_profile_id(account: str, name: str) -> str:
-    """A stable AIPA id for a profile configured without one (IAM ids are opaque)."""
-    digest = base64.b32encode(hashlib.sha256(f"{account}/{name}".encode()).digest()).decode()
-    return "AIPA" + digest[:17]
-
-
-def _filled_instance(
-    iid: str,
-    addresses: tuple[str, ...],
-    region: str,
-    options: MetadataOptions,
-    fields: dict[str, Any],
-) -> Instance:
-    """Fill EC2-like defaults for the optional fields from the instance's id and address."""
-    digest = hashlib.sha256(iid.encode()).hexdigest()
-    ipv4 = next((a for a in addresses if "." in a), addresses[0])
-    domain = "ec2.internal" if region == "us-east-1" else f"{region}.compute.internal"
-    hostname = fields["hostname"] or f"ip-{ipv4.replace('.', '-').replace(':', '-')}.{domain}"
-    mac = fields["mac"] or "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
-    return Instance(
-        id=iid,
-        addresses=addresses,
-        region=region,
-        availability_zone=fields["availability_zone"],
-        instance_type=fields["instance_type"],
-        ami_id=fields["ami_id"] or "ami-" + digest[:17],
-        hostname=hostname,
-        local_ipv4=ipv4,
-        mac=mac,
-        account_id=fields["account_id"],
-        options=options,
-    )

@@ -19,8 +19,8 @@ from aiohttp.typedefs import Handler
 from imdsd.admin.keys import CLOCK, DUE, INFO, INVENTORY, ROTATE, SESSIONS, SYNC, Due, Rotate, Sync
 from imdsd.admin.views import instance_view, profile_view, session_view
 from imdsd.clock import Clock
-from imdsd.config import instance_from
 from imdsd.errors import ConfigError, ConflictError, ImdsdError, NotFoundError
+from imdsd.fleet import instance_from
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache
 
