@@ -77,7 +77,7 @@ def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> I
     if current is not None:
         options = {**asdict(current.options), **data}
         section = Section(reader, options, "metadata_options")
-        section.reject_unknown(_OPTION_KEYS)
+        section.reject_unknown(OPTION_KEYS)
         result: Instance | None = replace(current, options=_options(section))
     else:
         section = Section(reader, data, "instance")
@@ -134,7 +134,7 @@ def _instance(t: Section) -> Instance | None:
         "mac": t.take("mac", matching(_MAC), None, 'a lowercase MAC like "02:00:00:00:00:01"'),
         "account_id": t.take("account_id", matching(_ACCOUNT), None, "12 digits"),
     }
-    options = _options(t.table("metadata_options", _OPTION_KEYS))
+    options = _options(t.table("metadata_options", OPTION_KEYS))
     if iid is None or addresses is None:
         return None
     return _filled_instance(iid, addresses, region, options, fields)
@@ -172,10 +172,8 @@ def associations(
     return tuple(out.items())
 
 
-_OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint")
-INSTANCE_KEYS = (
-    "id",
-    "addresses",
+OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint")
+PLACEMENT_KEYS = (
     "region",
     "availability_zone",
     "instance_type",
@@ -183,8 +181,8 @@ INSTANCE_KEYS = (
     "hostname",
     "mac",
     "account_id",
-    "metadata_options",
 )
+INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options")
 
 
 def _derived_profile_id(account: str, name: str) -> str:

@@ -17,18 +17,10 @@ from typing import Any
 from imdsd.admin.client import DaemonUnavailable, Refused, call
 from imdsd.config import load
 from imdsd.errors import ConfigError
+from imdsd.fleet import OPTION_KEYS, PLACEMENT_KEYS
 
 EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 4
 DEFAULT_SOCKET = Path("/run/imdsd/admin.sock")
-PLACEMENT = (
-    "region",
-    "availability_zone",
-    "instance_type",
-    "ami_id",
-    "hostname",
-    "mac",
-    "account_id",
-)
 VERBS = ("instances", "associate", "replace-association", "disassociate",
          "modify-instance-metadata-options", "profiles", "sessions", "rotate",
          "status")  # fmt: skip
@@ -148,15 +140,7 @@ def _instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
     if getattr(args, "verb", None) != "add":
         return None
     body: dict[str, Any] = {"id": args.id, "addresses": args.address}
-    for key in (
-        "region",
-        "availability_zone",
-        "instance_type",
-        "ami_id",
-        "hostname",
-        "mac",
-        "account_id",
-    ):
+    for key in PLACEMENT_KEYS:
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     options = _options(args)
@@ -166,8 +150,7 @@ def _instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("http_tokens", "hop_limit", "http_endpoint")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k, None) is not None}
 
 
 def _socket(args: argparse.Namespace) -> Path:
