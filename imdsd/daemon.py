@@ -12,7 +12,7 @@ import errno
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -83,23 +83,15 @@ async def running(
         metrics.watch(inventory, sessions, clock)
         metrics_url = None
         if config.host.metrics is not None:  # up before priming, so /readyz can say "starting"
-            metrics_url = await stack.enter_async_context(
-                _tcp_site(make_metrics_app(metrics, ready), config.host.metrics)
-            )
+            metrics_urls = _serving(make_metrics_app(metrics, ready), (config.host.metrics,))
+            metrics_url = (await stack.enter_async_context(metrics_urls))[0]
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
         await rotator.prime()  # warm before listening: the first guest request is served
         rotator.start()
         debug = config.log.level == "debug"
         app = make_app(inventory, sessions, TokenIssuer(clock), clock, metrics, log_requests=debug)
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
-        )
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        for listener in config.imds.listeners:
-            await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
-        urls = tuple(_url(address) for address in runner.addresses)
+        urls = await stack.enter_async_context(_serving(app, config.imds.listeners))
 
         info = {
             "version": __version__,
@@ -119,13 +111,18 @@ async def running(
 
 
 @asynccontextmanager
-async def _tcp_site(app: web.Application, listener: Listener) -> AsyncIterator[str]:
-    """Serve `app` on one TCP listener; yields its URL (the real port when 0 was asked)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+async def _serving(
+    app: web.Application, listeners: Iterable[Listener]
+) -> AsyncIterator[tuple[str, ...]]:
+    """Serve `app` on TCP listeners; yields their URLs (real ports where 0 was asked). On exit
+    it stops accepting and gives requests in flight SHUTDOWN_GRACE_SECONDS to finish."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
     await runner.setup()
     try:
-        await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
-        yield _url(runner.addresses[0])
+        for listener in listeners:
+            await web.TCPSite(runner, listener.host, listener.port, reuse_address=True).start()
+        yield tuple(_url(address) for address in runner.addresses)
     finally:
         await runner.cleanup()
 
@@ -225,18 +222,18 @@ async def _reload(daemon: Daemon, current: Config, path: Path | None) -> Config:
         return current
     changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
     await daemon.sync(changed)
-    kept = [
+    restart_only = [
         k for k in ("imds", "rotation", "backend", "host") if getattr(new, k) != getattr(current, k)
     ]
-    if kept:
-        log.warning("reload: these sections change only at restart", sections=kept)
+    if restart_only:
+        log.warning("reload: these sections change only at restart", sections=restart_only)
     log.info(
         "reloaded",
         changed_associations=sorted(changed),
         instances=len(daemon.inventory.instances()),
     )
     systemd.notify("READY=1")
-    return replace(new, **{k: getattr(current, k) for k in kept})
+    return replace(new, **{k: getattr(current, k) for k in restart_only})
 
 
 def _scoped(backend: Backend, config: Config, clock: Clock) -> Backend:
