@@ -23,6 +23,12 @@ TIME_CAP_SECONDS = 60.0
 CONFIG = """
 [imds]
 listeners = ["127.0.0.1:0"]
+[state]
+directory = "{d}/state"
+[admin]
+socket = "{d}/admin.sock"
+[metrics]
+listen = ""
 [log]
 level = "warning"
 [[instance_profiles]]
@@ -31,7 +37,7 @@ role_arn = "arn:aws:iam::123456789012:role/bench"
 [[instances]]
 id = "i-0123456789abcdef0"
 addresses = ["127.0.0.1"]
-metadata_options = { http_tokens = "required" }
+metadata_options = {{ http_tokens = "required" }}
 [[associations]]
 instance = "i-0123456789abcdef0"
 profile = "bench"
@@ -92,7 +98,7 @@ async def load(port: int, request: bytes) -> tuple[float, list[float]]:
 
 
 def start_daemon(directory: Path) -> tuple[subprocess.Popen[str], int]:
-    (directory / "bench.toml").write_text(CONFIG)
+    (directory / "bench.toml").write_text(CONFIG.format(d=directory))
     process = subprocess.Popen(
         [sys.executable, "-m", "imdsd", "run", "--config", str(directory / "bench.toml"),
          "--log-format", "json", "--log-level", "info"],

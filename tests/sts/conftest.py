@@ -30,6 +30,8 @@ listeners = ["127.0.0.1:0"]
 directory = "{SCRATCH}/sts-state-{next(_SEQUENCE)}"
 [admin]
 socket = "{SCRATCH}/sts-admin.sock"
+[metrics]
+listen = "127.0.0.1:0"
 [log]
 level = "debug"
 [backend]
