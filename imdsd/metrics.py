@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter as Tally
 from collections.abc import Iterator
-from typing import get_args
+from typing import Literal, get_args
 
 from aiohttp import web
 from prometheus_client import (
@@ -27,7 +27,8 @@ from imdsd.clock import Clock
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache, SessionState
 
-PATH_CLASSES = ("token", "credentials", "identity", "metadata")
+PathClass = Literal["token", "credentials", "identity", "metadata"]
+PATH_CLASSES = get_args(PathClass)
 STATUSES = (200, 400, 401, 403, 404, 405, 500)
 SESSION_STATES = get_args(SessionState)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -66,11 +67,8 @@ class Metrics:
         }
         self._tokens = {r: self.tokens.labels(r) for r in ("issued", "refused", "rejected")}
 
-    def request(self, path: str, status: int) -> None:
+    def request(self, cls: PathClass, status: int) -> None:
         """Count one guest request (called once per request, on the hot path)."""
-        cls = "token" if path == "/latest/api/token" else (
-            "credentials" if "/iam/security-credentials" in path else
-            "identity" if "/dynamic/" in path else "metadata")  # fmt: skip
         child = self._children.get((cls, status)) or self.requests.labels(cls, "other")
         child.inc()
         if cls == "token":

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler
 from imdsd.imds import render
 from imdsd.imds.identity import identify, peer_address
 from imdsd.imds.keys import INSTANCE, INVENTORY, METRICS, TOKENS
+from imdsd.metrics import PathClass
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 -- a header name
@@ -43,6 +44,15 @@ def error_page(status: int) -> web.Response:
     )
 
 
+def path_class(path: str) -> PathClass:
+    """Which kind of path a request asked for, as the metrics label it."""
+    if path == TOKEN_PATH:
+        return "token"
+    if "/iam/security-credentials" in path:
+        return "credentials"
+    return "identity" if "/dynamic/" in path else "metadata"
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Threat: a malformed request that crashes a handler and leaks a traceback, or takes the
@@ -58,7 +68,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception as exc:
         log.error("request failed", error=exc.__class__.__name__, path=request.path)
         response = error_page(500)
-    request.app[METRICS].request(request.path, response.status)
+    request.app[METRICS].request(path_class(request.path), response.status)
     return response
 
 
