@@ -98,7 +98,7 @@ class _SessionCollector(Collector):
         expiring = [
             served.session.expiration
             for key in keys
-            if (served := self._sessions.get(key)) is not None and now < served.session.expiration
+            if (served := self._sessions.current(key, now)) is not None
         ]
         seconds = (min(expiring) - now).total_seconds() if expiring else 0.0
         help_text = "Seconds until the earliest valid session expires (0: none)."

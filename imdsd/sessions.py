@@ -76,8 +76,8 @@ class SessionCache:
         The current session's pre-rendered bytes while it is unexpired and belongs to the
         association's role; otherwise EC2's failure shape. Never expired keys (invariant 3).
         """
-        served = self._served.get(key)
-        if served is not None and served.role_arn == role_arn and now < served.session.expiration:
+        served = self.current(key, now)
+        if served is not None and served.role_arn == role_arn:
             return served.extended if extended else served.document
         failure = self._failures.get(key)
         if failure is not None:
@@ -87,12 +87,17 @@ class SessionCache:
     def state(self, key: str, now: datetime) -> SessionState:
         """fresh (valid, last refresh fine), failing (valid, last refresh failed), failed (no
         valid session, a failure recorded), expired (no valid session, no failure), pending."""
-        served, failure = self._served.get(key), self._failures.get(key)
-        if served is not None and now < served.session.expiration:
+        failure = self._failures.get(key)
+        if self.current(key, now) is not None:
             return "failing" if failure else "fresh"
         if failure is not None:
             return "failed"
-        return "expired" if served is not None else "pending"
+        return "expired" if key in self._served else "pending"
+
+    def current(self, key: str, now: datetime) -> Served | None:
+        """The key's session if it is still valid at `now`; never an expired one."""
+        served = self._served.get(key)
+        return served if served is not None and now < served.session.expiration else None
 
     def get(self, key: str) -> Served | None:
         return self._served.get(key)

@@ -84,10 +84,7 @@ def _instance_or_404(request: web.Request) -> str:
 async def status(request: web.Request) -> web.Response:
     inventory, sessions = request.app[INVENTORY], request.app[SESSIONS]
     now = request.app[CLOCK].now()
-    views = [
-        session_view(inventory, sessions, a.instance_id, now, None)
-        for a in inventory.associations()
-    ]
+    states = Counter(sessions.state(a.instance_id, now) for a in inventory.associations())
     info: dict[str, Any] = request.app[INFO]
     return web.json_response({
         **info,
@@ -95,7 +92,7 @@ async def status(request: web.Request) -> web.Response:
         "associations": dict(
             Counter(inventory.association_origin(a.instance_id) for a in inventory.associations())
         ),
-        "sessions": dict(Counter(v["state"] for v in views)),
+        "sessions": dict(states),
         "profiles": len(inventory.profiles()),
     })  # fmt: skip
 
