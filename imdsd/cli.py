@@ -13,11 +13,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import get_args
 
 from imdsd import __version__, log
 from imdsd.admin import commands
 from imdsd.clock import SystemClock
-from imdsd.config import Config, load
+from imdsd.config import Config, LogFormat, LogLevel, load
 from imdsd.daemon import serve
 from imdsd.errors import ConfigError, ImdsdError
 
@@ -63,12 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     for command in (run, check):
         command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
-    run.add_argument(
-        "--log-format", choices=("auto", "json", "console"), help="overrides [log] format"
-    )
-    run.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), help="overrides [log] level"
-    )
+    run.add_argument("--log-format", choices=get_args(LogFormat), help="overrides [log] format")
+    run.add_argument("--log-level", choices=get_args(LogLevel), help="overrides [log] level")
     commands.add_commands(subcommands)
     return parser
 

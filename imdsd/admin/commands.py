@@ -12,12 +12,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from imdsd.admin.client import DaemonUnavailable, Refused, call
 from imdsd.config import load
 from imdsd.errors import ConfigError
 from imdsd.fleet import OPTION_KEYS, PLACEMENT_KEYS
+from imdsd.model import HttpEndpoint, HttpTokens
 
 EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 4
 DEFAULT_SOCKET = Path("/run/imdsd/admin.sock")
@@ -75,9 +76,9 @@ def add_commands(commands: Any) -> None:
 
 
 def _option_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--http-tokens", choices=("optional", "required"))
+    parser.add_argument("--http-tokens", choices=get_args(HttpTokens))
     parser.add_argument("--hop-limit", type=int)
-    parser.add_argument("--http-endpoint", choices=("enabled", "disabled"))
+    parser.add_argument("--http-endpoint", choices=get_args(HttpEndpoint))
 
 
 def run(args: argparse.Namespace) -> int:
