@@ -26,14 +26,7 @@ BASE = """
 [imds]
 listeners = ["127.0.0.1:0"]
 
-[state]
-directory = "{scratch}/state-{n}"
-
-[admin]
-socket = "{scratch}/admin-{n}.sock"
-
-[metrics]
-listen = "127.0.0.1:0"
+{host}
 
 [rotation]
 jitter = "0s"
@@ -82,6 +75,16 @@ profile = "profile-b"
 _SEQUENCE = itertools.count()
 
 
+def host_sections(directory: Path, metrics: str = "127.0.0.1:0") -> str:
+    """[state], [admin] and [metrics] inside `directory`, so that a test daemon never touches
+    the host's /var/lib/imdsd, /run/imdsd or port 9169 (the production defaults)."""
+    return (
+        f'[state]\ndirectory = "{directory}/state"\n'
+        f'[admin]\nsocket = "{directory}/admin.sock"\n'
+        f'[metrics]\nlisten = "{metrics}"\n'
+    )
+
+
 def config_text(extra: str = "") -> str:
     """Four VMs: A (optional tokens, profile-a), B (required, profile-b, also ::1),
     C (endpoint disabled), D (no association)."""
@@ -93,7 +96,7 @@ def config_text(extra: str = "") -> str:
         "vm_c": VM_C,
         "vm_d": VM_D,
     }
-    return BASE.format(**names, scratch=SCRATCH, n=next(_SEQUENCE)) + extra
+    return BASE.format(**names, host=host_sections(SCRATCH / f"d{next(_SEQUENCE)}")) + extra
 
 
 def make_config(extra: str = "") -> Config:

@@ -20,18 +20,13 @@ from imdsd.admin.client import DaemonUnavailable, request
 from imdsd.backends.base import Backend
 from imdsd.daemon import running
 from tests.fakes import FakeClock, FlakyBackend
-from tests.helpers import VM_D, http, make_config
+from tests.helpers import VM_D, host_sections, http, make_config
 
 INSTANCE = '[[instances]]\nid = "{iid}"\naddresses = ["{address}"]\nmetadata_options = {{ http_tokens = "optional" }}\n'
 BASE = """
 [imds]
 listeners = ["127.0.0.1:0"]
-[state]
-directory = "{d}/state"
-[admin]
-socket = "{d}/admin.sock"
-[metrics]
-listen = ""
+{host}
 [log]
 level = "info"
 [[instance_profiles]]
@@ -101,7 +96,7 @@ def receive_until(sock: socket.socket, field: str) -> list[str]:
 
 
 def config(directory: Path, instances: list[tuple[str, str, str | None]]) -> str:
-    text = BASE.format(d=directory)
+    text = BASE.format(host=host_sections(directory, metrics=""))
     for iid, address, profile in instances:
         text += INSTANCE.format(iid=iid, address=address)
         if profile:

@@ -17,18 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers import host_sections
+
 CONNECTIONS = 16
 REQUESTS = 20_000
 TIME_CAP_SECONDS = 60.0
 CONFIG = """
 [imds]
 listeners = ["127.0.0.1:0"]
-[state]
-directory = "{d}/state"
-[admin]
-socket = "{d}/admin.sock"
-[metrics]
-listen = ""
+{host}
 [log]
 level = "warning"
 [[instance_profiles]]
@@ -98,7 +95,7 @@ async def load(port: int, request: bytes) -> tuple[float, list[float]]:
 
 
 def start_daemon(directory: Path) -> tuple[subprocess.Popen[str], int]:
-    (directory / "bench.toml").write_text(CONFIG.format(d=directory))
+    (directory / "bench.toml").write_text(CONFIG.format(host=host_sections(directory, metrics="")))
     process = subprocess.Popen(
         [sys.executable, "-m", "imdsd", "run", "--config", str(directory / "bench.toml"),
          "--log-format", "json", "--log-level", "info"],

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import host_sections
+
 DEMO = """
 [imds]
 listeners = ["127.0.0.1:0"]
 
-[state]
-directory = "{directory}/state"
-
-[admin]
-socket = "{directory}/admin.sock"
-
-[metrics]
-listen = "127.0.0.1:0"
+{host}
 
 [log]
 level = "debug"
@@ -63,7 +58,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     def start(extra: str = "", tokens: str = "required") -> Running:
         config = tmp_path / f"imdsd-{len(started)}.toml"
         config.write_text(
-            DEMO.format(tokens=tokens, directory=tmp_path / f"d{len(started)}") + extra
+            DEMO.format(tokens=tokens, host=host_sections(tmp_path / f"d{len(started)}")) + extra
         )
         log = tmp_path / f"daemon-{len(started)}.log"
         with log.open("w") as out:  # the child keeps its own copy of the descriptor

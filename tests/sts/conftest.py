@@ -15,7 +15,7 @@ import pytest
 from imdsd.config import Config, parse
 from imdsd.daemon import Daemon, running
 from tests.fakes import FakeClock
-from tests.helpers import _SEQUENCE, SCRATCH
+from tests.helpers import _SEQUENCE, SCRATCH, host_sections
 from tests.sts.upstream import ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto, start_moto
 
 VM_A, VM_B, VM_D = "i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb", "i-0dddddddddddddddd"
@@ -26,13 +26,7 @@ def sts_config(endpoint: str, extra: str = "", backend: str = "") -> Config:
     return parse(f"""
 [imds]
 listeners = ["127.0.0.1:0"]
-[state]
-directory = "{SCRATCH}/sts-state-{next(_SEQUENCE)}"
-[admin]
-socket = "{SCRATCH}/sts-admin.sock"
-[metrics]
-listen = "127.0.0.1:0"
-[log]
+{host_sections(SCRATCH / f"sts-{next(_SEQUENCE)}")}[log]
 level = "debug"
 [backend]
 kind = "sts"

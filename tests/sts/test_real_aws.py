@@ -13,7 +13,7 @@ import pytest
 from imdsd.clock import SystemClock
 from imdsd.config import parse
 from imdsd.daemon import running
-from tests.helpers import SCRATCH, http
+from tests.helpers import SCRATCH, host_sections, http
 
 ROLE = os.environ.get("IMDSD_TEST_ROLE_ARN", "")
 REGION = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -26,13 +26,7 @@ async def test_real_sts_assume_role() -> None:
     config = parse(f"""
 [imds]
 listeners = ["127.0.0.1:0"]
-[state]
-directory = "{SCRATCH}/aws-state"
-[admin]
-socket = "{SCRATCH}/aws-admin.sock"
-[metrics]
-listen = "127.0.0.1:0"
-[backend]
+{host_sections(SCRATCH / "aws")}[backend]
 kind = "sts"
 [backend.sts]
 region = "{REGION}"
