@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from imdsd import fleet
+from imdsd.budgets import BUDGET_KEYS, BudgetPolicy, parse_budgets
 from imdsd.errors import ConfigError, Problem
 from imdsd.fleet import REGION
-from imdsd.model import (
-    Instance,
-    InstanceProfile,
-    RotationPolicy,
-)
+from imdsd.model import Instance, InstanceProfile, RotationPolicy
 from imdsd.validation import (
     DURATION,
     Listener,
@@ -140,6 +137,7 @@ class Config:
     backend: BackendConfig
     log: LogConfig
     host: HostConfig
+    budgets: BudgetPolicy
     instances: tuple[Instance, ...]
     profiles: tuple[InstanceProfile, ...]
     associations: tuple[tuple[str, str], ...]  # (instance id, profile name)
@@ -187,6 +185,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         backend=backend,
         log=_log(doc.table("log", ("level", "format"))),
         host=_host(doc),
+        budgets=parse_budgets(doc.table("budgets", BUDGET_KEYS)),
         instances=instances,
         profiles=profiles,
         associations=fleet.associations(
@@ -348,5 +347,5 @@ _ROTATION_KEYS = (
     "retry_max",
     "concurrency",
 )
-_SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "instances",
-             "instance_profiles", "associations")  # fmt: skip
+_SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "budgets",
+             "instances", "instance_profiles", "associations")  # fmt: skip

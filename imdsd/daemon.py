@@ -27,12 +27,15 @@ from imdsd.backends import OPENERS
 from imdsd.backends.base import Backend
 from imdsd.backends.measured import Measured
 from imdsd.backends.shared import ProfileScoped
+from imdsd.budgets import Ledger, connection_ceiling
 from imdsd.clock import Clock
 from imdsd.config import Config, load
 from imdsd.errors import ConfigError
 from imdsd.imds import render
-from imdsd.imds.app import make_app
+from imdsd.imds.app import MetadataApi
+from imdsd.imds.server import GuestServer
 from imdsd.inventory import Inventory
+from imdsd.log import LoopErrors
 from imdsd.metrics import Metrics, make_metrics_app
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
@@ -42,6 +45,7 @@ from imdsd.validation import Listener
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
+GUEST_SUMMARY_SECONDS = 60.0  # at most one incident summary line per guest per minute
 ADMIN_SOCKET_MODE = 0o660
 REUSE_MARGIN = timedelta(minutes=1)
 
@@ -56,6 +60,7 @@ class Daemon:
     inventory: Inventory
     sessions: SessionCache
     rotator: Rotator
+    api: MetadataApi
 
     async def sync(self, instance_ids: set[str]) -> None:
         """Bring these instances' sessions in line with their associations, now."""
@@ -83,15 +88,21 @@ async def running(
         metrics.watch(inventory, sessions, clock)
         metrics_url = None
         if config.host.metrics is not None:  # up before priming, so /readyz can say "starting"
-            metrics_urls = _serving(make_metrics_app(metrics, ready), (config.host.metrics,))
+            metrics_runner = web.AppRunner(make_metrics_app(metrics, ready), access_log=None,
+                                           handle_signals=False)  # fmt: skip
+            metrics_urls = _serving(metrics_runner, (config.host.metrics,))
             metrics_url = (await stack.enter_async_context(metrics_urls))[0]
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
         await rotator.prime()  # warm before listening: the first guest request is served
         rotator.start()
-        debug = config.log.level == "debug"
-        app = make_app(inventory, sessions, TokenIssuer(clock), clock, metrics, log_requests=debug)
-        urls = await stack.enter_async_context(_serving(app, config.imds.listeners))
+        ledger = Ledger(config.budgets, connection_ceiling())
+        api = MetadataApi(inventory=inventory, sessions=sessions, tokens=TokenIssuer(clock),
+                          clock=clock, metrics=metrics, ledger=ledger,
+                          log_requests=config.log.level == "debug")  # fmt: skip
+        guests = web.ServerRunner(GuestServer(api), handle_signals=False,
+                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
+        urls = await stack.enter_async_context(_serving(guests, config.imds.listeners))
 
         info = {
             "version": __version__,
@@ -102,9 +113,10 @@ async def running(
             "admin_socket": str(config.host.admin_socket),
         }
         daemon = Daemon(urls=urls, admin_socket=config.host.admin_socket, metrics_url=metrics_url,
-                        inventory=inventory, sessions=sessions, rotator=rotator)  # fmt: skip
-        admin = make_admin_app(inventory, sessions, clock, sync=daemon.sync, rotate=rotator.refresh,
-                               due=rotator.due, info=info)  # fmt: skip
+                        inventory=inventory, sessions=sessions, rotator=rotator,
+                        api=api)  # fmt: skip
+        admin = make_admin_app(inventory, sessions, clock, ledger, sync=daemon.sync,
+                               rotate=rotator.refresh, due=rotator.due, info=info)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
         ready.set()
         yield daemon
@@ -112,12 +124,10 @@ async def running(
 
 @asynccontextmanager
 async def _serving(
-    app: web.Application, listeners: Iterable[Listener]
+    runner: web.BaseRunner, listeners: Iterable[Listener]
 ) -> AsyncIterator[tuple[str, ...]]:
-    """Serve `app` on TCP listeners; yields their URLs (real ports where 0 was asked). On exit
-    it stops accepting and gives requests in flight SHUTDOWN_GRACE_SECONDS to finish."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
+    """Serve on TCP listeners; yields their URLs (real ports where 0 was asked). On exit it
+    stops accepting and gives requests in flight the runner's shutdown grace to finish."""
     await runner.setup()
     try:
         for listener in listeners:
@@ -167,6 +177,7 @@ async def serve(config: Config, clock: Clock, config_path: Path | None = None) -
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
+    loop.set_exception_handler(LoopErrors())
     async with running(config, clock) as daemon:
         systemd.notify("READY=1", f"STATUS=serving {len(daemon.inventory.instances())} instances")
         log.info(
@@ -179,6 +190,7 @@ async def serve(config: Config, clock: Clock, config_path: Path | None = None) -
             curl=_curl_hint(daemon.urls[0]),
         )
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(_summaries(daemon.api.ledger, stop), name="guest summaries")
             interval = systemd.watchdog_interval()
             if interval:
                 tasks.create_task(_watchdog(interval, stop), name="watchdog")
@@ -198,6 +210,20 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+async def _summaries(ledger: Ledger, stop: asyncio.Event) -> None:
+    """Guest-caused incidents as one line per guest per interval, with counts: never a line
+    per event, never the guest's bytes (a flood costs the host's log nothing)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), GUEST_SUMMARY_SECONDS)
+        log_summaries(ledger)
+
+
+def log_summaries(ledger: Ledger) -> None:
+    for key, counts in ledger.summaries():
+        log.warning("guest over budget", guest=key, window_seconds=GUEST_SUMMARY_SECONDS, **counts)
 
 
 async def _watchdog(interval: float, stop: asyncio.Event) -> None:
@@ -221,6 +247,7 @@ async def _reload(daemon: Daemon, current: Config, path: Path | None) -> Config:
         systemd.notify("READY=1")
         return current
     changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
+    daemon.api.ledger.policy = new.budgets
     await daemon.sync(changed)
     restart_only = [
         k for k in ("imds", "rotation", "backend", "host") if getattr(new, k) != getattr(current, k)

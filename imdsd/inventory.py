@@ -10,6 +10,8 @@ half-made change and caches keyed on identity stay warm. Never imports aiohttp.
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -21,6 +23,7 @@ from imdsd.clock import Clock
 from imdsd.errors import ConflictError, NotFoundError
 from imdsd.model import Association, Instance, InstanceProfile, MetadataOptions
 from imdsd.state import Overrides, StateFile
+from imdsd.tokens import subject
 
 Origin = Literal["config", "runtime", "modified"]
 log = structlog.get_logger("imdsd.inventory")
@@ -52,6 +55,9 @@ class Inventory:
         self._instances: dict[str, Instance] = {}
         self._by_address: dict[str, Instance] = {}
         self._launched: dict[str, datetime] = {}
+        # Each time an id (re)appears it is a new incarnation, and IMDSv2 tokens name it.
+        self._incarnations = itertools.count(secrets.randbits(48))
+        self._subjects: dict[str, bytes] = {}
         self._associations: dict[str, Association] = {}
         self._profiles: dict[str, InstanceProfile] = {}
         self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
@@ -70,6 +76,11 @@ class Inventory:
 
     def instance(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
+
+    def token_subject(self, instance_id: str) -> bytes:
+        """What this incarnation's IMDSv2 tokens are bound to: an id removed and added again
+        is a new incarnation, and tokens minted for the old one no longer verify."""
+        return self._subjects[instance_id]
 
     def instances(self) -> list[Instance]:
         return list(self._instances.values())
@@ -112,8 +123,9 @@ class Inventory:
                 owner = self._by_address[address].id
                 raise ConflictError(f"address {address} already belongs to {owner}")
         changed = self._changed()
+        # A config instance removed earlier stays removed: the added record replaces it (the
+        # libvirt hook removes and re-adds on every stop and start, maybe with a new address).
         changed.added[instance.id] = instance
-        changed.removed.discard(instance.id)
         return self._commit(changed)
 
     def remove_instance(self, instance_id: str) -> set[str]:
@@ -198,6 +210,10 @@ class Inventory:
             by_address.update(dict.fromkeys(instance.addresses, instance))
         now = self._clock.now()
         self._launched = {iid: self._launched.get(iid, now) for iid in instances}
+        self._subjects = {
+            iid: self._subjects.get(iid) or subject(iid, next(self._incarnations))
+            for iid in instances
+        }
         associations = self._effective_associations(instances, now)
         gone = set(self._associations) | set(self._instances)
         changed = {iid for iid in gone | set(associations)

@@ -1,14 +1,20 @@
 """structlog setup: JSON lines when stdout is not a terminal, console otherwise.
 
-The only process-global setup in imdsd. A processor replaces the value of any key that names a
-secret, and exception output is plain text: structlog's dict tracebacks and rich's tracebacks
-can show local variables, and locals hold keys.
+The only process-global setup in imdsd. Every line the process writes goes through the same
+processors, the standard library's loggers (aiohttp, asyncio, APScheduler) included, so each
+is one JSON object. A processor replaces the value of any key that names a secret, and
+exception output is plain text: structlog's dict tracebacks and rich's tracebacks can show
+local variables, and locals hold keys.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -48,11 +54,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         if as_json
         else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             drop_secrets,
             structlog.processors.format_exc_info,
             renderer,
@@ -63,7 +70,55 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    # APScheduler and aiohttp log through the standard library: warnings and worse only.
-    logging.basicConfig(
-        stream=out, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    # APScheduler, aiohttp and asyncio log through the standard library: warnings and worse,
+    # rendered like every other line.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                drop_secrets,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
     )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class LoopErrors:
+    """asyncio's report of an error nothing awaited (the loop's exception handler), as one
+    log line per kind of message and interval: `socket.accept() out of system resource`
+    repeats every second for as long as descriptors run out, and must not fill the journal.
+    A traceback only where one helps: an OSError is the system's condition, not a bug."""
+
+    MAX_KINDS = 128
+
+    def __init__(self, every: float = 60.0, monotonic: Callable[[], float] = time.monotonic):
+        self._every, self._monotonic = every, monotonic
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message") or "unhandled error in the event loop")
+        now = self._monotonic()
+        if now - self._last.get(message, -math.inf) < self._every:
+            self._suppressed[message] = self._suppressed.get(message, 0) + 1
+            return
+        if len(self._last) >= self.MAX_KINDS:
+            self._last.clear()
+        self._last[message] = now
+        exc = context.get("exception")
+        structlog.get_logger("asyncio").error(
+            message,
+            error=exc.__class__.__name__ if exc is not None else None,
+            repeated=self._suppressed.pop(message, 0),
+            exc_info=None if exc is None or isinstance(exc, OSError) else exc,
+        )

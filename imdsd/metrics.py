@@ -23,13 +23,14 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from imdsd.budgets import INCIDENTS, Incident
 from imdsd.clock import Clock
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache, SessionState
 
 PathClass = Literal["token", "credentials", "identity", "metadata"]
 PATH_CLASSES = get_args(PathClass)
-STATUSES = (200, 400, 401, 403, 404, 405, 500)
+STATUSES = (200, 400, 401, 403, 404, 405, 429, 500)
 SESSION_STATES = get_args(SessionState)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -58,6 +59,14 @@ class Metrics:
             ["result", "error"],
             registry=r,
         )
+        self.limits = Counter(
+            "imdsd_guest_limits",
+            "Guest budget events: connections refused (per cap) or closed (per deadline), "
+            "bodies over the limit, requests the parser refused, requests throttled.",
+            ["event"],
+            registry=r,
+        )
+        self._limits = {event: self.limits.labels(event) for event in INCIDENTS}
         self.upstream = Histogram(
             "imdsd_upstream_seconds", "Issuer call latency.", registry=r, buckets=LATENCY_BUCKETS
         )
@@ -75,6 +84,10 @@ class Metrics:
             self._tokens["issued" if status == 200 else "refused"].inc()
         elif status == 401:
             self._tokens["rejected"].inc()
+
+    def limit(self, event: Incident) -> None:
+        """Count one guest budget event (no instance label: bounded cardinality)."""
+        self._limits[event].inc()
 
     def watch(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
         """Session gauges, computed at scrape time from the live state."""

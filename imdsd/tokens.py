@@ -1,9 +1,12 @@
 """IMDSv2 session tokens: stateless, MAC-bound to one instance, TTL 1..21600 seconds.
 
-A token is base64url(version | expiry | HMAC-SHA256(key, instance id | expiry)). Nothing is
-stored per token, so a flood of PUTs cannot grow memory; verified tokens are remembered in a
-small bounded map so the request path does no cryptography for a token it has seen. The key
-comes from the OS CSPRNG at start and never leaves this object. Never imports aiohttp.
+A token is base64url(version | expiry | HMAC-SHA256(key, subject | version | expiry)), 56
+characters without padding, and only that spelling verifies. The subject names one instance
+incarnation (its id and the inventory's incarnation number), so a token dies with its
+instance: an id removed and added again refuses tokens minted before. Nothing is stored per
+token, so a flood of PUTs cannot grow memory; verified tokens are remembered in a small bounded
+map so the request path does no cryptography for a token it has seen. The key comes from the
+OS CSPRNG at start and never leaves this object. Never imports aiohttp.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from imdsd.clock import Clock
 
 TOKEN_TTL_MIN_SECONDS = 1
 TOKEN_TTL_MAX_SECONDS = 21600  # 6 hours, as EC2
-_VERSION = 1
-_HEADER = struct.Struct(">BQ")  # version, expiry (unix seconds)
+_VERSION = 2
+_HEADER = struct.Struct(">HQ")  # version, expiry (unix seconds): with the MAC, 42 bytes
 _MAC_BYTES = 32
-_RAW_BYTES = _HEADER.size + _MAC_BYTES
-_TOKEN_CHARS = 4 * -(-_RAW_BYTES // 3)  # the base64 length; any other string is not a token
+_RAW_BYTES = _HEADER.size + _MAC_BYTES  # a multiple of 3: base64 without padding
+_TOKEN_CHARS = _RAW_BYTES // 3 * 4  # the base64 length; any other string is not a token
 _VERIFIED_MAX = 4096
 
 
@@ -44,54 +47,59 @@ class TokenIssuer:
     def __init__(self, clock: Clock, key: bytes | None = None) -> None:
         self._clock = clock
         self._key = key or secrets.token_bytes(32)
-        self._verified: dict[tuple[str, str], int] = {}
+        self._verified: dict[tuple[str, bytes], int] = {}
 
     def __repr__(self) -> str:
         return "TokenIssuer(key=<hidden>)"
 
-    def mint(self, instance_id: str, ttl_seconds: int) -> str:
-        """A token for this instance that expires ttl_seconds from now."""
+    def mint(self, subject: bytes, ttl_seconds: int) -> str:
+        """A token for this subject (see `subject()`) that expires ttl_seconds from now."""
         expiry = int(self._clock.now().timestamp()) + ttl_seconds
         header = _HEADER.pack(_VERSION, expiry)
-        raw = header + self._mac(instance_id, header)
+        raw = header + self._hmac(subject, header).finalize()
         return base64.urlsafe_b64encode(raw).decode()
 
-    def verify(self, token: str, instance_id: str) -> bool:
-        """True when the token was minted for this instance by this daemon and is unexpired."""
+    def verify(self, token: str, subject: bytes) -> bool:
+        """True when the token was minted for this subject by this daemon and is unexpired."""
         now = self._clock.now().timestamp()
-        expiry = self._verified.get((token, instance_id))
+        expiry = self._verified.get((token, subject))
         if expiry is not None:
             return now < expiry
-        expiry = self._check(token, instance_id)
+        expiry = self._check(token, subject)
         if expiry is None:
             return False
         if len(self._verified) >= _VERIFIED_MAX:
             self._verified.clear()
-        self._verified[(token, instance_id)] = expiry
+        self._verified[(token, subject)] = expiry
         return now < expiry
 
-    def _check(self, token: str, instance_id: str) -> int | None:
+    def _check(self, token: str, subject: bytes) -> int | None:
         if len(token) != _TOKEN_CHARS or not token.isascii():
             return None
-        try:  # strict: one spelling per token, no junk after the padding
-            raw = base64.b64decode(token, altchars=b"-_", validate=True)
+        try:
+            raw = base64.urlsafe_b64decode(token)
         except (binascii.Error, ValueError):
+            return None
+        # One spelling: the decoder also takes "+" and "/" (and ignores junk), so the token must
+        # be exactly what encoding its bytes gives back.
+        if len(raw) != _RAW_BYTES or base64.urlsafe_b64encode(raw).decode() != token:
             return None
         header, mac = raw[: _HEADER.size], raw[_HEADER.size :]
         version, expiry = _HEADER.unpack(header)
         if version != _VERSION:
             return None
-        h = self._hmac(instance_id, header)
         try:
-            h.verify(mac)
+            self._hmac(subject, header).verify(mac)
         except InvalidSignature:
             return None
         return int(expiry)
 
-    def _mac(self, instance_id: str, header: bytes) -> bytes:
-        return self._hmac(instance_id, header).finalize()
-
-    def _hmac(self, instance_id: str, header: bytes) -> hmac.HMAC:
+    def _hmac(self, subject: bytes, header: bytes) -> hmac.HMAC:
         h = hmac.HMAC(self._key, hashes.SHA256())
-        h.update(instance_id.encode() + b"\0" + header)
+        h.update(subject + b"\0" + header)
         return h
+
+
+def subject(instance_id: str, incarnation: int) -> bytes:
+    """What a token is bound to: one incarnation of one instance (ids are ASCII, no NUL)."""
+    return instance_id.encode() + b"\0" + incarnation.to_bytes(8, "big")

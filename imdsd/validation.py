@@ -107,6 +107,19 @@ class Section:
         section.reject_unknown(known)
         return section
 
+    def keyed(self, key: str, known: tuple[str, ...]) -> dict[str, Section]:
+        """A table of tables named by the operator ([key.NAME]), each with unknown keys
+        reported; the names are the caller's to check."""
+        value = self.data.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            self.problem(key, show(value), f"tables named [{self.where(key)}.NAME]")
+            return {}
+        where = self.where(key)
+        sections = {name: Section(self.reader, v, f"{where}.{name}") for name, v in value.items()}
+        for section in sections.values():
+            section.reject_unknown(known)
+        return sections
+
     def tables(self, key: str, known: tuple[str, ...]) -> list[Section]:
         """An array of tables ([[key]]), each with unknown keys reported."""
         value = self.data.get(key, [])
@@ -132,7 +145,7 @@ class Section:
             return default
         try:
             return convert(self.data[key])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # OverflowError: "99999999999h"
             self.problem(key, "(redacted)" if secret else show(self.data[key]), allowed)
             return default
 

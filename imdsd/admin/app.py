@@ -16,8 +16,21 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from imdsd.admin.keys import CLOCK, DUE, INFO, INVENTORY, ROTATE, SESSIONS, SYNC, Due, Rotate, Sync
+from imdsd.admin.keys import (
+    CLOCK,
+    DUE,
+    INFO,
+    INVENTORY,
+    LEDGER,
+    ROTATE,
+    SESSIONS,
+    SYNC,
+    Due,
+    Rotate,
+    Sync,
+)
 from imdsd.admin.views import instance_view, profile_view, session_view
+from imdsd.budgets import Ledger
 from imdsd.clock import Clock
 from imdsd.errors import ConfigError, ConflictError, ImdsdError, NotFoundError
 from imdsd.fleet import instance_from
@@ -94,6 +107,8 @@ async def status(request: web.Request) -> web.Response:
         ),
         "sessions": dict(states),
         "profiles": len(inventory.profiles()),
+        # guests throttled in the last hour -> seconds since (strangers: every unknown address)
+        "throttled_recently": request.app[LEDGER].throttled_recently(),
     })  # fmt: skip
 
 
@@ -196,11 +211,12 @@ def _session(request: web.Request, iid: str) -> dict[str, Any]:
     return session_view(app[INVENTORY], app[SESSIONS], iid, app[CLOCK].now(), app[DUE](iid))
 
 
-def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, *, sync: Sync,
-                   rotate: Rotate, due: Due, info: dict[str, Any]) -> web.Application:  # fmt: skip
-    """The admin API over the daemon's inventory and sessions."""
+def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, ledger: Ledger,
+                   *, sync: Sync, rotate: Rotate, due: Due,
+                   info: dict[str, Any]) -> web.Application:  # fmt: skip
+    """The admin API over the daemon's inventory, sessions and guest budgets."""
     app = web.Application(middlewares=[json_errors], client_max_size=256 * 1024)
-    app[INVENTORY], app[SESSIONS], app[CLOCK] = inventory, sessions, clock
+    app[INVENTORY], app[SESSIONS], app[CLOCK], app[LEDGER] = inventory, sessions, clock, ledger
     app[SYNC], app[ROTATE], app[DUE], app[INFO] = sync, rotate, due, info
     app.add_routes(routes)
     return app

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from imdsd.budgets import Ledger
 from imdsd.clock import Clock
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache
@@ -23,4 +24,5 @@ CLOCK = web.AppKey("clock", Clock)
 SYNC: web.AppKey[Sync] = web.AppKey("sync")
 ROTATE: web.AppKey[Rotate] = web.AppKey("rotate")
 DUE: web.AppKey[Due] = web.AppKey("due")
+LEDGER = web.AppKey("ledger", Ledger)  # guests' budgets: who was throttled recently
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info")  # version, listeners, backend, paths, start

@@ -106,4 +106,4 @@ def error_page(status: int) -> bytes:
     ).encode()
 
 
-ERROR_PAGES = {status: error_page(status) for status in (400, 401, 403, 404, 405, 500)}
+ERROR_PAGES = {status: error_page(status) for status in (400, 401, 403, 404, 405, 429, 500)}

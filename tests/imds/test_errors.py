@@ -1,45 +1,63 @@
-"""Invariant 5 at the last line of defence: a handler that crashes still answers like EC2."""
+"""Invariant 5 at the last line of defence: a bug inside the pipeline still answers like EC2."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import fields
+
+import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from imdsd.imds.keys import METRICS
-from imdsd.imds.middlewares import errors
+from imdsd.daemon import Daemon, running
+from imdsd.imds.app import MetadataApi
 from imdsd.imds.render import ERROR_PAGES
-from imdsd.metrics import Metrics
+from imdsd.imds.server import GuestServer
+from imdsd.model import Instance
+from tests.fakes import FakeClock
+from tests.helpers import http, make_config
+
+A, D = "127.0.0.2", "127.0.0.5"
 
 
-async def test_unexpected_exception_becomes_500_page(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
-    """An internal bug yields EC2's 500 page (no traceback, no detail) and an error log line
-    naming only the exception class; the next request is served normally."""
+class BuggyApi(MetadataApi):
+    """The real pipeline with one step that crashes on one path: a stand-in for an imdsd bug
+    (no real part can be made to have one on cue)."""
 
-    async def broken(request: web.Request) -> web.Response:
-        if request.path == "/boom":
+    def endpoint_enabled(self, instance: Instance) -> None:  # type: ignore[override]
+        if instance.id.startswith("i-0a"):
             raise RuntimeError("internal detail that must stay inside")
-        return web.Response(text="fine")
 
-    app = web.Application(middlewares=[errors])
-    app[METRICS] = metrics = Metrics()
-    app.router.add_get("/{tail:.*}", broken)
-    client: TestClient = await aiohttp_client(app)
+
+@pytest.fixture
+async def buggy(clock: FakeClock) -> AsyncIterator[tuple[Daemon, str]]:
+    async with running(make_config(), clock) as daemon:
+        api = daemon.api
+        copy = BuggyApi(**{f.name: getattr(api, f.name) for f in fields(api)})
+        runner = web.ServerRunner(GuestServer(copy))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            yield daemon, f"http://127.0.0.1:{port}"
+        finally:
+            await runner.cleanup()
+
+
+async def test_unexpected_exception_becomes_500_page(buggy: tuple[Daemon, str]) -> None:
+    """An internal bug yields EC2's 500 page (no traceback, no detail) with Server: EC2ws, an
+    error log line naming only the exception class; other VMs are served normally."""
+    daemon, url = buggy
     with capture_logs() as logs:
-        reply = await client.get("/boom")
-        body = await reply.read()
-    assert reply.status == 500 and body == ERROR_PAGES[500]
-    assert b"internal detail" not in body
-    assert {
-        "event": "request failed",
-        "error": "RuntimeError",
-        "path": "/boom",
-        "log_level": "error",
-    } in logs
-    assert (await (await client.get("/ok")).text()) == "fine"
-    assert (
-        metrics.registry.get_sample_value(
-            "imdsd_requests_total", {"path": "metadata", "status": "500"}
-        )
-        == 1
+        reply = await http(url, "/latest/meta-data/instance-id", source=A)
+    assert (reply.status, reply.body) == (500, ERROR_PAGES[500])
+    assert reply.headers["server"] == "EC2ws"
+    assert b"internal detail" not in reply.body
+    assert {"event": "request failed", "error": "RuntimeError",
+            "path": "/latest/meta-data/instance-id", "log_level": "error"} in logs  # fmt: skip
+    assert (await http(url, "/latest/meta-data/instance-id", source=D)).status == 200
+    sample = daemon.api.metrics.registry.get_sample_value(
+        "imdsd_requests_total", {"path": "metadata", "status": "500"}
     )
+    assert sample == 1

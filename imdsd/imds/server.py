@@ -1,0 +1,166 @@
+"""The guest listener's connection layer: aiohttp's low-level server, hardened for hostile guests.
+
+Below the request pipeline (app.py), each connection is:
+- admitted or closed at once by the ledger (a per-instance cap, one shared cap for strangers,
+  and a process ceiling kept below the open-files limit, so accept() never fails and never
+  spins; a refused connection costs only the guest that opened it);
+- held to deadlines: `idle_timeout` to begin a request, then `head_timeout` from its first
+  byte to a complete head (slowloris), re-armed after every answer;
+- answered with EC2's page for any request the HTTP parser refuses (400; a stranger gets 404),
+  with `Server: EC2ws`, never the framework's banner, its text or the request's bytes, and
+  never a log line per event (the ledger's summary counts them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import ERROR, RequestHandler
+
+from imdsd.budgets import STRANGERS, Incident
+from imdsd.imds.app import MetadataApi, error_page
+
+log = structlog.get_logger("imdsd.imds")
+MAX_LINE_BYTES = 8190  # request line and each header line, as aiohttp's defaults
+MAX_HEADERS = 64
+# aiohttp's own keep-alive close is only a backstop: the deadlines below come first.
+KEEPALIVE_BACKSTOP_SECONDS = 3600.0
+# The parser's placeholder for a refused request says HTTP/1.0; EC2 answers HTTP/1.1.
+_ERROR_11 = ERROR._replace(version=HttpVersion11)
+
+
+class GuestConnection(RequestHandler):
+    """One guest connection: admitted by the ledger, held to its deadlines."""
+
+    __slots__ = ("_api", "_deadline", "_head_started", "_key", "peer")
+
+    def __init__(self, server: GuestServer, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._api = server.api
+        self._key: str | None = None  # the ledger account holding this connection
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_started = False
+        self.peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if peername else ""
+        instance = self._api.guest(self.peer)
+        key = instance.id if instance is not None else STRANGERS
+        refused = self._api.ledger.open(key)
+        if refused is not None:
+            self._api.incident(key, f"refused_{refused}")  # type: ignore[arg-type]
+            transport.abort()  # type: ignore[attr-defined]  # a TCP transport; closed at once: nothing read, nothing answered, nothing logged
+            return
+        self._key = key
+        super().connection_made(transport)
+        self._arm("idle_timeout")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._key is None:  # refused in connection_made: aiohttp never saw it
+            return
+        self._api.ledger.close(self._key)
+        self._key = None
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is not None and not self._head_started:
+            self._head_started = True  # the first byte of a request: the head deadline runs
+            self._arm("head_timeout")
+        super().data_received(data)
+
+    def head_received(self) -> None:
+        """A complete request head is in: no deadline while the pipeline answers it."""
+        self._disarm()
+        self._head_started = False
+
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        """Called once an answer is written: the connection is idle until the next request."""
+        if self.transport is not None and not self._force_close:
+            self._arm("idle_timeout")
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request the parser refused (a guest's fault: counted, never logged), or an
+        exception that escaped the pipeline (imdsd's own bug: logged with its traceback)."""
+        key = self._key or STRANGERS
+        if isinstance(exc, HttpProcessingError):
+            self._api.incident(key, "bad_request")
+            status = 404 if key == STRANGERS else 400
+        else:
+            log.error("guest connection failed", status=status, exc_info=exc)
+            status = 500
+        self._api.metrics.request("metadata", status)
+        response = error_page(status)
+        response.force_close()
+        return response
+
+    def _arm(self, which: Incident) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        policy = self._api.ledger.policy
+        seconds = policy.idle_timeout if which == "idle_timeout" else policy.head_timeout
+        self._deadline = self._loop.call_later(seconds.total_seconds(), self._expired, which)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, which: Incident) -> None:
+        self._deadline = None
+        if self._key is not None:
+            self._api.incident(self._key, which)
+        self.force_close()
+
+
+class GuestServer(web.Server):
+    """aiohttp's low-level server with GuestConnection as its protocol and one handler: the
+    pipeline. No router, no middlewares, no Expect handling (an unknown caller sending
+    `Expect: 100-continue` gets its 404 like any other request)."""
+
+    def __init__(self, api: MetadataApi) -> None:
+        super().__init__(
+            api.handle,
+            request_factory=self._request,
+            keepalive_timeout=KEEPALIVE_BACKSTOP_SECONDS,
+            lingering_time=0,  # an unread body is never drained: the connection closes
+            max_line_size=MAX_LINE_BYTES,
+            max_field_size=MAX_LINE_BYTES,
+            max_headers=MAX_HEADERS,
+            access_log=None,
+        )
+        self.api = api
+
+    def __call__(self) -> GuestConnection:
+        return GuestConnection(self, loop=self._loop, **self._kwargs)
+
+    def _request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if isinstance(protocol, GuestConnection):
+            protocol.head_received()
+        if message is ERROR:
+            message = _ERROR_11
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
