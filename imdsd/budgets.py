@@ -13,6 +13,7 @@ aiohttp or asyncio: the arithmetic is tested without sockets or a loop.
 
 from __future__ import annotations
 
+import random
 import resource
 import time
 from collections import Counter
@@ -38,7 +39,10 @@ Incident = Literal[
 ]
 INCIDENTS: tuple[Incident, ...] = Incident.__args__  # type: ignore[attr-defined]
 FD_HEADROOM_MIN = 128  # descriptors kept for listeners, the admin socket, upstream calls, files
-THROTTLE_WAIT_MIN = 0.05  # seconds a throttled answer is held back (a loop cannot spin on 429s)
+# A throttled answer is held back until a token is due, within these bounds, then times a
+# jitter in [1, 2): a retry loop cannot spin on 429s, and a guest's throttled connections do
+# not all wake in the same instant (a burst other guests would wait behind).
+THROTTLE_WAIT_MIN = 0.1
 THROTTLE_WAIT_MAX = 1.0
 
 
@@ -160,11 +164,13 @@ class Ledger:
         policy: BudgetPolicy,
         ceiling: int,
         monotonic: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,  # u in [0, 1); not a secret
     ) -> None:
         self.policy = policy
         self.ceiling = ceiling
         self.open_connections = 0
         self._monotonic = monotonic
+        self._jitter = jitter
         self._accounts: dict[str, _Account] = {}
 
     def _account(self, key: str) -> _Account:
@@ -192,7 +198,7 @@ class Ledger:
 
     def spend(self, key: str) -> float:
         """Take one request from the key's bucket: 0.0 when allowed, else how many seconds to
-        hold the throttled answer back (until a token is due, within fixed bounds)."""
+        hold the throttled answer back (until a token is due, within fixed bounds, jittered)."""
         budget = self.policy.budget(key)
         account = self._account(key)
         now = self._monotonic()
@@ -204,7 +210,7 @@ class Ledger:
         account.tokens = tokens
         account.last_throttled = now
         wait = (1.0 - tokens) / budget.requests_per_second
-        return min(THROTTLE_WAIT_MAX, max(THROTTLE_WAIT_MIN, wait))
+        return min(THROTTLE_WAIT_MAX, max(THROTTLE_WAIT_MIN, wait)) * (1.0 + self._jitter())
 
     def note(self, key: str, incident: Incident) -> None:
         """Count a guest-caused incident for the next summary."""

@@ -33,6 +33,7 @@ from imdsd.config import Config, load
 from imdsd.errors import ConfigError
 from imdsd.imds import render
 from imdsd.imds.app import MetadataApi
+from imdsd.imds.listener import serving_guests
 from imdsd.imds.server import GuestServer
 from imdsd.inventory import Inventory
 from imdsd.log import LoopErrors
@@ -45,7 +46,12 @@ from imdsd.validation import Listener
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
-GUEST_SUMMARY_SECONDS = 60.0  # at most one incident summary line per guest per minute
+GUEST_SUMMARY_SECONDS = 60.0
+# A burst of connections from one guest must not fill the accept queue for the others (the
+# kernel drops SYNs past it: a one-second retransmit for whoever comes next). Over-cap
+# connections are refused as fast as they arrive, so a deep queue drains; Linux caps it at
+# net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 4096  # at most one incident summary line per guest per minute
 ADMIN_SOCKET_MODE = 0o660
 REUSE_MARGIN = timedelta(minutes=1)
 
@@ -88,9 +94,7 @@ async def running(
         metrics.watch(inventory, sessions, clock)
         metrics_url = None
         if config.host.metrics is not None:  # up before priming, so /readyz can say "starting"
-            metrics_runner = web.AppRunner(make_metrics_app(metrics, ready), access_log=None,
-                                           handle_signals=False)  # fmt: skip
-            metrics_urls = _serving(metrics_runner, (config.host.metrics,))
+            metrics_urls = _serving(make_metrics_app(metrics, ready), (config.host.metrics,))
             metrics_url = (await stack.enter_async_context(metrics_urls))[0]
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
@@ -100,9 +104,10 @@ async def running(
         api = MetadataApi(inventory=inventory, sessions=sessions, tokens=TokenIssuer(clock),
                           clock=clock, metrics=metrics, ledger=ledger,
                           log_requests=config.log.level == "debug")  # fmt: skip
-        guests = web.ServerRunner(GuestServer(api), handle_signals=False,
-                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
-        urls = await stack.enter_async_context(_serving(guests, config.imds.listeners))
+        addresses = [(listener.host, listener.port) for listener in config.imds.listeners]
+        guests = serving_guests(GuestServer(api), addresses, backlog=LISTEN_BACKLOG,
+                                grace=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
+        urls = tuple(_url(a) for a in await stack.enter_async_context(guests))
 
         info = {
             "version": __version__,
@@ -124,10 +129,12 @@ async def running(
 
 @asynccontextmanager
 async def _serving(
-    runner: web.BaseRunner, listeners: Iterable[Listener]
+    app: web.Application, listeners: Iterable[Listener]
 ) -> AsyncIterator[tuple[str, ...]]:
-    """Serve on TCP listeners; yields their URLs (real ports where 0 was asked). On exit it
-    stops accepting and gives requests in flight the runner's shutdown grace to finish."""
+    """Serve `app` on TCP listeners; yields their URLs (real ports where 0 was asked). On exit
+    it stops accepting and gives requests in flight SHUTDOWN_GRACE_SECONDS to finish."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
     await runner.setup()
     try:
         for listener in listeners:

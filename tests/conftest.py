@@ -18,9 +18,11 @@ from tests.helpers import make_config
 def fresh_logging() -> Iterator[None]:
     """log.configure() is process-global (it writes to the stream it was given, which pytest
     closes after the test): every test starts and ends with structlog's defaults."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.reset_defaults()
-    logging.getLogger("aiohttp.server").setLevel(logging.NOTSET)
+    root.handlers, root.level = handlers, level
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 import structlog
+from prometheus_client import generate_latest
 
 from imdsd import log
 from imdsd.daemon import running
@@ -34,8 +35,9 @@ def forms(secret: str | bytes) -> list[str]:
 
 
 async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
-    """Secret keys, session tokens, IMDSv2 tokens and their MAC key, and the issuer key never
-    appear in the logs; access key ids appear only by their last four characters."""
+    """Secret keys, session tokens, IMDSv2 tokens (also inside refused requests) and their MAC
+    key, and the issuer key never appear in the logs or the metrics; access key ids appear
+    only by their last four characters."""
     clock = FakeClock()
     flaky: list[FlakyBackend] = []
     config = make_config(f'\n[log]\nlevel = "debug"\n[backend.local]\nkey = "{ISSUER_KEY}"\n')
@@ -68,13 +70,19 @@ async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
         await daemon.rotator.run_due()  # fail
         clock.advance(timedelta(hours=6))
         await http(url, "/latest/meta-data/iam/security-credentials/role-a", source="127.0.0.2")
-        token_key = daemon.rotator  # keep the daemon alive until here
-        assert token_key is not None
-    text = captured.getvalue()
-    events = [json.loads(line) for line in text.splitlines()]
+        # A token in a request the parser refuses, and in one from a stranger, stays out too.
+        imds_tokens.append(await token_for(url, "127.0.0.2"))
+        await http(url, "/latest/meta-data/\x01", source="127.0.0.2",
+                   headers={"X-aws-ec2-metadata-token": imds_tokens[1]})  # fmt: skip
+        await http(url, "/latest/meta-data/", source="127.0.0.9",
+                   headers={"X-aws-ec2-metadata-token": imds_tokens[1]})  # fmt: skip
+        mac_key = daemon.api.tokens._key
+        scrape = generate_latest(daemon.api.metrics.registry).decode()
+    events = [json.loads(line) for line in captured.getvalue().splitlines()]  # all JSON
+    text = captured.getvalue() + scrape
     names = {e["event"] for e in events}
     assert {"session rotated", "session refresh failed", "request"} <= names
-    secrets: list[str | bytes] = [base64.b64decode(ISSUER_KEY), *imds_tokens]
+    secrets: list[str | bytes] = [base64.b64decode(ISSUER_KEY), mac_key, *imds_tokens]
     for s in sessions:
         secrets += [s.secret_access_key, s.token]
         assert s.access_key_id not in text and s.access_key_id[-4:] in text

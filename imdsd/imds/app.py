@@ -1,6 +1,6 @@
 """The guest API's request pipeline: one function per threat, in a fixed order, then bytes.
 
-    identify -> budget -> body limit -> endpoint -> token policy -> answer
+    identify -> HTTP version -> budget -> body limit -> endpoint -> token policy -> answer
 
 Every step names the threat it stops and refuses with EC2's status; the pipeline turns any
 refusal, and any bug, into EC2's page (internal detail goes to the log, never into a reply).
@@ -29,7 +29,10 @@ from imdsd.sessions import SessionCache
 from imdsd.tokens import TokenIssuer
 
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 -- a header name
+# The methods the debug line names; any other is "other" (a method is the guest's own text).
+METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
 log = structlog.get_logger("imdsd.imds")
+UNSUPPORTED_VERSION = web.RequestKey("unsupported_version", bool)  # set by the connection layer
 
 
 def error_page(status: int) -> web.Response:
@@ -80,6 +83,7 @@ class MetadataApi:
         reason: str | None = None
         try:
             instance = await self.identify(request)
+            self.supported_version(request, instance)
             await self.within_budget(instance)
             self.bounded_body(request, instance)
             self.endpoint_enabled(instance)
@@ -90,14 +94,16 @@ class MetadataApi:
             if exc.close:
                 response.force_close()
         except Exception as exc:
-            log.error("request failed", error=exc.__class__.__name__, path=request.path)
+            # imdsd's own bug: its class, never the guest's bytes (the path is the guest's).
+            log.error("request failed", error=exc.__class__.__name__, exc_info=exc)
             response, reason = error_page(500), "internal error"
-        self.metrics.request(path_class(request.path), response.status)
-        if self.log_requests:
+        kind = path_class(request.path)
+        self.metrics.request(kind, response.status)
+        if self.log_requests:  # the path class and a fixed reason: no guest bytes in the log
             log.debug(
                 "request",
-                method=request.method,
-                path=request.path,
+                method=request.method if request.method in METHODS else "other",
+                path=kind,
                 status=response.status,
                 instance=instance.id if instance else None,
                 reason=reason,
@@ -117,6 +123,13 @@ class MetadataApi:
                 await asyncio.sleep(wait)
             raise Ec2Error(404, "unknown caller")
         return instance
+
+    def supported_version(self, request: web.BaseRequest, instance: Instance) -> None:
+        """Threat: request lines the parser tolerates but EC2 does not serve (HTTP/0.9, /2.0,
+        /9.9 ...): answered 400 like any request the parser refuses, and counted as one."""
+        if request.get(UNSUPPORTED_VERSION):
+            self.incident(instance.id, "bad_request")
+            raise Ec2Error(400, "unsupported HTTP version", close=True)
 
     async def within_budget(self, instance: Instance) -> None:
         """Threat: one guest's request loop starving every other guest of the one process.

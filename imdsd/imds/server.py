@@ -1,9 +1,9 @@
 """The guest listener's connection layer: aiohttp's low-level server, hardened for hostile guests.
 
 Below the request pipeline (app.py), each connection is:
-- admitted or closed at once by the ledger (a per-instance cap, one shared cap for strangers,
-  and a process ceiling kept below the open-files limit, so accept() never fails and never
-  spins; a refused connection costs only the guest that opened it);
+- admitted by the ledger before it gets here (listener.py refuses at accept(): a per-instance
+  cap, one shared cap for strangers, a process ceiling below the open-files limit), and
+  released from its account when it ends;
 - held to deadlines: `idle_timeout` to begin a request, then `head_timeout` from its first
   byte to a complete head (slowloris), re-armed after every answer;
 - answered with EC2's page for any request the HTTP parser refuses (400; a stranger gets 404),
@@ -19,14 +19,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import HttpVersion11
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import ERROR, RequestHandler
 
 from imdsd.budgets import STRANGERS, Incident
-from imdsd.imds.app import MetadataApi, error_page
+from imdsd.imds.app import UNSUPPORTED_VERSION, MetadataApi, error_page
 
 log = structlog.get_logger("imdsd.imds")
 MAX_LINE_BYTES = 8190  # request line and each header line, as aiohttp's defaults
@@ -38,37 +38,26 @@ _ERROR_11 = ERROR._replace(version=HttpVersion11)
 
 
 class GuestConnection(RequestHandler):
-    """One guest connection: admitted by the ledger, held to its deadlines."""
+    """One guest connection: admitted by the ledger under `key`, held to its deadlines."""
 
     __slots__ = ("_api", "_deadline", "_head_started", "_key", "peer")
 
-    def __init__(self, server: GuestServer, **kwargs: Any) -> None:
+    def __init__(self, server: GuestServer, key: str, peer: str, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._api = server.api
-        self._key: str | None = None  # the ledger account holding this connection
+        self._key: str | None = key  # the ledger account holding this connection
         self._deadline: asyncio.TimerHandle | None = None
         self._head_started = False
-        self.peer = ""
+        self.peer = peer  # the socket peer address: the only thing that identifies a guest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peername = transport.get_extra_info("peername")
-        self.peer = str(peername[0]) if peername else ""
-        instance = self._api.guest(self.peer)
-        key = instance.id if instance is not None else STRANGERS
-        refused = self._api.ledger.open(key)
-        if refused is not None:
-            self._api.incident(key, f"refused_{refused}")  # type: ignore[arg-type]
-            transport.abort()  # type: ignore[attr-defined]  # a TCP transport; closed at once: nothing read, nothing answered, nothing logged
-            return
-        self._key = key
         super().connection_made(transport)
         self._arm("idle_timeout")
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._key is None:  # refused in connection_made: aiohttp never saw it
-            return
-        self._api.ledger.close(self._key)
-        self._key = None
+        if self._key is not None:
+            self._api.ledger.close(self._key)
+            self._key = None
         self._disarm()
         super().connection_lost(exc)
 
@@ -148,8 +137,9 @@ class GuestServer(web.Server):
         )
         self.api = api
 
-    def __call__(self) -> GuestConnection:
-        return GuestConnection(self, loop=self._loop, **self._kwargs)
+    def connection(self, key: str, peer: str) -> GuestConnection:
+        """The protocol for a connection the listener admitted under ledger account `key`."""
+        return GuestConnection(self, key, peer, loop=self._loop, **self._kwargs)
 
     def _request(
         self,
@@ -161,6 +151,15 @@ class GuestServer(web.Server):
     ) -> web.BaseRequest:
         if isinstance(protocol, GuestConnection):
             protocol.head_received()
+        unsupported = False
         if message is ERROR:
             message = _ERROR_11
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        elif message.version != HttpVersion11:
+            # The parser takes HTTP/0.9, /2.0, /9.9 request lines, and the answer would repeat
+            # the version: every answer is HTTP/1.1 (1.0's close-after-answer still holds).
+            unsupported = message.version != HttpVersion10
+            message = message._replace(version=HttpVersion11)
+        request = web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        if unsupported:
+            request[UNSUPPORTED_VERSION] = True
+        return request

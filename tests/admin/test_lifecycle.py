@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +17,7 @@ from imdsd.backends.base import Backend
 from imdsd.daemon import running
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import VM_D, host_sections, http, make_config
+from tests.process import Proc
 
 INSTANCE = '[[instances]]\nid = "{iid}"\naddresses = ["{address}"]\nmetadata_options = {{ http_tokens = "optional" }}\n'
 BASE = """
@@ -36,46 +33,6 @@ role_arn = "arn:aws:iam::123456789012:role/web"
 name = "batch"
 role_arn = "arn:aws:iam::123456789012:role/batch"
 """
-
-
-class Proc:
-    """A daemon process with its config file, log and (optionally) a notify socket."""
-
-    def __init__(
-        self, directory: Path, config: str, notify: Path | None = None, watchdog_usec: int = 0
-    ) -> None:
-        self.directory, self.config = directory, directory / "imdsd.toml"
-        self.config.write_text(config)
-        self.log = directory / f"log-{time.monotonic_ns()}.jsonl"
-        env = {**os.environ}
-        if notify:
-            env["NOTIFY_SOCKET"] = str(notify)
-        if watchdog_usec:
-            env["WATCHDOG_USEC"] = str(watchdog_usec)
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(self.config),
-                                             "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        self.url = str(self.wait_for("ready")["listening"][0])  # type: ignore[index]
-
-    def events(self) -> list[dict[str, object]]:
-        return [
-            json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")
-        ]
-
-    def wait_for(self, event: str, after: int = 0) -> dict[str, object]:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            found = [e for e in self.events()[after:] if e.get("event") == event]
-            if found:
-                return found[0]
-            assert self.process.poll() is None, self.log.read_text()
-            time.sleep(0.05)
-        raise AssertionError(f"no {event!r} in:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        return self.process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -71,8 +71,8 @@ def test_boto3_with_v1_disabled_env_uses_a_token(
         for line in daemon.lines()
         if line.get("event") == "request"
     ]
-    assert requests[0] == ("PUT", "/latest/api/token", 200)
-    assert ("GET", "/latest/meta-data/iam/security-credentials-extended/", 404) not in requests
+    assert requests[0] == ("PUT", "token", 200)
+    assert ("GET", "credentials", 404) not in requests  # botocore reads the legacy path only
 
 
 def test_botocore_provider_loads_credentials(start_daemon: Callable[..., Running]) -> None:

@@ -1,0 +1,67 @@
+"""The daemon as a separate process, as systemd runs it: config file, JSON log, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class Proc:
+    """A daemon process with its config file, log and (optionally) a notify socket."""
+
+    def __init__(
+        self,
+        directory: Path,
+        config: str,
+        notify: Path | None = None,
+        watchdog_usec: int = 0,
+        nofile: int | None = None,
+    ) -> None:
+        self.directory, self.config = directory, directory / "imdsd.toml"
+        self.config.write_text(config)
+        self.log = directory / f"log-{time.monotonic_ns()}.jsonl"
+        env = {**os.environ}
+        if notify:
+            env["NOTIFY_SOCKET"] = str(notify)
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+
+        def limit() -> None:  # the open-files limit of the daemon alone (systemd's default: 1024)
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(self.config),
+                                             "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=limit)  # fmt: skip
+        self.url = str(self.wait_for("ready")["listening"][0])  # type: ignore[index]
+
+    def events(self) -> list[dict[str, object]]:
+        return [
+            json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")
+        ]
+
+    def wait_for(self, event: str, after: int = 0) -> dict[str, object]:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = [e for e in self.events()[after:] if e.get("event") == event]
+            if found:
+                return found[0]
+            assert self.process.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+        raise AssertionError(f"no {event!r} in:\n{self.log.read_text()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the daemon has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout=10)
