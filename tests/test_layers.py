@@ -60,6 +60,7 @@ def test_domain_leaves_import_no_aiohttp() -> None:
         "imdsd.sessions",
         "imdsd.tokens",
         "imdsd.inventory",
+        "imdsd.budgets",
     ):
         names = GRAPH[module] | {i for m in reachable(module) for i in GRAPH[m]}
         assert not {n for n in names if n.split(".")[0] == "aiohttp"}, module

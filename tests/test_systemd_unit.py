@@ -34,6 +34,17 @@ def test_unit_says_what_the_daemon_does() -> None:
     assert (d["Restart"], d["RestartPreventExitStatus"]) == (["on-failure"], ["3"])
     assert d["StateDirectory"] == d["RuntimeDirectory"] == d["ConfigurationDirectory"] == ["imdsd"]
     assert d["CapabilityBoundingSet"] == d["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert d["LimitNOFILE"] == ["65536"]  # explicit: systemd's default soft limit is 1024
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft is not installed")
+def test_nftables_example_parses() -> None:
+    """The host wiring example is valid nftables (checked by `nft --check`, nothing loaded)."""
+    example = UNIT.parents[1] / "config" / "nftables-imdsd.nft"
+    done = subprocess.run(
+        ["nft", "--check", "-f", str(example)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
 
 
 @needs_analyze

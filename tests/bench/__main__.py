@@ -28,6 +28,9 @@ listeners = ["127.0.0.1:0"]
 {host}
 [log]
 level = "warning"
+[budgets]  # the load generator is one instance: measure the path, not the throttle
+requests_per_second = 100000
+burst = 100000
 [[instance_profiles]]
 name = "bench"
 role_arn = "arn:aws:iam::123456789012:role/bench"

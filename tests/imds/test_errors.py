@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import fields
 
 import pytest
+from aiohttp.web import BaseRequest, StreamResponse
 from structlog.testing import capture_logs
 
 from imdsd.daemon import Daemon, running
@@ -58,3 +59,26 @@ async def test_unexpected_exception_becomes_500_page(buggy: tuple[Daemon, str]) 
         "imdsd_requests_total", {"path": "metadata", "status": "500"}
     )
     assert sample == 1
+
+
+class EscapingApi(MetadataApi):
+    """A pipeline that itself crashes: the connection layer's last resort must answer."""
+
+    async def handle(self, request: BaseRequest) -> StreamResponse:  # type: ignore[override]
+        raise RuntimeError("internal detail that must stay inside")
+
+
+async def test_exception_escaping_the_pipeline_is_a_logged_500(clock: FakeClock) -> None:
+    """Should the pipeline itself raise, the connection answers EC2's 500 page and closes;
+    the bug is logged once with its traceback (imdsd's own bug, not the guest's)."""
+    async with running(make_config(), clock) as daemon:
+        api = daemon.api
+        copy = EscapingApi(**{f.name: getattr(api, f.name) for f in fields(api)})
+        async with serving_guests(
+            GuestServer(copy), [("127.0.0.1", 0)], backlog=8, grace=1
+        ) as bound:
+            with capture_logs() as logs:
+                reply = await http(f"http://127.0.0.1:{bound[0][1]}", "/", source=A)
+    assert (reply.status, reply.body) == (500, ERROR_PAGES[500])
+    assert b"internal detail" not in reply.body and reply.headers["server"] == "EC2ws"
+    assert [(e["event"], e["status"]) for e in logs] == [("guest connection failed", 500)]

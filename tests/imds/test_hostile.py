@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import resource
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from imdsd.daemon import Daemon, running
 from imdsd.imds.render import ERROR_PAGES
@@ -327,3 +330,92 @@ def test_flood_throttles_the_flooder_only(tmp_path: Path) -> None:
     assert p99(loud) <= 2 * p99(quiet), (p99(quiet), p99(loud))
     assert "i-0f100df100df100df" in status["throttled_recently"]
     assert VICTIM_ID not in status["throttled_recently"]
+
+
+HOLDER = """
+import resource, socket, sys, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the daemon's limit is not ours
+sys.stdin.readline()
+held = []
+for _ in range(int(sys.argv[3])):
+    s = socket.socket(); s.bind(("127.0.0.2", 0)); s.connect((sys.argv[1], int(sys.argv[2]))); held.append(s)
+print("held", flush=True)
+time.sleep(30)
+"""
+
+
+async def test_accept_pauses_when_descriptors_run_out(daemon: Daemon, url: str) -> None:
+    """Should descriptors run out anyway (here: the ceiling lifted, the open-files limit a few
+    above what is open), accepting pauses instead of spinning, says so once, counts it, and
+    resumes serving once descriptors are free again."""
+    host, port = address(url)
+    daemon.api.ledger.ceiling = 10**6
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, host, str(port), "30",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    open_now = len(await asyncio.to_thread(os.listdir, "/proc/self/fd"))
+    with structlog.testing.capture_logs() as logs:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 8, hard))
+            holder.stdin.write(b"go\n")
+            await holder.stdin.drain()
+            assert await asyncio.wait_for(holder.stdout.readline(), 10) == b"held\n"
+            await asyncio.sleep(
+                0.5
+            )  # the accept loop meets EMFILE, pauses, retries, meets it again
+        finally:
+            holder.kill()
+            await holder.wait()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        reply = await asyncio.wait_for(
+            http(url, "/latest/meta-data/instance-id", source="127.0.0.2"), 5
+        )
+    assert (reply.status, reply.text) == (200, VM_A)
+    paused = [e for e in logs if e["event"].startswith("accept paused")]
+    assert [e["event"] for e in paused] == ["accept paused: no descriptor left"]
+    assert limit_counts(daemon)["refused_global"] >= 2
+
+
+def test_budgets_change_on_reload(tmp_path: Path) -> None:
+    """SIGHUP applies a changed [budgets] at once (no restart): with strangers_connections
+    lowered to 1, a stranger's second simultaneous connection is refused; the reload names
+    no section as restart-only."""
+    daemon = hostile(tmp_path)
+    try:
+        text = daemon.config.read_text().replace(
+            "[log]", "[budgets]\nstrangers_connections = 1\n[log]"
+        )
+        daemon.config.write_text(text)
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for("reloaded")
+        host, port = address(daemon.url)
+        first = socket.create_connection((host, port), source_address=(STRANGER, 0), timeout=5)
+        second = socket.create_connection((host, port), source_address=(STRANGER, 0), timeout=5)
+        time.sleep(0.2)
+        first.setblocking(False)
+        second.setblocking(False)
+        assert _is_open(first) and not _is_open(second)
+        first.close()
+        second.close()
+    finally:
+        assert daemon.stop() == 0
+    assert not [e for e in daemon.events() if "restart" in str(e.get("event"))]
+
+
+async def test_strangers_share_one_request_budget(clock: FakeClock) -> None:
+    """Unknown addresses share one bucket: past it their 404 is held back (never a 429, which
+    would tell them something), counted as throttled; instances are unaffected."""
+    config = make_config("[budgets]\nstrangers_requests_per_second = 1\nstrangers_burst = 2\n")
+    async with running(config, clock) as daemon:
+        url = daemon.urls[0]
+        started = time.monotonic()
+        replies = [await http(url, "/", source=f"127.0.0.{n}") for n in (9, 10, 11)]
+        held = time.monotonic() - started
+        assert [r.status for r in replies] == [404, 404, 404]
+        assert held >= 0.1  # the third waited for the shared bucket
+        assert limit_counts(daemon)["throttled"] == 1
+        assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).status == 200
