@@ -419,3 +419,30 @@ async def test_strangers_share_one_request_budget(clock: FakeClock) -> None:
         assert held >= 0.1  # the third waited for the shared bucket
         assert limit_counts(daemon)["throttled"] == 1
         assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).status == 200
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 100000\r\n\r\n" + b"x" * 4096,
+        b"Transfer-Encoding: chunked\r\n\r\n1000\r\n" + b"x" * 4096 + b"\r\n",
+    ],
+    ids=["declared-too-large", "chunked"],
+)
+async def test_body_over_the_limit_is_refused_and_closed(
+    daemon: Daemon, url: str, framing: bytes
+) -> None:
+    """A body declared beyond max_body (1 KiB), or of unknown length, gets EC2's 400 and the
+    connection is closed unread (nothing is drained), and counted."""
+    host, port = address(url)
+    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+    writer.write(b"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n"
+                 + framing)  # fmt: skip
+    raw = await asyncio.wait_for(reader.read(), 5)  # EOF: the daemon closed the connection
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and body == ERROR_PAGES[400]
+    assert limit_counts(daemon)["body_limit"] == 1
+    small = await http(url, "/latest/api/token", method="PUT", source="127.0.0.2",
+                       headers={"X-aws-ec2-metadata-token-ttl-seconds": "60", "Content-Length": "0"})  # fmt: skip
+    assert small.status == 200
