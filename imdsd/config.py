@@ -218,6 +218,12 @@ def _rotation(t: Section) -> RotationPolicy:
         concurrency=t.take(
             "concurrency", int_in(1, 1024), d.concurrency, "an integer from 1 to 1024"
         ),
+        startup_deadline=t.take(
+            "startup_deadline",
+            duration_in(timedelta(seconds=1), timedelta(seconds=60)),
+            d.startup_deadline,
+            "a duration from 1s to 1m (systemd's TimeoutStartSec=90s covers it)",
+        ),
     )
     if p.refresh_before < p.min_remaining:
         t.problem(
@@ -346,6 +352,7 @@ _ROTATION_KEYS = (
     "retry_initial",
     "retry_max",
     "concurrency",
+    "startup_deadline",
 )
 _SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "budgets",
              "instances", "instance_profiles", "associations")  # fmt: skip

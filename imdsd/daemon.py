@@ -1,7 +1,8 @@
 """The composition root: the only place where imdsd's objects are created and wired.
 
-Reads top to bottom: open the backend, build the inventory and caches, prime every session,
-start rotation, then the listeners; on exit, everything closes in reverse order.
+Reads top to bottom: open the backend, build the inventory and caches, open the listeners
+(guests are answered from the first second, invariant 8), then start rotation and prime every
+session up to the start-up deadline; on exit, everything closes in reverse order.
 """
 
 from __future__ import annotations
@@ -93,13 +94,11 @@ async def running(
         sessions = SessionCache(render.credentials, render.failure)
         metrics.watch(inventory, sessions, clock)
         metrics_url = None
-        if config.host.metrics is not None:  # up before priming, so /readyz can say "starting"
+        if config.host.metrics is not None:
             metrics_urls = _serving(make_metrics_app(metrics, ready), (config.host.metrics,))
             metrics_url = (await stack.enter_async_context(metrics_urls))[0]
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
-        await rotator.prime()  # warm before listening: the first guest request is served
-        rotator.start()
         ledger = Ledger(config.budgets, connection_ceiling())
         api = MetadataApi(inventory=inventory, sessions=sessions, tokens=TokenIssuer(clock),
                           clock=clock, metrics=metrics, ledger=ledger,
@@ -123,7 +122,12 @@ async def running(
         admin = make_admin_app(inventory, sessions, clock, ledger, sync=daemon.sync,
                                rotate=rotator.refresh, due=rotator.due, info=info)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
-        ready.set()
+        ready.set()  # /readyz: serving (an association without a session gets EC2's failure doc)
+        log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
+        # Invariant 8: nothing above awaited the upstream. Priming now fills the sessions, up
+        # to the start-up deadline; what is still waiting then carries on in the background.
+        rotator.start()
+        await rotator.prime(config.rotation.startup_deadline.total_seconds())
         yield daemon
 
 

@@ -135,3 +135,4 @@ class RotationPolicy:
     retry_initial: timedelta = timedelta(seconds=1)
     retry_max: timedelta = timedelta(minutes=5)
     concurrency: int = 8
+    startup_deadline: timedelta = timedelta(seconds=20)  # priming waits this long at most

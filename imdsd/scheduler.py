@@ -75,9 +75,26 @@ class Rotator:
         self._attempts: dict[str, int] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
 
-    async def prime(self) -> None:
-        """Get a session for every association (before any listener accepts)."""
-        await asyncio.gather(*(self.refresh(a.instance_id) for a in self._inventory.associations()))
+    async def prime(self, deadline: float | None = None) -> bool:
+        """Get a session for every association, waiting at most `deadline` seconds; True when
+        all were settled (issued or failed). Refreshes still waiting on the issuer at the
+        deadline go on in the background (each is its own task): the listeners are already
+        answering, with EC2's failure document until a session arrives (invariant 8)."""
+        keys = [a.instance_id for a in self._inventory.associations()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self.refresh(k) for k in keys)), deadline)
+        except TimeoutError:
+            pending = sum(
+                1 for k in keys if not self._sessions.get(k) and not self._sessions.failure(k)
+            )
+            log.warning(
+                "start-up deadline passed; rotation goes on in the background",
+                deadline_seconds=deadline,
+                pending=pending,
+                associations=len(keys),
+            )
+            return False
+        return True
 
     def start(self) -> None:
         """Hand the schedule to APScheduler (needs a running loop)."""

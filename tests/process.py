@@ -21,6 +21,7 @@ class Proc:
         notify: Path | None = None,
         watchdog_usec: int = 0,
         nofile: int | None = None,
+        until: str = "ready",
     ) -> None:
         self.directory, self.config = directory, directory / "imdsd.toml"
         self.config.write_text(config)
@@ -39,7 +40,7 @@ class Proc:
             self.process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(self.config),
                                              "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=env,
                                             preexec_fn=limit)  # fmt: skip
-        self.url = str(self.wait_for("ready")["listening"][0])  # type: ignore[index]
+        self.url = str(self.wait_for(until)["listening"][0])  # type: ignore[index]
 
     def events(self) -> list[dict[str, object]]:
         return [

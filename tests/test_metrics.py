@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from dataclasses import replace
 from datetime import timedelta
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
@@ -71,9 +73,11 @@ async def test_metrics_count_what_happened(
             assert secret not in labels
 
 
-async def test_health_and_readiness(clock: FakeClock) -> None:
-    """/healthz answers while starting; /readyz is 503 until sessions are primed and the
-    listeners are up, then 200."""
+async def test_readiness_means_serving_while_sessions_are_pending(clock: FakeClock) -> None:
+    """Invariant 8: with the issuer holding every call, the listeners already answer: /readyz
+    is 200 (serving), a guest gets EC2's failure document (CredentialsPending) and its
+    instance-id, and imdsd_sessions says how many sessions are pending; once the issuer
+    answers, they turn fresh and the guest gets credentials."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -86,25 +90,38 @@ async def test_health_and_readiness(clock: FakeClock) -> None:
     def hold(backend: Backend) -> Backend:
         return FlakyBackend(backend, gate=gate)
 
-    async def start() -> None:
-        async with running(config, clock, wrap_backend=hold) as d:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"{d.metrics_url}/readyz") as reply,
-            ):
-                assert reply.status == 200
+    primed, finish = asyncio.Event(), asyncio.Event()
+    with capture_logs() as logs:
 
-    starting = asyncio.create_task(start())
-    base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(base + "/healthz") as reply:
-                    assert reply.status == 200
-                    break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.01)
-        async with session.get(base + "/readyz") as reply:
-            assert reply.status == 503
-    gate.set()
-    await starting
+        async def start() -> None:
+            async with running(config, clock, wrap_backend=hold):
+                primed.set()
+                await finish.wait()
+
+        starting = asyncio.create_task(start())
+        for _ in range(500):  # the "listening" line comes before any issuer call returns
+            found = [e for e in logs if e["event"] == "listening"]
+            if found:
+                break
+            await asyncio.sleep(0.01)
+        url = found[0]["listening"][0]
+        role = await http(
+            url, "/latest/meta-data/iam/security-credentials/role-a", source="127.0.0.2"
+        )
+        assert (role.status, json.loads(role.body)["Code"]) == (200, "CredentialsPending")
+        assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).text == VM_A
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as reply:
+                assert reply.status == 200
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                scrape = await reply.text()
+        assert 'imdsd_sessions{state="pending"} 2.0' in scrape
+        assert not primed.is_set()  # running() is still priming: the issuer holds every call
+        gate.set()
+        await asyncio.wait_for(primed.wait(), 5)
+        role = await http(
+            url, "/latest/meta-data/iam/security-credentials/role-a", source="127.0.0.2"
+        )
+        finish.set()
+        await starting
+    assert json.loads(role.body)["Code"] == "Success"

@@ -35,7 +35,8 @@ def test_botocore_fetcher_gets_role_credentials(start_daemon: Callable[..., Runn
     assert len(creds["secret_key"]) == 40 and creds["token"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", creds["expiry_time"])
     events = [line.get("event") for line in daemon.lines()]
-    assert events.index("session rotated") < events.index("ready")  # primed before listening
+    # listeners first (invariant 8), READY once priming has finished
+    assert events.index("listening") < events.index("session rotated") < events.index("ready")
 
 
 def test_botocore_with_v1_disabled(start_daemon: Callable[..., Running]) -> None:

@@ -108,6 +108,7 @@ class FaultySts:
     upstream: str
     fail_rate: float = 0.0  # share of AssumeRole calls answered with a 500
     mode: str = "pass"  # pass | outage | throttle | stall | too-long-once
+    stall_seconds: float = 30.0
     rng: random.Random = field(default_factory=lambda: random.Random(3))
     seen: list[dict[str, str]] = field(default_factory=list)
     in_flight: int = 0
@@ -168,7 +169,7 @@ class FaultySts:
 
     async def forward(self, request: web.Request, body: bytes) -> web.StreamResponse:
         if self.mode == "stall":
-            await asyncio.sleep(30)
+            await asyncio.sleep(self.stall_seconds)
         assert self._client is not None
         headers = {
             k: v

@@ -1,0 +1,87 @@
+"""Invariant 8: the metadata API answers from the first second, whatever the upstream does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from tests.helpers import host_sections, http
+from tests.process import Proc
+from tests.sts.upstream import ROLE_A, FaultySts
+
+INSTANCES = 500
+HEAD = """
+[imds]
+listeners = ["127.0.0.1:0"]
+{host}
+[log]
+level = "info"
+[rotation]
+startup_deadline = "5s"
+[backend]
+kind = "sts"
+[backend.sts]
+region = "us-east-1"
+endpoint_url = "{endpoint}"
+timeout = "10s"
+[[instance_profiles]]
+name = "profile-a"
+role_arn = "{role}"
+"""
+INSTANCE = """
+[[instances]]
+id = "i-{n:017x}"
+addresses = ["127.0.{high}.{low}"]
+metadata_options = {{ http_tokens = "optional" }}
+[[associations]]
+instance = "i-{n:017x}"
+profile = "profile-a"
+"""
+
+
+def config(directory: Path, endpoint: str) -> str:
+    text = HEAD.format(host=host_sections(directory, metrics=""), endpoint=endpoint, role=ROLE_A)
+    for n in range(INSTANCES):
+        text += INSTANCE.format(n=n + 1, high=1 + n // 250, low=1 + n % 250)
+    return text
+
+
+async def test_guests_are_answered_within_a_second_while_the_upstream_stalls(
+    tmp_path: Path, host_env: dict[str, str], proxy: FaultySts
+) -> None:
+    """500 sts instances, an upstream that stalls every AssumeRole for 15 s, timeout 10 s:
+    within a second of the process starting, a guest gets its instance-id and HTTP 200 with
+    EC2's failure document for its role (CredentialsPending); READY waits for the start-up
+    deadline, not for the upstream; once the upstream answers, the guest gets credentials."""
+    proxy.mode, proxy.stall_seconds = "stall", 15.0
+    started = time.monotonic()
+    daemon = await asyncio.to_thread(Proc, tmp_path, config(tmp_path, proxy.url), until="listening")
+    role_path = "/latest/meta-data/iam/security-credentials/" + ROLE_A.rsplit("/", 1)[1]
+    first = "127.0.1.1"
+
+    async def answers() -> tuple[str, str]:
+        identity = await http(daemon.url, "/latest/meta-data/instance-id", source=first)
+        role = await http(daemon.url, role_path, source=first)
+        assert identity.status == role.status == 200
+        return identity.text, json.loads(role.body)["Code"]
+
+    try:
+        assert await answers() == (f"i-{1:017x}", "CredentialsPending")
+        assert time.monotonic() - started < 1.0, time.monotonic() - started
+        while proxy.in_flight < 8:  # the issuer's calls are stuck in the stall
+            await asyncio.sleep(0.05)
+        ready = await asyncio.to_thread(daemon.wait_for, "ready")  # the start-up deadline, 5 s
+        assert time.monotonic() - started < 8.0
+        late = [e for e in daemon.events() if str(e.get("event")).startswith("start-up deadline")]
+        assert ready and late and late[0]["pending"] == INSTANCES  # type: ignore[operator]
+        assert await answers() == (f"i-{1:017x}", "CredentialsPending")
+        proxy.mode = "pass"  # the stalled calls time out (10 s) and are retried
+        for _ in range(60):
+            if (await answers())[1] == "Success":
+                break
+            await asyncio.sleep(0.5)
+        assert (await answers())[1] == "Success"
+    finally:
+        await asyncio.to_thread(daemon.stop)
