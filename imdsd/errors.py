@@ -38,8 +38,8 @@ class BackendError(ImdsdError):
 
     `code` is an EC2/STS-style error code and the message is what a guest may read (they become
     the failure document's `Code` and `Message`); `retryable` says whether a later attempt may
-    succeed (throttling, 5xx, timeouts). `request_id` and `detail` (the upstream's own words)
-    are for the operator's log only.
+    succeed (throttling, 5xx, timeouts). `request_id`, `status` (the upstream's HTTP status)
+    and `detail` (the upstream's own words) are for the operator's log only.
     """
 
     def __init__(
@@ -50,11 +50,13 @@ class BackendError(ImdsdError):
         retryable: bool = True,
         request_id: str | None = None,
         detail: str | None = None,
+        status: int | None = None,
     ) -> None:
         self.code = code
         self.retryable = retryable
         self.request_id = request_id
         self.detail = detail
+        self.status = status
         super().__init__(message)
 
 

@@ -8,6 +8,7 @@ error classes are small fixed sets; instance ids and role ARNs are never labels.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter as Tally
 from collections.abc import Iterator
 from typing import Literal, get_args
@@ -113,8 +114,13 @@ class _SessionCollector(Collector):
             for key in keys
             if (served := self._sessions.current(key, now)) is not None
         ]
-        seconds = (min(expiring) - now).total_seconds() if expiring else 0.0
-        help_text = "Seconds until the earliest valid session expires (0: none)."
+        if expiring:
+            seconds = (min(expiring) - now).total_seconds()
+        else:  # no valid session: 0 if some association needs one (alert), +Inf if none does
+            seconds = 0.0 if keys else math.inf
+        help_text = (
+            "Seconds until the earliest valid session expires (0: none valid; +Inf: none needed)."
+        )
         yield GaugeMetricFamily("imdsd_session_earliest_expiry_seconds", help_text, value=seconds)
 
 

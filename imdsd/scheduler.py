@@ -10,6 +10,7 @@ the current one is served until its own expiry (invariant 3).
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -30,18 +31,28 @@ log = structlog.get_logger("imdsd.rotation")
 def refresh_at(session: Session, policy: RotationPolicy, u: float) -> datetime:
     """When to replace `session`: at `refresh_fraction` of its life or `refresh_before` its
     expiry, whichever is first, minus up to `jitter` (u in [0, 1) picks how much) so sessions
-    issued together spread out. A session is always used for at least a quarter of its life
-    (a short one, e.g. an upstream-clamped duration, must not be re-issued in a loop), and the
-    jitter takes at most half of the time to that point."""
-    lifetime = session.expiration - session.issued_at
+    issued together spread out. A session is used for at least a quarter of its life (a short
+    one, e.g. an upstream-clamped duration, must not be re-issued in a loop), but never past
+    expiry - min_remaining, the freshness floor guests are promised; only a session too short
+    for that floor (see `too_short`) is refreshed at the quarter mark instead, as early as the
+    loop guard allows. The jitter takes at most half of the time to that point."""
+    issued, expiry = session.issued_at, session.expiration
+    lifetime = expiry - issued
     due = max(
-        min(
-            session.issued_at + lifetime * policy.refresh_fraction,
-            session.expiration - policy.refresh_before,
-        ),
-        session.issued_at + lifetime / 4,
+        min(issued + lifetime * policy.refresh_fraction, expiry - policy.refresh_before),
+        issued + lifetime / 4,
     )
-    return due - min(policy.jitter, (due - session.issued_at) / 2) * u
+    if not too_short(session, policy):
+        due = min(due, expiry - policy.min_remaining)
+    return due - min(policy.jitter, (due - issued) / 2) * u
+
+
+def too_short(session: Session, policy: RotationPolicy) -> bool:
+    """A session that reaches the min_remaining floor within an eighth of its life: refreshing
+    it there would re-issue such sessions back to back (each as short), so it is refreshed at a
+    quarter of its life and the Rotator warns that min_remaining cannot be kept."""
+    lifetime = session.expiration - session.issued_at
+    return session.expiration - policy.min_remaining < session.issued_at + lifetime / 8
 
 
 def retry_after(attempt: int, policy: RotationPolicy, u: float) -> timedelta:
@@ -132,8 +143,14 @@ class Rotator:
         if task is None or task.done():
             task = asyncio.create_task(self._refresh(key), name=f"refresh {key}")
             self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            task.add_done_callback(functools.partial(self._settled, key))
         await asyncio.shield(task)
+
+    def _settled(self, key: str, task: asyncio.Task[None]) -> None:
+        """Forget a finished refresh, but only if it is still the one on record: a successor
+        started after it finished must stay single-flight."""
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
 
     async def _refresh(self, key: str) -> None:
         association = self._inventory.association(key)
@@ -158,6 +175,14 @@ class Rotator:
         self._attempts.pop(key, None)
         due = refresh_at(session, self._policy, self._rng.random())
         self._schedule(key, due)
+        if too_short(session, self._policy):
+            log.warning(
+                "session too short for rotation.min_remaining; refreshed at a quarter of its life",
+                instance=key,
+                role=association.profile.role.arn,
+                lifetime_seconds=session.lifetime,
+                min_remaining_seconds=self._policy.min_remaining.total_seconds(),
+            )
         log.info(
             "session rotated",
             instance=key,
@@ -175,7 +200,7 @@ class Rotator:
         u = self._rng.random()
         delay = retry_after(attempt, self._policy, u) if exc.retryable else self._policy.retry_max
         self._schedule(key, now + delay)
-        served = self._sessions.get(key)
+        served = self._sessions.current(key, now)  # None once the last session has expired
         log.warning(
             "session refresh failed",
             instance=key,
@@ -184,6 +209,7 @@ class Rotator:
             code=exc.code,
             retryable=exc.retryable,
             request_id=exc.request_id,
+            status=exc.status,
             detail=exc.detail,
             attempt=attempt + 1,
             retry_in=round(delay.total_seconds(), 3),

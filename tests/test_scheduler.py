@@ -7,13 +7,16 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from imdsd.backends.local import LocalIssuer
 from imdsd.errors import BackendError
 from imdsd.imds import render
 from imdsd.inventory import Inventory
 from imdsd.model import RotationPolicy, Session
-from imdsd.scheduler import Rotator, refresh_at, retry_after
+from imdsd.scheduler import Rotator, refresh_at, retry_after, too_short
 from imdsd.sessions import SessionCache
 from tests.fakes import START, FakeClock, FlakyBackend
 from tests.helpers import ROLE_A, VM_A, VM_B, make_config
@@ -322,3 +325,95 @@ async def test_apscheduler_runs_a_due_job() -> None:
         assert rig.key_id() != first
     finally:
         rig.rotator.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "after_issue"),
+    [
+        (35 * M, 5 * M),    # a quarter (8m45s) would leave 26m15s: min_remaining (30m) wins
+        (40 * M, 10 * M),   # a quarter leaves exactly 30m
+        (60 * M, 15 * M),   # an STS-clamped hour: a quarter, 45m left
+        (32 * M, 8 * M),    # too short for the floor (2m left of 32m): a quarter, with a warning
+    ],
+)  # fmt: skip
+def test_refresh_never_later_than_min_remaining(
+    lifetime: timedelta, after_issue: timedelta
+) -> None:
+    """Invariant 2 at run time: with the defaults (refresh_before 60m, min_remaining 30m), a
+    session is refreshed no later than expiry - min_remaining, unless it is too short for the
+    floor, where refreshing there would re-issue back to back: then at a quarter of its life."""
+    assert refresh_at(session(lifetime), DEFAULT, 0.0) == START + after_issue
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lifetime=st.integers(60, 43200),
+    fraction=st.floats(0.05, 0.95),
+    before=st.integers(0, 43200),
+    floor=st.integers(0, 43200),
+    jitter=st.integers(0, 21600),
+    u=st.floats(0, 0.999999),
+)
+def test_refresh_at_properties(lifetime: int, fraction: float, before: int, floor: int,
+                               jitter: int, u: float) -> None:  # fmt: skip
+    """For any valid policy and session: the refresh lands inside the session's life, never so
+    early that short sessions are re-issued back to back (an eighth of their life at least,
+    half that with jitter), and never later than expiry - min_remaining unless the session is
+    too short for that floor."""
+    policy = RotationPolicy(refresh_fraction=fraction, refresh_before=max(before, floor) * S,
+                            min_remaining=floor * S, jitter=jitter * S)  # fmt: skip
+    s = session(lifetime * S)
+    due = refresh_at(s, policy, u)
+    assert s.issued_at + lifetime * S / 16 <= due < s.expiration
+    if not too_short(s, policy):
+        assert due <= s.expiration - policy.min_remaining
+
+
+async def test_too_short_session_is_refreshed_at_a_quarter_with_a_warning() -> None:
+    """A session shorter than the min_remaining floor allows is not re-issued in a loop: it is
+    used for a quarter of its life, and a warning says min_remaining cannot be kept."""
+    rig = Rig(lifetime=32 * M)
+    with capture_logs() as logs:
+        await rig.rotator.prime()
+    due = rig.rotator.due(VM_A)
+    assert due is not None and START + 4 * M <= due <= START + 8 * M  # a quarter, less jitter
+    warnings = [e for e in logs if e["event"].startswith("session too short")]
+    assert {e["instance"] for e in warnings} == {VM_A, VM_B}
+
+
+async def test_single_flight_survives_a_late_done_callback() -> None:
+    """A finished refresh whose done-callback runs after its successor started must not
+    unregister the successor: concurrent callers still share one issuer call."""
+    rig = Rig()
+    rig.backend.gate = asyncio.Event()
+    first = asyncio.create_task(rig.rotator.refresh(VM_A))
+    await asyncio.sleep(0)
+    finished = rig.rotator._inflight[VM_A]
+    rig.backend.gate.set()
+    await first
+    rig.backend.gate.clear()
+    second = asyncio.create_task(rig.rotator.refresh(VM_A))
+    await asyncio.sleep(0)
+    successor = rig.rotator._inflight[VM_A]
+    rig.rotator._settled(VM_A, finished)  # the predecessor's callback, arriving late
+    assert rig.rotator._inflight[VM_A] is successor
+    third = asyncio.create_task(rig.rotator.refresh(VM_A))
+    await asyncio.sleep(0)
+    assert rig.backend.in_flight == 1
+    rig.backend.gate.set()
+    await asyncio.gather(second, third)
+    assert rig.backend.max_in_flight == 1 and rig.backend.calls == 2
+
+
+async def test_failure_after_expiry_says_nothing_is_served() -> None:
+    """The refresh-failed warning's serving_until names the session still served, and None
+    once it has expired (never a time in the past)."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.backend.failing = BackendError("ServiceUnavailable", "The issuer is unavailable.")
+    with capture_logs() as logs:
+        await rig.advance(4 * H)
+        await rig.advance(3 * H)
+    failed = [e for e in logs if e["event"] == "session refresh failed" and e["instance"] == VM_A]
+    assert failed[0]["serving_until"] == (START + 6 * H).isoformat()
+    assert failed[-1]["serving_until"] is None

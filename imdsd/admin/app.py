@@ -202,7 +202,13 @@ async def rotate(request: web.Request) -> web.Response:
     iid = _instance_or_404(request)
     if request.app[INVENTORY].association(iid) is None:
         raise ConflictError(f"instance {iid} has no association, so no session to rotate")
+    sessions = request.app[SESSIONS]
+    before = sessions.failure(iid)
     await request.app[ROTATE](iid)
+    failure = sessions.failure(iid)
+    if failure is not None and failure is not before:  # this very refresh failed
+        return _error(502, "RotationFailed", f"{failure.code}: {failure.message}",
+                      session=_session(request, iid))  # fmt: skip
     return web.json_response(_session(request, iid))
 
 

@@ -30,15 +30,20 @@ class ProfileScoped:
         self._inner = inner
         self._clock = clock
         self._reuse_for = reuse_for
-        self._current: dict[str, Session] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Keyed by the whole profile value (name, role, external id ...): a profile whose role
+        # changed by reload never gets the old role's session under the new role's name.
+        self._current: dict[InstanceProfile, Session] = {}
+        self._locks: defaultdict[InstanceProfile, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session:
-        async with self._locks[profile.name]:
-            current = self._current.get(profile.name)
+        async with self._locks[profile]:
+            current = self._current.get(profile)
             if current is not None and self._clock.now() - current.issued_at <= self._reuse_for:
                 return current
+            for stale in [p for p in self._current if p.name == profile.name and p != profile]:
+                del self._current[stale]  # that profile's old role: never again
+                self._locks.pop(stale, None)
             name = (SESSION_NAME_PREFIX + profile.name)[:64]
             session = await self._inner.issue(profile, session_name=name)
-            self._current[profile.name] = session
+            self._current[profile] = session
             return session

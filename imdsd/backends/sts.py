@@ -119,13 +119,13 @@ class StsIssuer:
             async with self._http.post(
                 self._config.endpoint, data=body.encode(), headers=headers
             ) as reply:
-                payload = await reply.content.read(RESPONSE_LIMIT_BYTES)
+                payload = await _whole_body(reply, profile)
                 status, date = reply.status, reply.headers.get("Date")
                 request_id = reply.headers.get("x-amzn-RequestId")
         except TimeoutError:
             raise BackendError("RequestTimeout", _unavailable(profile, "timed out")) from None
         except aiohttp.ClientError as exc:
-            raise BackendError("ServiceUnavailable", _unavailable(profile, "unreachable"),
+            raise BackendError("ServiceUnavailable", _unavailable(profile, "could not be reached"),
                                detail=exc.__class__.__name__) from None  # fmt: skip
         if status != 200:
             raise _error(profile, status, payload, request_id)
@@ -163,6 +163,16 @@ class StsIssuer:
         )
 
 
+async def _whole_body(reply: aiohttp.ClientResponse, profile: InstanceProfile) -> bytes:
+    """The whole answer (content.read(n) returns only what is buffered), up to the limit."""
+    body = bytearray()
+    async for chunk in reply.content.iter_any():
+        body += chunk
+        if len(body) > RESPONSE_LIMIT_BYTES:
+            raise BackendError("InvalidResponse", _unavailable(profile, "answered too much"))
+    return bytes(body)
+
+
 def _unavailable(profile: InstanceProfile, what: str) -> str:
     return f"The upstream STS {what} while assuming {profile.role.arn}; retrying."
 
@@ -176,14 +186,16 @@ def _error(
     detail, request_id = _safe_detail(fields.get("Message")), fields.get("RequestId") or header_id
     if code == "ValidationError" and "DurationSeconds" in (detail or ""):
         message = f"The session duration asked for {profile.role.arn} is longer than it allows."
-        return DurationTooLong(code, message, retryable=False, request_id=request_id, detail=detail)
+        return DurationTooLong(code, message, retryable=False, request_id=request_id,
+                               detail=detail, status=status)  # fmt: skip
     retryable = status >= 500 or status == 429 or code in RETRYABLE_CODES
     message = (
         _unavailable(profile, f"answered {code}")
         if retryable
         else f"imdsd could not assume the role {profile.role.arn} ({code})."
     )
-    return BackendError(code, message, retryable=retryable, request_id=request_id, detail=detail)
+    return BackendError(code, message, retryable=retryable, request_id=request_id, detail=detail,
+                        status=status)  # fmt: skip
 
 
 _SIGNING_ECHO = re.compile(r"canonical string|string-to-sign|string to sign", re.IGNORECASE)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import unquote
 
 import structlog
 from structlog.testing import capture_logs
 
-from imdsd.daemon import Daemon
+from imdsd.daemon import Daemon, running
+from imdsd.model import Role
 from tests.fakes import FakeClock
 from tests.helpers import http
-from tests.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest
-from tests.sts.upstream import PARTNER, PARTNER_ROLE, ROLE_DENIED, FaultySts, Moto
+from tests.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest, sts_config
+from tests.sts.upstream import PARTNER, PARTNER_ROLE, ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto
 
 StartDaemon = Callable[..., AbstractAsyncContextManager[Daemon]]
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -256,3 +258,66 @@ async def test_no_upstream_or_session_secret_in_logs(
     for secret in secrets:
         for form in forms(secret):
             assert form not in text
+
+
+async def test_answer_read_whole_when_it_arrives_in_pieces(
+    sts_daemon: StartDaemon, proxy: FaultySts, clock: FakeClock
+) -> None:
+    """An AssumeRole answer that arrives in 100-byte pieces is read whole (not just what is
+    buffered), so the session is issued."""
+    async with sts_daemon() as daemon:
+        served = daemon.sessions.get(VM_A)
+        proxy.mode = "trickle"
+        await daemon.rotator.refresh(VM_A)
+        assert daemon.sessions.failure(VM_A) is None
+        assert daemon.sessions.get(VM_A) is not served
+
+
+async def test_upstream_status_is_logged(sts_daemon: StartDaemon, proxy: FaultySts) -> None:
+    """An upstream 500 is logged with its HTTP status beside the code and request id."""
+    async with sts_daemon() as daemon:
+        proxy.mode = "outage"
+        with capture_logs() as logs:
+            await daemon.rotator.refresh(VM_A)
+    warning = next(e for e in logs if e["event"] == "session refresh failed")
+    assert (warning["status"], warning["code"], warning["request_id"]) == (
+        500,
+        "InternalFailure",
+        "req-fault-0001",
+    )
+
+
+async def test_unreachable_upstream_message_reads_well(
+    host_env: dict[str, str], clock: FakeClock
+) -> None:
+    """Nothing listens at the endpoint: the guest's failure Message is a sentence."""
+    async with running(sts_config("http://127.0.0.1:9/"), clock) as daemon:
+        doc = json.loads((await http(daemon.urls[0], CREDS + "role-a", source=A)).body)
+    assert doc["Code"] == "ServiceUnavailable"
+    assert (
+        doc["Message"]
+        == f"The upstream STS could not be reached while assuming {ROLE_A}; retrying."
+    )
+
+
+async def test_profile_scope_follows_a_changed_role(
+    sts_daemon: StartDaemon, proxy: FaultySts
+) -> None:
+    """session_scope = "profile": when a reload points the profile at another role, its
+    instances get a session of the new role at once, never the old role's keys under the new
+    role's name."""
+    async with sts_daemon(backend='session_scope = "profile"') as daemon:
+        old = daemon.sessions.get(VM_A)
+        profiles = [
+            replace(p, role=Role.from_arn(ROLE_B)) if p.name == "profile-a" else p
+            for p in daemon.inventory.profiles()
+        ]
+        config = sts_config(proxy.url)
+        changed = daemon.inventory.reload(config.instances, profiles, config.associations)
+        await daemon.sync(changed)
+        new = daemon.sessions.get(VM_A)
+        reply = await http(daemon.urls[0], CREDS + "role-b", source=A)
+    assert old is not None and new is not None
+    assert new.session.access_key_id != old.session.access_key_id and new.role_arn == ROLE_B
+    assert json.loads(reply.body)["AccessKeyId"] == new.session.access_key_id
+    assert unquote(proxy.seen[-1]["RoleArn"]) == ROLE_B

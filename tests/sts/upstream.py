@@ -107,7 +107,7 @@ class FaultySts:
 
     upstream: str
     fail_rate: float = 0.0  # share of AssumeRole calls answered with a 500
-    mode: str = "pass"  # pass | outage | throttle | stall | too-long-once
+    mode: str = "pass"  # pass | outage | throttle | stall | too-long-once | trickle
     stall_seconds: float = 30.0
     rng: random.Random = field(default_factory=lambda: random.Random(3))
     seen: list[dict[str, str]] = field(default_factory=list)
@@ -184,7 +184,20 @@ class FaultySts:
                 for k, v in reply.headers.items()
                 if k.lower() in ("content-type", "date", "x-amzn-requestid")
             }
+            if self.mode == "trickle":  # the answer in small pieces, a little apart
+                return await self.trickle(request, reply.status, payload, keep)
             return web.Response(status=reply.status, body=payload, headers=keep)
+
+    async def trickle(self, request: web.Request, status: int, payload: bytes,
+                      headers: dict[str, str]) -> web.StreamResponse:  # fmt: skip
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = len(payload)
+        await response.prepare(request)
+        for start in range(0, len(payload), 100):
+            await response.write(payload[start : start + 100])
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
 
 
 def _error_xml(code: str, message: str) -> bytes:
