@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 from dataclasses import replace
 from datetime import timedelta
@@ -125,3 +126,15 @@ async def test_readiness_means_serving_while_sessions_are_pending(clock: FakeClo
         finish.set()
         await starting
     assert json.loads(role.body)["Code"] == "Success"
+
+
+async def test_earliest_expiry_on_a_host_that_needs_no_session(clock: FakeClock) -> None:
+    """With no association at all the earliest-expiry gauge is +Inf (an alert on "under
+    min_remaining" must not fire); once associations lack a valid session it is 0."""
+    config = replace(make_config(), associations=())
+    async with running(config, clock) as daemon:
+        m = await scrape(daemon)
+        assert m[("imdsd_session_earliest_expiry_seconds", ())] == math.inf
+        daemon.inventory.associate(VM_A, "profile-a")
+        m = await scrape(daemon)  # associated, but no session issued yet (no sync)
+        assert m[("imdsd_session_earliest_expiry_seconds", ())] == 0.0

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
-from tests.fakes import FakeClock
+from imdsd.errors import BackendError
+from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import ROLE_B, VM_A, VM_B, VM_D, http, make_config, token_for
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -248,3 +250,22 @@ async def test_libvirt_hook_registers_and_forgets(daemon: Daemon) -> None:
     await call("release")
     assert (await http(daemon.urls[0], CREDS, source="127.0.0.30")).status == 404
     assert daemon.inventory.instance("i-0feedfeedfeedfeed") is None
+
+
+async def test_rotate_that_fails_exits_1(clock: FakeClock) -> None:
+    """rotate when the issuer refuses: exit 1 with the failure's code and message (it used to
+    exit 0 and print the old session as if it were new); the old session is still served."""
+    flaky: list[FlakyBackend] = []
+
+    def wrap(backend: Backend) -> Backend:
+        flaky.append(FlakyBackend(backend))
+        return flaky[0]
+
+    async with running(make_config(), clock, wrap_backend=wrap) as daemon:
+        before = daemon.sessions.get(VM_A)
+        flaky[0].failing = BackendError(
+            "AccessDenied", "The issuer refused the role.", retryable=False
+        )
+        code, _, err = await cli(daemon, "rotate", "--instance", VM_A)
+        assert daemon.sessions.get(VM_A) is before
+    assert code == 1 and "RotationFailed: AccessDenied: The issuer refused the role." in err
