@@ -70,7 +70,9 @@ class Daemon:
     api: MetadataApi
 
     async def sync(self, instance_ids: set[str]) -> None:
-        """Bring these instances' sessions in line with their associations, now."""
+        """Bring these instances' sessions in line with their associations, now; the trees of
+        instances that are gone are dropped (nothing of a removed instance stays behind)."""
+        self.api.trees.forget(i for i in instance_ids if self.inventory.instance(i) is None)
         await asyncio.gather(*(self.rotator.follow(i) for i in instance_ids))
 
 

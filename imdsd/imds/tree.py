@@ -8,6 +8,7 @@ SessionCache, which rotation refreshes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -119,6 +120,14 @@ class TreeCache:
 
     def __init__(self) -> None:
         self._trees: dict[str, Tree] = {}
+
+    def forget(self, instance_ids: Iterable[str]) -> None:
+        """Drop the trees of instances that are gone (hosts with short-lived VMs)."""
+        for instance_id in instance_ids:
+            self._trees.pop(instance_id, None)
+
+    def __len__(self) -> int:
+        return len(self._trees)
 
     def get(self, instance: Instance, association: Association | None, pending: datetime) -> Tree:
         tree = self._trees.get(instance.id)
