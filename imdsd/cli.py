@@ -21,6 +21,7 @@ from imdsd.clock import SystemClock
 from imdsd.config import Config, LogFormat, LogLevel, load
 from imdsd.daemon import serve
 from imdsd.errors import ConfigError, ImdsdError
+from imdsd.state import StateError, StateFile
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3
 DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
@@ -32,10 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands.run(args)
     try:
         config = load(args.config)
+        StateFile(config.host.state_directory).load()  # its records are checked like the config
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"imdsd: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _bad_config(exc)
+    except StateError as exc:
+        print(f"imdsd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     if args.command == "check-config":
         print(f"{args.config}: ok ({_summary(config)})")
         return EXIT_OK
@@ -43,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(config.log.level, config.log.format)
     try:
         asyncio.run(serve(config, SystemClock(), args.config))
+    except ConfigError as exc:  # the state file changed between the check above and the start
+        return _bad_config(exc)
     except OSError as exc:
         print(f"imdsd: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -50,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imdsd: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _bad_config(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"imdsd: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -88,6 +88,26 @@ def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> I
     return result
 
 
+def instance_in(t: Section) -> Instance | None:
+    """One [[instances]]-shaped table (also a state file record); None after problems."""
+    t.reject_unknown(INSTANCE_KEYS)
+    return _instance(t)
+
+
+def options_in(t: Section) -> MetadataOptions:
+    """A metadata_options-shaped table (also a state file record)."""
+    t.reject_unknown(OPTION_KEYS)
+    return _options(t)
+
+
+def instance_table(instance: Instance) -> dict[str, Any]:
+    """The [[instances]] table that instance_in() reads back as the same instance."""
+    table: dict[str, Any] = {"id": instance.id, "addresses": list(instance.addresses)}
+    table |= {key: getattr(instance, key) for key in PLACEMENT_KEYS}
+    table["metadata_options"] = asdict(instance.options)
+    return {k: v for k, v in table.items() if v is not None}
+
+
 def instances(entries: list[Section]) -> tuple[Instance, ...]:
     out: dict[str, Instance] = {}
     owner: dict[str, str] = {}

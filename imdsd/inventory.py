@@ -9,10 +9,11 @@ half-made change and caches keyed on identity stay warm. Never imports aiohttp.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
@@ -61,6 +62,8 @@ class Inventory:
         self._associations: dict[str, Association] = {}
         self._profiles: dict[str, InstanceProfile] = {}
         self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
+        self._lock = asyncio.Lock()  # admin changes, one at a time (commit)
+        self._planned: list[Overrides] | None = None
         self._rebuild()
 
     # -- reading (the request path uses instance_at and association) --------------------------
@@ -113,6 +116,24 @@ class Inventory:
         return "runtime" if instance_id in self._overrides.associations else "config"
 
     # -- changing (the admin API); each is validated, persisted, then applied ----------------
+
+    async def commit(self, change: Callable[[], object]) -> set[str]:
+        """Run one change (e.g. `lambda: inventory.associate(i, p)`) as the admin API must: one
+        at a time, validated against the state the previous change left, persisted in a worker
+        thread (write, fsync, rename, fsync: never on the loop that serves the guests), then
+        applied on the loop. Returns the ids whose association changed or went."""
+        async with self._lock:
+            self._planned = []
+            try:
+                change()  # validates; its _commit() only records the new overrides
+            finally:
+                planned, self._planned = self._planned, None
+            if not planned:
+                return set()
+            if self._state is not None:
+                await asyncio.to_thread(self._state.save, planned[-1])
+            self._overrides = planned[-1]
+            return self._rebuild()
 
     def add_instance(self, instance: Instance) -> set[str]:
         """Register an instance; its id and every address must be new."""
@@ -196,6 +217,9 @@ class Inventory:
         return Overrides(dict(o.added), set(o.removed), dict(o.options), dict(o.associations))
 
     def _commit(self, overrides: Overrides) -> set[str]:
+        if self._planned is not None:  # inside commit(): it persists and applies
+            self._planned.append(overrides)
+            return set()
         if self._state is not None:
             self._state.save(overrides)  # persisted before it takes effect or is acknowledged
         self._overrides = overrides

@@ -1,9 +1,13 @@
 """The state file: runtime changes (admin API) recorded as overrides on top of the config.
 
 The config file stays the baseline; this file says what changed since: instances added or
-removed, metadata options modified, associations set or removed. Every write is crash-safe:
-a temporary file is written and fsynced, renamed over the old one, and the directory fsynced,
-so a SIGKILL at any instant leaves either the old state or the new one. Never imports aiohttp.
+removed, metadata options modified, associations set or removed. Records use the config's
+own shapes ([[instances]] tables, metadata_options) and are validated on load by the config's
+own parsers: a hand-edited `hop_limit = 0` is refused with its key path, like a bad config,
+never handed to setsockopt. Every write is crash-safe: a temporary file is written and
+fsynced, renamed over the old one, and the directory fsynced, so a SIGKILL at any instant
+leaves either the old state or the new one. File and folder modes are set explicitly, so
+they do not depend on the umask. Never imports aiohttp.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imdsd.errors import ImdsdError
-from imdsd.model import Instance, MetadataOptions
+from imdsd.errors import ConfigError, ImdsdError, Problem
+from imdsd.fleet import instance_in, instance_table, options_in
+from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, MetadataOptions
+from imdsd.validation import Reader, Section, show
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: instances as dataclass dicts ("options", "local_ipv4"); read as well
 FILE_NAME = "state.json"
+DIRECTORY_MODE = 0o750  # the service's group may look (systemd's StateDirectoryMode agrees)
+FILE_MODE = 0o640
 
 
 @dataclass(slots=True)
@@ -34,7 +42,7 @@ class Overrides:
         return json.dumps(
             {
                 "version": FORMAT_VERSION,
-                "added": {iid: _instance_dict(i) for iid, i in sorted(self.added.items())},
+                "added": {iid: instance_table(i) for iid, i in sorted(self.added.items())},
                 "removed": sorted(self.removed),
                 "options": {iid: asdict(o) for iid, o in sorted(self.options.items())},
                 "associations": dict(sorted(self.associations.items())),
@@ -43,16 +51,88 @@ class Overrides:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Overrides:
-        data = json.loads(text)
-        if data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unknown state format version {data.get('version')!r}")
-        return cls(
-            added={iid: _instance_from(d) for iid, d in data["added"].items()},
-            removed=set(data["removed"]),
-            options={iid: MetadataOptions(**o) for iid, o in data["options"].items()},
-            associations=dict(data["associations"]),
+    def from_json(cls, text: str, source: str) -> Overrides:
+        """Parse and validate; ConfigError lists every problem with its key path in `source`."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise ConfigError([Problem(source, "text that is not JSON", "a state file")]) from None
+        reader = Reader()
+        root = Section(reader, data if isinstance(data, dict) else {}, "")
+        version = root.data.get("version")
+        if version not in (1, FORMAT_VERSION):
+            root.problem("version", show(version), f"1 or {FORMAT_VERSION}")
+        elif version == 1:
+            _upgrade(root.data)
+        root.reject_unknown(("version", "added", "removed", "options", "associations"))
+        overrides = cls(
+            added=_added(root),
+            removed=_removed(root),
+            options={
+                iid: options_in(t)
+                for iid, t in root.keyed("options", None).items()
+                if _is_id(root, "options", iid)
+            },
+            associations=_associations(root),
         )
+        if reader.problems:
+            raise ConfigError([Problem(f"{source}: {p.path}", p.value, p.allowed)
+                               for p in reader.problems])  # fmt: skip
+        return overrides
+
+
+def _is_id(root: Section, table: str, key: str) -> bool:
+    if INSTANCE_ID.fullmatch(key):
+        return True
+    root.problem(f"{table}.{key}", "a name that is no instance id", '"i-" + 8 or 17 hex digits')
+    return False
+
+
+def _added(root: Section) -> dict[str, Instance]:
+    out = {}
+    for iid, t in root.keyed("added", None).items():
+        instance = instance_in(t)
+        if instance is not None and instance.id != iid:
+            t.problem("id", show(instance.id), f'the record\'s own key, "{iid}"')
+        elif instance is not None:
+            out[iid] = instance
+    return out
+
+
+def _removed(root: Section) -> set[str]:
+    value = root.data.get("removed", [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and INSTANCE_ID.fullmatch(v) for v in value
+    ):
+        root.problem("removed", show(value), "a list of instance ids")
+        return set()
+    return set(value)
+
+
+def _associations(root: Section) -> dict[str, str | None]:
+    value = root.data.get("associations", {})
+    out: dict[str, str | None] = {}
+    if not isinstance(value, dict):
+        root.problem("associations", show(value), "a table of instance id -> profile name")
+        return out
+    for iid, name in value.items():
+        if not _is_id(root, "associations", iid):
+            continue
+        if name is not None and not (isinstance(name, str) and IAM_NAME.fullmatch(name)):
+            root.problem(f"associations.{iid}", show(name), "a profile name, or null")
+            continue
+        out[iid] = name
+    return out
+
+
+def _upgrade(data: dict[str, Any]) -> None:
+    """Version 1 stored instances as dataclass dicts: rename and drop the derived fields."""
+    for record in (data.get("added") or {}).values():
+        if isinstance(record, dict):
+            record["metadata_options"] = record.pop("options", {})
+            record.pop("local_ipv4", None)
+            for key in [k for k, v in record.items() if v is None]:
+                del record[key]
 
 
 class StateError(ImdsdError):
@@ -66,21 +146,26 @@ class StateFile:
         self.path = directory / FILE_NAME
 
     def load(self) -> Overrides:
-        """The recorded overrides; none when the file does not exist yet."""
+        """The recorded overrides; none when the file does not exist yet. ConfigError for a
+        file whose records are invalid, StateError for one that cannot be read."""
         try:
-            return Overrides.from_json(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return Overrides()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"cannot read the state file {self.path}: {exc}") from None
+        return Overrides.from_json(text, str(self.path))
 
     def save(self, overrides: Overrides) -> None:
-        """Write, fsync, rename over the old file, fsync the directory."""
+        """Write, fsync, rename over the old file, fsync the directory (modes set explicitly)."""
         directory = self.path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, DIRECTORY_MODE)
             temporary = directory / f".{FILE_NAME}.{os.getpid()}.tmp"
-            with temporary.open("w", encoding="utf-8") as out:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+                os.fchmod(out.fileno(), FILE_MODE)  # the umask may have taken bits away
                 out.write(overrides.to_json())
                 out.flush()
                 os.fsync(out.fileno())
@@ -92,14 +177,3 @@ class StateFile:
                 os.close(descriptor)
         except OSError as exc:
             raise StateError(f"cannot write the state file {self.path}: {exc.strerror}") from None
-
-
-def _instance_dict(instance: Instance) -> dict[str, Any]:
-    data = asdict(instance)
-    data["addresses"] = list(instance.addresses)
-    return data
-
-
-def _instance_from(data: dict[str, Any]) -> Instance:
-    return Instance(**{**data, "addresses": tuple(data["addresses"]),
-                       "options": MetadataOptions(**data["options"])})  # fmt: skip

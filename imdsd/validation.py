@@ -107,9 +107,10 @@ class Section:
         section.reject_unknown(known)
         return section
 
-    def keyed(self, key: str, known: tuple[str, ...]) -> dict[str, Section]:
+    def keyed(self, key: str, known: tuple[str, ...] | None) -> dict[str, Section]:
         """A table of tables named by the operator ([key.NAME]), each with unknown keys
-        reported; the names are the caller's to check."""
+        reported (unless `known` is None: the caller's parser checks them); the names are the
+        caller's to check."""
         value = self.data.get(key, {})
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             self.problem(key, show(value), f"tables named [{self.where(key)}.NAME]")
@@ -117,7 +118,8 @@ class Section:
         where = self.where(key)
         sections = {name: Section(self.reader, v, f"{where}.{name}") for name, v in value.items()}
         for section in sections.values():
-            section.reject_unknown(known)
+            if known is not None:
+                section.reject_unknown(known)
         return sections
 
     def tables(self, key: str, known: tuple[str, ...]) -> list[Section]:

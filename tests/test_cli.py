@@ -76,3 +76,21 @@ def test_run_reports_unbindable_listener_with_1(
         assert main(["run", "--config", str(write(tmp_path, text)), "--log-format", "json"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("imdsd: cannot start:") and "Traceback" not in err
+
+
+def test_bad_state_file_is_a_bad_config(tmp_path: Path) -> None:
+    """check-config reads the state file too, and so does run: a hand-edited record is one
+    stderr line naming the file and its key path, and exit 3 (systemd does not restart)."""
+    config = write(tmp_path, config_text())
+    state = Path(next(line.split('"')[1] for line in config.read_text().splitlines()
+                      if line.startswith("directory = ")))  # fmt: skip
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "state.json").write_text(
+        '{"version": 2, "added": {}, "removed": [], "associations": {},'
+        ' "options": {"i-0aaaaaaaaaaaaaaaa": {"hop_limit": 0}}}'
+    )
+    expected = f"imdsd: {state / 'state.json'}: options.i-0aaaaaaaaaaaaaaaa.hop_limit: got 0; allowed: an integer from 1 to 64\n"
+    for verb in ("check-config", "run"):
+        done = subprocess.run([sys.executable, "-m", "imdsd", verb, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (done.returncode, done.stderr, done.stdout) == (3, expected, ""), verb

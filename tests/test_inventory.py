@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from imdsd.errors import InventoryError  # the base of NotFoundError and ConflictError
+from imdsd.errors import ConfigError, InventoryError  # the base of NotFoundError and ConflictError
+from imdsd.fleet import instance_from, instance_table
 from imdsd.inventory import Inventory
 from imdsd.model import MetadataOptions
 from imdsd.state import StateError, StateFile
@@ -115,8 +117,12 @@ def test_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
-    """A corrupt state file stops start-up with its path, rather than silently losing state."""
+    """A corrupt state file stops start-up with its path, like a bad config (exit 3), rather
+    than silently losing state; a file that cannot be read at all is a StateError."""
     (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"state\.json: got text that is not JSON"):
+        state_inventory(tmp_path)
+    (tmp_path / "state.json").write_bytes(b"\xff\xfe")
     with pytest.raises(StateError, match=r"state\.json"):
         state_inventory(tmp_path)
 
@@ -143,3 +149,77 @@ def test_removed_config_instance_stays_removed(tmp_path: Path) -> None:
     assert again.instance(VM_A) is None and again.instance_at("127.0.0.2") is None
     with pytest.raises(InventoryError, match="does not exist"):
         again.remove_instance(VM_A)
+
+
+def test_state_records_are_validated_like_the_config(tmp_path: Path) -> None:
+    """A hand-edited state file is checked by the config's own parsers: every bad record is
+    one problem naming the file and its key path (never handed to setsockopt)."""
+    (tmp_path / "state.json").write_text(json.dumps({
+        "version": 2,
+        "added": {
+            "i-0eeeeeeeeeeeeeeee": {"id": "i-0eeeeeeeeeeeeeeee", "addresses": ["127.0.0.66"],
+                                    "metadata_options": {"hop_limit": 0}},
+            "i-0fffffffffffffff0": {"id": "i-0fffffffffffffff0", "addresses": ["127.0.0.67"], "colour": "red"},
+        },
+        "removed": ["not-an-id"],
+        "options": {"bogus": {"http_tokens": "required"}},
+        "associations": {VM_D: "no spaces allowed"},
+    }))  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        state_inventory(tmp_path)
+    where = str(tmp_path / "state.json")
+    assert [str(p) for p in caught.value.problems] == [
+        f"{where}: added.i-0eeeeeeeeeeeeeeee.metadata_options.hop_limit: got 0; allowed: an integer from 1 to 64",
+        f"{where}: added.i-0fffffffffffffff0.colour: got an unknown key; allowed: id, addresses, region, availability_zone, instance_type, ami_id, hostname, mac, account_id, metadata_options",
+        f'{where}: removed: got ["not-an-id"]; allowed: a list of instance ids',
+        f'{where}: options.bogus: got a name that is no instance id; allowed: "i-" + 8 or 17 hex digits',
+        f'{where}: associations.{VM_D}: got "no spaces allowed"; allowed: a profile name, or null',
+    ]
+
+
+def test_state_round_trip_and_version_1(tmp_path: Path) -> None:
+    """What save() writes, load() reads back as the same overrides; a version-1 file (instances
+    as dataclass dicts) is read too."""
+    inventory = state_inventory(tmp_path)
+    template = inventory.instance(VM_D)
+    assert template is not None
+    added = instance_from(instance_table(template) | {
+        "id": "i-0eeeeeeeeeeeeeeee", "addresses": ["127.0.0.66", "fd00::66"],
+        "metadata_options": {"http_tokens": "optional", "hop_limit": 3}})  # fmt: skip
+    inventory.add_instance(added)
+    inventory.remove_instance(VM_A)
+    inventory.associate(added.id, "profile-b")
+    again = state_inventory(tmp_path)
+    assert again.instance(added.id) == added and again.instance(VM_A) is None
+    old = {"version": 1, "added": {added.id: {**asdict(added), "addresses": list(added.addresses)}},
+           "removed": [], "options": {}, "associations": {}}  # fmt: skip
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    assert state_inventory(tmp_path).instance(added.id) == added
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_state_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
+    """The state folder is 0750 and the file 0640, whatever the process umask."""
+    previous = os.umask(umask)
+    try:
+        inventory = state_inventory(tmp_path / "state")
+        inventory.associate(VM_D, "profile-b")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "state" / "state.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_remove_then_add_applies_the_added_record(tmp_path: Path) -> None:
+    """The libvirt hook's stop/start: `instances remove` of a config instance, then `add` of
+    the same id with a new address. The added record is what is served (new address yes,
+    old address no), also after a restart."""
+    inventory = state_inventory(tmp_path)
+    config_record = inventory.instance(VM_D)
+    assert config_record is not None
+    inventory.remove_instance(VM_D)
+    moved = instance_from(instance_table(config_record) | {"addresses": ["127.0.0.77"]})
+    inventory.add_instance(moved)
+    for view in (inventory, state_inventory(tmp_path)):
+        assert view.instance(VM_D) == moved and view.origin(VM_D) == "runtime"
+        assert view.instance_at("127.0.0.77") == moved and view.instance_at("127.0.0.5") is None

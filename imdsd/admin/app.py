@@ -130,15 +130,17 @@ async def show_instance(request: web.Request) -> web.Response:
 async def add_instance(request: web.Request) -> web.Response:
     inventory = request.app[INVENTORY]
     instance = instance_from(await _body(request))
-    await request.app[SYNC](inventory.add_instance(instance))
+    await request.app[SYNC](await inventory.commit(lambda: inventory.add_instance(instance)))
     log.info("instance added", instance=instance.id, addresses=list(instance.addresses))
-    return web.json_response(instance_view(inventory, instance), status=201)
+    effective = inventory.instance(instance.id)  # what is now served: the reply shows that
+    assert effective is not None  # noqa: S101 -- just added
+    return web.json_response(instance_view(inventory, effective), status=201)
 
 
 @routes.delete("/v1/instances/{id}")
 async def remove_instance(request: web.Request) -> web.Response:
-    iid = request.match_info["id"]
-    await request.app[SYNC](request.app[INVENTORY].remove_instance(iid))
+    iid, inventory = request.match_info["id"], request.app[INVENTORY]
+    await request.app[SYNC](await inventory.commit(lambda: inventory.remove_instance(iid)))
     log.info("instance removed", instance=iid)
     return web.json_response({"removed": iid})
 
@@ -149,9 +151,11 @@ async def modify_options(request: web.Request) -> web.Response:
     current = inventory.instance(_instance_or_404(request))
     assert current is not None  # noqa: S101 -- checked just above
     changed = instance_from(await _body(request), current=current)
-    inventory.set_options(current.id, changed.options)
+    await inventory.commit(lambda: inventory.set_options(current.id, changed.options))
     log.info("metadata options modified", instance=current.id, options=str(changed.options))
-    return web.json_response(instance_view(inventory, changed))
+    effective = inventory.instance(current.id)
+    assert effective is not None  # noqa: S101 -- checked above; only this call changes it
+    return web.json_response(instance_view(inventory, effective))
 
 
 @routes.get("/v1/profiles")
@@ -162,22 +166,27 @@ async def list_profiles(request: web.Request) -> web.Response:
 @routes.post("/v1/associations")
 async def associate(request: web.Request) -> web.Response:
     data = await _body(request)
-    iid, profile = _text(data, "instance"), _text(data, "profile")
-    return await _associated(request, iid, request.app[INVENTORY].associate(iid, profile), 201)
+    iid, profile, inventory = (
+        _text(data, "instance"),
+        _text(data, "profile"),
+        request.app[INVENTORY],
+    )
+    changed = await inventory.commit(lambda: inventory.associate(iid, profile))
+    return await _associated(request, iid, changed, 201)
 
 
 @routes.put("/v1/associations/{id}")
 async def replace_association(request: web.Request) -> web.Response:
     iid, profile = request.match_info["id"], _text(await _body(request), "profile")
-    return await _associated(
-        request, iid, request.app[INVENTORY].replace_association(iid, profile), 200
-    )
+    inventory = request.app[INVENTORY]
+    changed = await inventory.commit(lambda: inventory.replace_association(iid, profile))
+    return await _associated(request, iid, changed, 200)
 
 
 @routes.delete("/v1/associations/{id}")
 async def disassociate(request: web.Request) -> web.Response:
-    iid = request.match_info["id"]
-    await request.app[SYNC](request.app[INVENTORY].disassociate(iid))
+    iid, inventory = request.match_info["id"], request.app[INVENTORY]
+    await request.app[SYNC](await inventory.commit(lambda: inventory.disassociate(iid)))
     log.info("instance disassociated", instance=iid)
     return web.json_response({"disassociated": iid})
 

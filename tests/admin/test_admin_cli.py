@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
+from imdsd.state import Overrides, StateFile
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import ROLE_B, VM_A, VM_B, VM_D, http, make_config, token_for
 
@@ -269,3 +271,53 @@ async def test_rotate_that_fails_exits_1(clock: FakeClock) -> None:
         code, _, err = await cli(daemon, "rotate", "--instance", VM_A)
         assert daemon.sessions.get(VM_A) is before
     assert code == 1 and "RotationFailed: AccessDenied: The issuer refused the role." in err
+
+
+class SlowDisk(StateFile):
+    """A state file whose writes wait for a gate: a slow or stalled disk, on cue."""
+
+    def __init__(self, real: StateFile) -> None:
+        super().__init__(real.path.parent)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+
+    def save(self, overrides: Overrides) -> None:
+        self.writing.set()
+        assert self.gate.wait(30)
+        super().save(overrides)
+
+
+async def test_persistence_is_off_the_loop_and_serialized(daemon: Daemon) -> None:
+    """While an admin change waits on the disk, guests are still served and the change is not
+    yet in effect (acknowledged only once persisted); a second change of the same instance
+    waits for the first and is judged against its result (one succeeds, one is refused)."""
+    disk = SlowDisk(daemon.inventory._state)  # type: ignore[arg-type]
+    daemon.inventory._state = disk
+    first = asyncio.create_task(
+        cli(daemon, "associate", "--instance", VM_D, "--profile", "profile-a")
+    )
+    second = asyncio.create_task(
+        cli(daemon, "associate", "--instance", VM_D, "--profile", "profile-b")
+    )
+    assert await asyncio.to_thread(disk.writing.wait, 30)
+    reply = await http(daemon.urls[0], "/latest/meta-data/instance-id", source="127.0.0.5")
+    assert (reply.status, reply.text) == (200, VM_D)  # the loop is free while the disk is not
+    assert daemon.inventory.association(VM_D) is None  # not in effect before it is persisted
+    disk.gate.set()
+    results = sorted([(await first)[0], (await second)[0]])
+    assert results == [0, 1]
+    association = daemon.inventory.association(VM_D)
+    assert association is not None and daemon.sessions.get(VM_D) is not None
+
+
+async def test_remove_then_add_of_a_config_instance_serves_the_new_record(daemon: Daemon) -> None:
+    """What the libvirt hook does on every stop and start: `instances remove` of a config
+    instance, then `instances add` of the same id at a new address. The reply is the record
+    in effect, the new address is served at once, the old one is a stranger."""
+    assert (await cli(daemon, "instances", "remove", VM_D))[0] == 0
+    added = await ok_json(daemon, "instances", "add", "--id", VM_D, "--address", "127.0.0.77",
+                          "--http-tokens", "optional")  # fmt: skip
+    assert added["addresses"] == ["127.0.0.77"] and added["source"] == "runtime"  # type: ignore[index]
+    url = daemon.urls[0]
+    assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.77")).text == VM_D
+    assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.5")).status == 404
