@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -42,10 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{args.config}: ok ({_summary(config)})")
         return EXIT_OK
-    config = _with_overrides(config, args)
+    config = _with_overrides(config, args=args)
     log.configure(config.log.level, config.log.format)
     try:
-        asyncio.run(serve(config, SystemClock(), args.config))
+        adjust = functools.partial(_with_overrides, args=args)  # reloads keep the flags
+        asyncio.run(serve(config, SystemClock(), args.config, adjust))
     except ConfigError as exc:  # the state file changed between the check above and the start
         return _bad_config(exc)
     except OSError as exc:
@@ -81,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+def _with_overrides(config: Config, *, args: argparse.Namespace) -> Config:
     """--log-level and --log-format win over the file's [log] section."""
     return replace(
         config,

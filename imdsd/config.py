@@ -7,6 +7,7 @@ never echoed back in a message.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -38,14 +39,13 @@ from imdsd.validation import (
     nonempty,
     one_of,
     optional_listener,
-    parse_duration,
-    positive_duration,
     show,
 )
 
 BackendKind = Literal["local", "sts"]
 SessionScope = Literal["instance", "profile"]
 SessionTag = Literal["instance_id", "host"]
+H = timedelta(hours=1)
 STS_DURATION_MIN = timedelta(seconds=900)  # AssumeRole's DurationSeconds limits
 STS_DURATION_MAX = timedelta(seconds=43200)
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -163,6 +163,11 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(source, f"invalid TOML ({exc})", "a TOML document")]) from None
+    return validate(data)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
     reader = Reader()
     config = _config(reader, data)
     if reader.problems:
@@ -175,16 +180,18 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
     rotation = _rotation(doc.table("rotation", _ROTATION_KEYS))
     backend = _backend(doc.table("backend", ("kind", "local", "sts")))
     _check_lifetime(reader, rotation, backend)
+    imds, host = _imds(doc.table("imds", ("listeners",))), _host(doc)
+    _check_listeners(reader, imds, host)
     profiles = fleet.profiles(
         doc.tables("instance_profiles", ("name", "path", "id", "role_arn", "external_id"))
     )
     instances = fleet.instances(doc.tables("instances", fleet.INSTANCE_KEYS))
     return Config(
-        imds=_imds(doc.table("imds", ("listeners",))),
+        imds=imds,
         rotation=rotation,
         backend=backend,
         log=_log(doc.table("log", ("level", "format"))),
-        host=_host(doc),
+        host=host,
         budgets=parse_budgets(doc.table("budgets", BUDGET_KEYS)),
         instances=instances,
         profiles=profiles,
@@ -202,7 +209,8 @@ def _imds(t: Section) -> ImdsConfig:
 
 def _rotation(t: Section) -> RotationPolicy:
     d = RotationPolicy()
-    positive = "a duration greater than 0s"
+    up_to_12h, up_to_6h = duration_in(timedelta(0), 12 * H), duration_in(timedelta(0), 6 * H)
+    retry = duration_in(timedelta(seconds=1), H)
     p = RotationPolicy(
         refresh_fraction=t.take(
             "refresh_fraction",
@@ -210,11 +218,11 @@ def _rotation(t: Section) -> RotationPolicy:
             d.refresh_fraction,
             "a number greater than 0 and less than 1",
         ),
-        refresh_before=t.take("refresh_before", parse_duration, d.refresh_before, DURATION),
-        min_remaining=t.take("min_remaining", parse_duration, d.min_remaining, DURATION),
-        jitter=t.take("jitter", parse_duration, d.jitter, DURATION),
-        retry_initial=t.take("retry_initial", positive_duration, d.retry_initial, positive),
-        retry_max=t.take("retry_max", positive_duration, d.retry_max, positive),
+        refresh_before=t.take("refresh_before", up_to_12h, d.refresh_before, f"{DURATION}; to 12h"),
+        min_remaining=t.take("min_remaining", up_to_12h, d.min_remaining, f"{DURATION}; to 12h"),
+        jitter=t.take("jitter", up_to_6h, d.jitter, f"{DURATION}; to 6h"),
+        retry_initial=t.take("retry_initial", retry, d.retry_initial, "a duration from 1s to 1h"),
+        retry_max=t.take("retry_max", retry, d.retry_max, "a duration from 1s to 1h"),
         concurrency=t.take(
             "concurrency", int_in(1, 1024), d.concurrency, "an integer from 1 to 1024"
         ),
@@ -246,7 +254,12 @@ def _backend(t: Section) -> BackendConfig:
     lt = t.table("local", ("lifetime", "key"))
     d = LocalBackendConfig()
     local = LocalBackendConfig(
-        lifetime=lt.take("lifetime", positive_duration, d.lifetime, "a duration greater than 0s"),
+        lifetime=lt.take(
+            "lifetime",
+            duration_in(timedelta(seconds=1), 12 * H),
+            d.lifetime,
+            "a duration from 1s to 12h",
+        ),
         key=lt.take("key", aes_key, None, "base64 of a 16-, 24- or 32-byte AES key", secret=True),
     )
     sts = _sts(t.table("sts", _STS_KEYS), required=kind == "sts")
@@ -314,6 +327,31 @@ def _check_lifetime(reader: Reader, p: RotationPolicy, backend: BackendConfig) -
             f"more than rotation.refresh_before + rotation.jitter ({format_duration(floor)}),"
             " or the session would be refreshed as soon as it is issued",
         )
+
+
+def _check_listeners(reader: Reader, imds: ImdsConfig, host: HostConfig) -> None:
+    """No two listeners may want the same socket (the second bind would fail at start), and the
+    metrics listener is never a guest listener (guests would read the host's metrics)."""
+    seen: list[Listener] = []
+    for listener in imds.listeners:
+        other = next((s for s in seen if _overlap(s, listener)), None)
+        if other is not None:
+            reader.problem("imds.listeners", show(str(listener)),
+                           f"listeners that do not overlap ({other} is listed too)")  # fmt: skip
+        seen.append(listener)
+    if host.metrics is not None:
+        other = next((s for s in seen if _overlap(s, host.metrics)), None)
+        if other is not None:
+            allowed = f"an address no guest listener uses (imds.listeners has {other})"
+            reader.problem("metrics.listen", show(str(host.metrics)), allowed)
+
+
+def _overlap(a: Listener, b: Listener) -> bool:
+    """Same port (not 0) and the same address, or a wildcard of the same family."""
+    if a.port != b.port or a.port == 0:
+        return False
+    x, y = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    return x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
 
 
 def _host(doc: Section) -> HostConfig:

@@ -38,6 +38,7 @@ from imdsd.imds.listener import serving_guests
 from imdsd.imds.server import GuestServer
 from imdsd.inventory import Inventory
 from imdsd.log import LoopErrors
+from imdsd.log import configure as configure_logging
 from imdsd.metrics import Metrics, make_metrics_app
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
@@ -182,9 +183,15 @@ def _claim_socket_path(path: Path) -> None:
     raise OSError(errno.EADDRINUSE, f"another imdsd answers on {path}")
 
 
-async def serve(config: Config, clock: Clock, config_path: Path | None = None) -> None:
+async def serve(
+    config: Config,
+    clock: Clock,
+    config_path: Path | None = None,
+    adjust: Callable[[Config], Config] = lambda c: c,
+) -> None:
     """Run until SIGTERM or SIGINT (in-flight requests get a grace period, then exit 0);
-    SIGHUP reloads `config_path`, refusing a bad file and keeping the running config."""
+    SIGHUP reloads `config_path` (through `adjust`, the command line's overrides), refusing a
+    bad file and keeping the running config."""
     stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -211,7 +218,7 @@ async def serve(config: Config, clock: Clock, config_path: Path | None = None) -
                 await _first(stop, reload)
                 if reload.is_set() and not stop.is_set():
                     reload.clear()
-                    config = await _reload(daemon, config, config_path)
+                    config = await _reload(daemon, config, config_path, adjust)
         systemd.notify("STOPPING=1")
         log.info("stopping")
 
@@ -246,21 +253,34 @@ async def _watchdog(interval: float, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), interval)
 
 
-async def _reload(daemon: Daemon, current: Config, path: Path | None) -> Config:
-    """SIGHUP: apply the file's instances, profiles and associations; sessions that did not
-    change are kept. A bad file is refused and logged; the running config stays."""
+async def _reload(
+    daemon: Daemon, current: Config, path: Path | None, adjust: Callable[[Config], Config]
+) -> Config:
+    """SIGHUP: apply the file's instances, profiles, associations, budgets and [log]; sessions
+    that did not change are kept. A file that fails for any reason is refused and logged; the
+    running config stays and the daemon keeps serving."""
     if path is None:
         return current
     systemd.reloading()
     try:
-        new = load(path)
+        return await _apply(daemon, current, adjust(load(path)))
     except ConfigError as exc:
         log.error("reload refused: the config is invalid; keeping the running one",
                   problems=[str(p) for p in exc.problems])  # fmt: skip
+    except Exception as exc:  # any other failure is a reload refused, never an outage
+        log.error("reload failed; keeping the running config",
+                  error=exc.__class__.__name__, exc_info=exc)  # fmt: skip
+    finally:
         systemd.notify("READY=1")
-        return current
+    return current
+
+
+async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
     changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
     daemon.api.ledger.policy = new.budgets
+    if new.log != current.log:
+        configure_logging(new.log.level, new.log.format)
+        daemon.api.log_requests = new.log.level == "debug"
     await daemon.sync(changed)
     restart_only = [
         k for k in ("imds", "rotation", "backend", "host") if getattr(new, k) != getattr(current, k)
@@ -272,7 +292,6 @@ async def _reload(daemon: Daemon, current: Config, path: Path | None) -> Config:
         changed_associations=sorted(changed),
         instances=len(daemon.inventory.instances()),
     )
-    systemd.notify("READY=1")
     return replace(new, **{k: getattr(current, k) for k in restart_only})
 
 

@@ -21,6 +21,7 @@ from imdsd.errors import Problem
 from imdsd.model import Role
 
 T = TypeVar("T")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
@@ -87,7 +88,9 @@ class Section:
         self.reader, self.data, self.path = reader, data, path
 
     def where(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        """The key path, a key that is not bare TOML quoted (a message stays one line)."""
+        shown = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+        return f"{self.path}.{shown}" if self.path else shown
 
     def problem(self, key: str, value: str, allowed: str) -> None:
         self.reader.problem(self.where(key), value, allowed)

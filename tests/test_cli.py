@@ -72,7 +72,7 @@ def test_run_reports_unbindable_listener_with_1(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        text = config_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"')
+        text = config_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"', 1)  # the guest one
         assert main(["run", "--config", str(write(tmp_path, text)), "--log-format", "json"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("imdsd: cannot start:") and "Traceback" not in err

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from imdsd.config import format_duration, load, parse, parse_duration
+from imdsd.config import load, parse
 from imdsd.errors import ConfigError
+from imdsd.validation import format_duration, parse_duration
 from tests.helpers import ROLE_A, config_text
 
 INSTANCE = '[[instances]]\nid = "i-0123456789abcdef0"\naddresses = ["127.0.0.9"]\n'
@@ -31,7 +32,13 @@ BAD = [
     ("[imds]\nport = 80", "imds.port: got an unknown key; allowed: listeners"),
     ("[rotation]\nrefresh_fraction = 1.5", "rotation.refresh_fraction: got 1.5; allowed: a number greater than 0 and less than 1"),
     ('[rotation]\njitter = "5 minutes"',
-     'rotation.jitter: got "5 minutes"; allowed: a duration: seconds as an integer, or a string like "90s", "30m", "6h", "1h30m"'),
+     'rotation.jitter: got "5 minutes"; allowed: a duration: seconds as an integer, or a string like "90s", "30m", "6h", "1h30m"; to 6h'),
+    ('[rotation]\nretry_max = "99999999999h"', "rotation.retry_max: got \"99999999999h\"; allowed: a duration from 1s to 1h"),
+    ('[rotation]\nretry_max = 99999999999999999999', "rotation.retry_max: got 99999999999999999999; allowed: a duration from 1s to 1h"),
+    ('[backend.local]\nlifetime = "100000000h"', 'backend.local.lifetime: got "100000000h"; allowed: a duration from 1s to 12h'),
+    ('[imds]\nlisteners = ["127.0.0.1:8169", "127.0.0.1:8169"]', 'imds.listeners: got "127.0.0.1:8169"; allowed: listeners that do not overlap (127.0.0.1:8169 is listed too)'),
+    ('[imds]\nlisteners = ["0.0.0.0:80", "169.254.169.254:80"]', 'imds.listeners: got "169.254.169.254:80"; allowed: listeners that do not overlap (0.0.0.0:80 is listed too)'),
+    ('[imds]\nlisteners = ["127.0.0.1:8169"]\n[metrics]\nlisten = "127.0.0.1:8169"', 'metrics.listen: got "127.0.0.1:8169"; allowed: an address no guest listener uses (imds.listeners has 127.0.0.1:8169)'),
     ("[rotation]\nconcurrency = 0", "rotation.concurrency: got 0; allowed: an integer from 1 to 1024"),
     ('[rotation]\nrefresh_before = "10m"', "rotation.refresh_before: got 10m; allowed: at least rotation.min_remaining (30m)"),
     ('[rotation]\nretry_initial = "10m"\nretry_max = "1m"', "rotation.retry_max: got 1m; allowed: at least rotation.retry_initial (10m)"),

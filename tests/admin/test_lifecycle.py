@@ -173,3 +173,34 @@ async def test_shutdown_lets_requests_in_flight_finish(clock: object) -> None:
         asyncio.get_running_loop().call_later(0.2, gate.set)  # the issuer answers during shutdown
     answer = await call
     assert answer["state"] == "fresh" and answer["instance"] == VM_D
+
+
+async def test_sighup_survives_the_overflow_typo_and_applies_log(tmp_path: Path) -> None:
+    """The typo that used to kill the daemon on reload (retry_max = "99999999999h", an
+    OverflowError) is refused with its key path and the daemon keeps serving; a [log] change
+    applies on reload (debug: the per-request line appears)."""
+    a = ("i-0000000a", "127.0.0.2")
+    proc = Proc(tmp_path, config(tmp_path, [(*a, "web")]))
+    path = "/latest/meta-data/instance-id"
+    try:
+        good = proc.config.read_text()
+        proc.config.write_text(good + '[rotation]\nretry_max = "99999999999h"\n')
+        mark = len(proc.events())
+        proc.process.send_signal(signal.SIGHUP)
+        refused = proc.wait_for(
+            "reload refused: the config is invalid; keeping the running one", after=mark
+        )
+        assert refused["problems"] == [
+            'rotation.retry_max: got "99999999999h"; allowed: a duration from 1s to 1h'
+        ]
+        assert (await http(proc.url, path, source=a[1])).text == a[0]
+        proc.config.write_text(good.replace('level = "info"', 'level = "debug"'))
+        mark = len(proc.events())
+        proc.process.send_signal(signal.SIGHUP)
+        proc.wait_for("reloaded", after=mark)
+        assert (await http(proc.url, path, source=a[1])).text == a[0]
+        line = proc.wait_for("request", after=mark)
+        assert (line["path"], line["status"]) == ("metadata", 200)
+        assert proc.process.poll() is None
+    finally:
+        assert proc.stop() == 0
