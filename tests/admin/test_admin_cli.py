@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ async def cli(daemon: Daemon | Path, *args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-async def ok_json(daemon: Daemon, *args: str) -> object:
+async def ok_json(daemon: Daemon, *args: str) -> Any:
     code, out, err = await cli(daemon, *args, "--json")
     assert code == 0, err
     return json.loads(out)
@@ -50,7 +51,7 @@ async def ok_json(daemon: Daemon, *args: str) -> object:
 async def test_lists_and_status(daemon: Daemon) -> None:
     """status, instances list/show, profiles list, sessions list: tables and --json."""
     status = await ok_json(daemon, "status")
-    assert status["instances"] == {"config": 4} and status["sessions"] == {"fresh": 2}  # type: ignore[index]
+    assert status["instances"] == {"config": 4} and status["sessions"] == {"fresh": 2}
     code, table, _ = await cli(daemon, "instances", "list")
     assert code == 0 and table.splitlines()[0].split() == [
         "INSTANCE",
@@ -63,9 +64,9 @@ async def test_lists_and_status(daemon: Daemon) -> None:
     ]
     assert f"{VM_B}  127.0.0.3,::1" in table
     shown = await ok_json(daemon, "instances", "show", VM_A)
-    assert shown["profile"] == "profile-a" and shown["source"] == "config"  # type: ignore[index]
+    assert shown["profile"] == "profile-a" and shown["source"] == "config"
     profiles = await ok_json(daemon, "profiles", "list")
-    assert [p["name"] for p in profiles] == ["profile-a", "profile-b"]  # type: ignore[union-attr,index]
+    assert [p["name"] for p in profiles] == ["profile-a", "profile-b"]
     code, sessions, _ = await cli(daemon, "sessions", "list")
     assert code == 0 and "****" in sessions and "fresh" in sessions
     entry = daemon.sessions.get(VM_A)
@@ -105,7 +106,7 @@ async def test_associate_serves_a_session_before_returning(daemon: Daemon) -> No
     second associate is refused (exit 1)."""
     assert (await http(daemon.urls[0], "/latest/meta-data/iam/", source="127.0.0.5")).status == 404
     view = await ok_json(daemon, "associate", "--instance", VM_D, "--profile", "profile-b")
-    assert view["state"] == "fresh"  # type: ignore[index]
+    assert view["state"] == "fresh"
     doc = json.loads((await http(daemon.urls[0], CREDS + "role-b", source="127.0.0.5")).body)
     assert doc["Code"] == "Success" and doc["AccessKeyId"].startswith("ASIA")
     code, _, err = await cli(daemon, "associate", "--instance", VM_D, "--profile", "profile-a")
@@ -167,7 +168,7 @@ async def test_modified_metadata_options_apply_to_the_next_request(daemon: Daemo
     )
     assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.2")).status == 403
     shown = await ok_json(daemon, "instances", "show", VM_A)
-    assert shown["source"] == "modified" and shown["metadata_options"]["http_tokens"] == "required"  # type: ignore[index]
+    assert shown["source"] == "modified" and shown["metadata_options"]["http_tokens"] == "required"
 
 
 async def test_rotate_now(daemon: Daemon) -> None:
@@ -180,7 +181,7 @@ async def test_rotate_now(daemon: Daemon) -> None:
         and after is not None
         and after.session.access_key_id != before.session.access_key_id
     )
-    assert view["access_key"] == "****" + after.session.access_key_id[-4:]  # type: ignore[index]
+    assert view["access_key"] == "****" + after.session.access_key_id[-4:]
     code, _, err = await cli(daemon, "rotate", "--instance", VM_D)
     assert code == 1 and "no association" in err
 
@@ -214,8 +215,8 @@ async def test_changes_survive_a_restart(clock: FakeClock) -> None:
         await ok_json(first, "disassociate", "--instance", VM_B)
     async with running(config, clock) as second:
         status = await ok_json(second, "status")
-        assert status["instances"] == {"config": 4, "runtime": 1}  # type: ignore[index]
-        assert status["associations"] == {"config": 1, "runtime": 1}  # type: ignore[index]
+        assert status["instances"] == {"config": 4, "runtime": 1}
+        assert status["associations"] == {"config": 1, "runtime": 1}
         reply = await http(second.urls[0], CREDS, source="127.0.0.20")
         assert reply.text == "role-a"
         assert second.inventory.association(VM_B) is None
@@ -317,7 +318,7 @@ async def test_remove_then_add_of_a_config_instance_serves_the_new_record(daemon
     assert (await cli(daemon, "instances", "remove", VM_D))[0] == 0
     added = await ok_json(daemon, "instances", "add", "--id", VM_D, "--address", "127.0.0.77",
                           "--http-tokens", "optional")  # fmt: skip
-    assert added["addresses"] == ["127.0.0.77"] and added["source"] == "runtime"  # type: ignore[index]
+    assert added["addresses"] == ["127.0.0.77"] and added["source"] == "runtime"
     url = daemon.urls[0]
     assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.77")).text == VM_D
     assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.5")).status == 404

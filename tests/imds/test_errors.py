@@ -64,7 +64,7 @@ async def test_unexpected_exception_becomes_500_page(buggy: tuple[Daemon, str]) 
 class EscapingApi(MetadataApi):
     """A pipeline that itself crashes: the connection layer's last resort must answer."""
 
-    async def handle(self, request: BaseRequest) -> StreamResponse:  # type: ignore[override]
+    async def handle(self, request: BaseRequest) -> StreamResponse:
         raise RuntimeError("internal detail that must stay inside")
 
 

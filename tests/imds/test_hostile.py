@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -175,9 +175,9 @@ SLOW = '[budgets]\nhead_timeout = "1s"\nidle_timeout = "2s"\n[budgets.instances.
 
 
 @pytest.fixture
-async def slow_daemon(clock: FakeClock) -> Iterator[Daemon]:
+async def slow_daemon(clock: FakeClock) -> AsyncIterator[Daemon]:
     async with running(make_config(SLOW.format(vm=VM_D)), clock) as daemon:
-        yield daemon  # type: ignore[misc]
+        yield daemon
 
 
 async def test_slowloris_is_cut_by_the_head_deadline(slow_daemon: Daemon) -> None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -122,7 +123,7 @@ def sts_daemon(host_env: dict[str, str], proxy: FaultySts,
 
 async def run_guest(
     daemon_url: str, moto: Moto, source: str, partner: str | None = None
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """A guest process bound to `source`, with only the metadata endpoint configured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env |= {"AWS_EC2_METADATA_SERVICE_ENDPOINT": daemon_url, "HOME": "/nonexistent",

@@ -17,7 +17,7 @@ PARTNER = sys.argv[3] if len(sys.argv) > 3 else None
 _connect = connection.create_connection
 
 
-def _bound(address, timeout=connection._DEFAULT_TIMEOUT, source_address=None, socket_options=None):  # type: ignore[no-untyped-def]
+def _bound(address, timeout=connection._DEFAULT_TIMEOUT, source_address=None, socket_options=None):  # type: ignore[no-untyped-def,attr-defined]
     return _connect(address, timeout, (SOURCE, 0), socket_options)
 
 

@@ -55,7 +55,7 @@ async def test_cross_account_chaining(sts_daemon: StartDaemon, moto: Moto) -> No
 async def test_replaced_profile_serves_the_new_role(sts_daemon: StartDaemon, moto: Moto) -> None:
     """4. Replacing A's profile makes the guest's next fetch return the new role's credentials."""
     async with sts_daemon() as daemon:
-        assert (await run_guest(daemon.urls[0], moto, A))["arn"].endswith(f"role-a/{VM_A}")  # type: ignore[union-attr]
+        assert (await run_guest(daemon.urls[0], moto, A))["arn"].endswith(f"role-a/{VM_A}")
         daemon.inventory.replace_association(VM_A, "profile-b")
         await daemon.rotator.follow(VM_A)
         guest = await run_guest(daemon.urls[0], moto, A)

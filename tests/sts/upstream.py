@@ -95,7 +95,8 @@ def start_moto() -> Moto:
     url = f"http://127.0.0.1:{port}"
     kw = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "AKIASETUPSETUPSETUP0",
           "aws_secret_access_key": "setup", "config": Config(s3={"addressing_style": "path"})}  # fmt: skip
-    iam, s3, key = boto3.client("iam", **kw), boto3.client("s3", **kw), {}
+    key: dict[str, str] = {}
+    iam, s3 = boto3.client("iam", **kw), boto3.client("s3", **kw)
     for step in setup:
         step(iam, s3, key)
     return Moto(url=url, process=process, host_key=key)
