@@ -20,7 +20,6 @@ from imdsd import __version__, log
 from imdsd.admin import commands
 from imdsd.clock import SystemClock
 from imdsd.config import Config, LogFormat, LogLevel, load
-from imdsd.daemon import serve
 from imdsd.errors import ConfigError, ImdsdError
 from imdsd.state import StateError, StateFile
 
@@ -46,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _with_overrides(config, args=args)
     log.configure(config.log.level, config.log.format)
     try:
+        from imdsd.daemon import serve  # here: only `run` pays for the daemon's imports
+
         adjust = functools.partial(_with_overrides, args=args)  # reloads keep the flags
         asyncio.run(serve(config, SystemClock(), args.config, adjust))
     except ConfigError as exc:  # the state file changed between the check above and the start

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from imdsd import __version__, systemd
 from imdsd.admin.app import make_admin_app
-from imdsd.backends import OPENERS
+from imdsd.backends import opener
 from imdsd.backends.base import Backend
 from imdsd.backends.measured import Measured
 from imdsd.backends.shared import ProfileScoped
@@ -86,9 +86,7 @@ async def running(
 ) -> AsyncIterator[Daemon]:
     """Start everything; yield the running daemon; stop everything on exit."""
     async with AsyncExitStack() as stack:
-        opened = await stack.enter_async_context(
-            OPENERS[config.backend.kind](config.backend, clock)
-        )
+        opened = await stack.enter_async_context(opener(config.backend.kind)(config.backend, clock))
         metrics, ready = Metrics(), asyncio.Event()
         wrapped = wrap_backend(opened) if wrap_backend else opened
         backend = _scoped(Measured(wrapped, metrics), config, clock)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -94,3 +95,36 @@ def test_bad_state_file_is_a_bad_config(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-m", "imdsd", verb, "--config", str(config)],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert (done.returncode, done.stderr, done.stdout) == (3, expected, ""), verb
+
+
+def test_every_verb_and_option_has_help() -> None:
+    """Every subcommand at every depth, and every option and argument, says what it is for."""
+    from imdsd.cli import _parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, where: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, child in action.choices.items():
+                    if not helps.get(name):
+                        missing.append(f"{where} {name}")
+                    walk(child, f"{where} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(_parser(), "imdsd")
+    assert missing == []
+
+
+def test_help_and_admin_verbs_load_neither_the_daemon_nor_botocore() -> None:
+    """`imdsd --help` and an admin verb import neither imdsd.daemon, botocore nor aiohttp, so
+    they start fast (the daemon's imports cost half a second)."""
+    code = (
+        "import sys; from imdsd.cli import main\n"
+        "try:\n    main(['status', '--socket', '/nonexistent/admin.sock'])\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in ('imdsd.daemon', 'botocore', 'aiohttp') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -36,49 +36,66 @@ def add_commands(commands: Any) -> None:
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     instances = commands.add_parser("instances", help="list, show, add or remove instances")
     verbs = instances.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("list", parents=[common])
-    for name in ("show", "remove"):
-        verbs.add_parser(name, parents=[common]).add_argument("instance_id")
-    add = verbs.add_parser("add", parents=[common])
-    add.add_argument("--id", required=True)
-    add.add_argument("--address", action="append", required=True, help="repeat for each address")
-    for option in (
-        "region",
-        "availability-zone",
-        "instance-type",
-        "ami-id",
-        "hostname",
-        "mac",
-        "account-id",
-    ):
-        add.add_argument(f"--{option}")
+    verbs.add_parser("list", parents=[common], help="every instance, its profile and options")
+    for name, text in (("show", "one instance in full"), ("remove", "forget an instance")):
+        verbs.add_parser(name, parents=[common], help=text).add_argument(
+            "instance_id", help='"i-" + 8 or 17 hex digits'
+        )
+    add = verbs.add_parser("add", parents=[common], help="register an instance (a VM)")
+    add.add_argument("--id", required=True, help='the instance id: "i-" + 8 or 17 hex digits')
+    add.add_argument("--address", action="append", required=True,
+                     help="an address the VM sends from; repeat for each")  # fmt: skip
+    for option, text in PLACEMENT_HELP.items():
+        add.add_argument(f"--{option}", help=text)
     _option_flags(add)
-    for name in ("associate", "replace-association"):
-        verb = commands.add_parser(name, parents=[common], help=f"EC2's {name} for an instance")
-        verb.add_argument("--instance", required=True)
-        verb.add_argument("--profile", required=True)
+    for name, text in (
+        ("associate", "attach an instance profile (EC2's AssociateIamInstanceProfile)"),
+        ("replace-association", "swap the profile (EC2's ReplaceIamInstanceProfileAssociation)"),
+    ):
+        verb = commands.add_parser(name, parents=[common], help=text)
+        verb.add_argument("--instance", required=True, help="the instance id")
+        verb.add_argument("--profile", required=True, help="an instance profile of the config")
     for name, text in (
         ("disassociate", "remove an instance's association"),
-        ("rotate", "rotate its session now"),
+        ("rotate", "issue a new session for an instance now"),
     ):
         commands.add_parser(name, parents=[common], help=text).add_argument(
-            "--instance", required=True
+            "--instance", required=True, help="the instance id"
         )
     modify = commands.add_parser(
         "modify-instance-metadata-options", parents=[common], help="EC2's metadata options"
     )
-    modify.add_argument("--instance", required=True)
+    modify.add_argument("--instance", required=True, help="the instance id")
     _option_flags(modify)
-    for name in ("profiles", "sessions"):
-        listing = commands.add_parser(name, help=f"list {name}")
-        listing.add_subparsers(dest="verb", required=True).add_parser("list", parents=[common])
+    for name, text in (
+        ("profiles", "instance profiles"),
+        ("sessions", "sessions, keys by their last 4 characters"),
+    ):
+        listing = commands.add_parser(name, help=f"list {text}")
+        listing.add_subparsers(dest="verb", required=True).add_parser(
+            "list", parents=[common], help=f"list {text}"
+        )
     commands.add_parser("status", parents=[common], help="what the daemon serves, and from where")
 
 
+PLACEMENT_HELP = {
+    "region": 'default "us-east-1"',
+    "availability-zone": "default: the region + a",
+    "instance-type": 'default "t3.micro"',
+    "ami-id": "default: derived from the instance id",
+    "hostname": "default: ip-A-B-C-D.<region>.compute.internal",
+    "mac": "default: derived from the instance id",
+    "account-id": "the identity document's accountId; default: the role's account",
+}
+
+
 def _option_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--http-tokens", choices=get_args(HttpTokens))
-    parser.add_argument("--hop-limit", type=int)
-    parser.add_argument("--http-endpoint", choices=get_args(HttpEndpoint))
+    parser.add_argument("--http-tokens", choices=get_args(HttpTokens),
+                        help="required: IMDSv2 only; optional: also token-less IMDSv1")  # fmt: skip
+    parser.add_argument("--hop-limit", type=int,
+                        help="IP TTL of the token reply, 1..64 (1: the VM alone)")  # fmt: skip
+    parser.add_argument("--http-endpoint", choices=get_args(HttpEndpoint),
+                        help="disabled: every request is refused (403)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,18 +1,28 @@
-"""Backend openers by kind: name -> async context manager that yields a Backend."""
+"""Backend openers by kind: name -> async context manager that yields a Backend.
+
+Each kind's module is imported only when that kind is opened: the local backend (and every
+admin verb) never loads botocore or the aiohttp client, which only `sts` needs.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import cast
 
-from imdsd.backends import local, sts
 from imdsd.backends.base import Backend
 from imdsd.clock import Clock
 from imdsd.config import BackendConfig, BackendKind
 
 Opener = Callable[[BackendConfig, Clock], AbstractAsyncContextManager[Backend]]
 
-OPENERS: dict[BackendKind, Opener] = {
-    "local": local.open_backend,
-    "sts": sts.open_backend,
+OPENERS: dict[BackendKind, str] = {  # kind -> the module whose open_backend() opens it
+    "local": "imdsd.backends.local",
+    "sts": "imdsd.backends.sts",
 }
+
+
+def opener(kind: BackendKind) -> Opener:
+    """The open_backend() of a kind, its module imported now."""
+    return cast(Opener, importlib.import_module(OPENERS[kind]).open_backend)
