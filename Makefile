@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test check fmt e2e bench clean
+.PHONY: help install run test check fmt e2e bench clean install-system
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,6 +40,9 @@ check: $(STAMP)  ## format check, lint, strict typing
 fmt: $(STAMP)  ## rewrite: format + autofix
 	$(BIN)/ruff format imdsd tests
 	$(BIN)/ruff check --fix imdsd tests
+
+install-system:  ## production install: venv in /opt/imdsd/VERSION, unit, user (DESTDIR= for a staging root)
+	PYTHON=$(PYTHON) DESTDIR=$(DESTDIR) sh systemd/install-system.sh
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

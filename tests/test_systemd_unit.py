@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,9 @@ def test_unit_says_what_the_daemon_does() -> None:
     a bad config (exit 3), the three directories, and CAP_NET_BIND_SERVICE alone."""
     d = directives()
     assert d["Type"] == ["notify"] and d["WatchdogSec"]
-    assert d["ExecStartPre"] == ["/usr/bin/imdsd check-config --config /etc/imdsd/imdsd.toml"]
+    assert d["ExecStartPre"] == [
+        "/opt/imdsd/current/bin/imdsd check-config --config /etc/imdsd/imdsd.toml"
+    ]
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert (d["Restart"], d["RestartPreventExitStatus"]) == (["on-failure"], ["3"])
     assert d["StateDirectory"] == d["RuntimeDirectory"] == d["ConfigurationDirectory"] == ["imdsd"]
@@ -52,7 +55,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
     """`systemd-analyze verify` accepts the unit (ExecStart pointed at an imdsd that exists here)."""
     unit = tmp_path / "imdsd.service"
     imdsd = Path(sys.executable).with_name("imdsd")
-    unit.write_text(UNIT.read_text().replace("/usr/bin/imdsd", str(imdsd)))
+    unit.write_text(UNIT.read_text().replace("/opt/imdsd/current/bin/imdsd", str(imdsd)))
     done = subprocess.run(
         [str(ANALYZE), "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
@@ -70,3 +73,54 @@ def test_unit_exposure_is_at_most_2() -> None:
     assert float(match.group(1)) <= 2.0
     readme = (UNIT.parents[1] / "README.md").read_text()
     assert f"rates the unit **{match.group(1)}**" in readme
+
+
+def test_install_system_into_a_staging_root(tmp_path: Path) -> None:
+    """`make install-system DESTDIR=...`: a versioned venv with a `current` link, the unit whose
+    ExecStart is that venv's imdsd, sysusers and tmpfiles entries, and a starter config that
+    the installed imdsd accepts; a second install (an upgrade) keeps an edited config. The
+    installed unit passes `systemd-analyze verify` and rates 2.0 or lower."""
+    root = tmp_path / "root"
+    env = {**os.environ, "DESTDIR": str(root), "PYTHON": sys.executable}
+    done = subprocess.run(["make", "-s", "install-system"], cwd=UNIT.parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    version = re.search(
+        r'__version__ = "(.+)"', (UNIT.parents[1] / "imdsd" / "__init__.py").read_text()
+    )
+    assert version is not None
+    assert os.readlink(root / "opt/imdsd/current") == version.group(1)
+    imdsd = root / "opt/imdsd/current/bin/imdsd"
+    config = root / "etc/imdsd/imdsd.toml"
+    assert (config.stat().st_mode & 0o777) == 0o640
+    check = subprocess.run(
+        [str(imdsd), "check-config", "--config", str(config)], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "ok (0 instances" in check.stdout, check.stderr
+    assert "u imdsd" in (root / "usr/lib/sysusers.d/imdsd.conf").read_text()
+    assert (
+        "d /var/lib/imdsd 0750 imdsd imdsd" in (root / "usr/lib/tmpfiles.d/imdsd.conf").read_text()
+    )
+    unit = root / "etc/systemd/system/imdsd.service"
+    assert (
+        f"ExecStart={'/opt/imdsd/current/bin/imdsd'} run --config /etc/imdsd/imdsd.toml"
+        in unit.read_text()
+    )
+    config.write_text(config.read_text() + "# edited by the operator\n")
+    again = subprocess.run(["make", "-s", "install-system"], cwd=UNIT.parents[1], env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0 and config.read_text().endswith("# edited by the operator\n")
+    if ANALYZE is None:
+        pytest.skip("systemd-analyze is not installed")
+    staged = tmp_path / "imdsd.service"
+    staged.write_text(
+        unit.read_text().replace("/opt/imdsd/current", str(root / "opt/imdsd/current"))
+    )
+    verify = subprocess.run(
+        [ANALYZE, "verify", str(staged)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0 and "imdsd.service" not in verify.stderr, verify.stderr
+    security = subprocess.run([ANALYZE, "security", "--offline=true", str(unit)],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    rating = re.search(r"Overall exposure level for imdsd\.service: (\d+\.\d)", security.stdout)
+    assert rating is not None and float(rating.group(1)) <= 2.0
