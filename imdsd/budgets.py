@@ -108,7 +108,8 @@ def parse_budgets(t: Section) -> BudgetPolicy:
         if INSTANCE_ID.fullmatch(iid):
             overrides[iid] = _budget(section, instance)
         else:
-            t.problem(f"instances.{iid}", "a name that is no instance id",
+            t.child("instances").problem(
+                iid, "a name that is no instance id",
                       '"i-" + 8 or 17 lowercase hex digits')  # fmt: skip
     return BudgetPolicy(
         instance=instance,

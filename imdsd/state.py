@@ -84,7 +84,7 @@ class Overrides:
 def _is_id(root: Section, table: str, key: str) -> bool:
     if INSTANCE_ID.fullmatch(key):
         return True
-    root.problem(f"{table}.{key}", "a name that is no instance id", '"i-" + 8 or 17 hex digits')
+    root.child(table).problem(key, "a name that is no instance id", '"i-" + 8 or 17 hex digits')
     return False
 
 
@@ -119,7 +119,7 @@ def _associations(root: Section) -> dict[str, str | None]:
         if not _is_id(root, "associations", iid):
             continue
         if name is not None and not (isinstance(name, str) and IAM_NAME.fullmatch(name)):
-            root.problem(f"associations.{iid}", show(name), "a profile name, or null")
+            root.child("associations").problem(iid, show(name), "a profile name, or null")
             continue
         out[iid] = name
     return out

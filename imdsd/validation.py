@@ -95,6 +95,11 @@ class Section:
     def problem(self, key: str, value: str, allowed: str) -> None:
         self.reader.problem(self.where(key), value, allowed)
 
+    def child(self, key: str) -> Section:
+        """The sub-table at `key` (empty if it is not one), for problems inside it."""
+        value = self.data.get(key)
+        return Section(self.reader, value if isinstance(value, dict) else {}, self.where(key))
+
     def reject_unknown(self, known: tuple[str, ...]) -> None:
         for key in self.data:
             if key not in known:
