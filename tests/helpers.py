@@ -155,3 +155,39 @@ async def token_for(url: str, source: str | None, ttl: int = 21600) -> str:
     )
     assert reply.status == 200, reply
     return reply.text
+
+
+# Two guests for the hostile-guest tests: one that misbehaves (127.0.0.2, IMDSv1 allowed) and
+# one whose data must never reach it (127.0.0.3, its own role in its own account).
+TWO_GUESTS = """
+[imds]
+listeners = ["127.0.0.1:0"]
+{host}
+[log]
+level = "info"
+{budgets}
+[[instance_profiles]]
+name = "web"
+role_arn = "arn:aws:iam::123456789012:role/web"
+[[instance_profiles]]
+name = "secret"
+role_arn = "arn:aws:iam::210987654321:role/victims-own-role"
+[[instances]]
+id = "i-0f100df100df100df"
+addresses = ["127.0.0.2"]
+metadata_options = {{ http_tokens = "optional" }}
+[[instances]]
+id = "i-0a1c71a1c71a1c71a"
+addresses = ["127.0.0.3"]
+[[associations]]
+instance = "i-0f100df100df100df"
+profile = "web"
+[[associations]]
+instance = "i-0a1c71a1c71a1c71a"
+profile = "secret"
+"""
+
+
+def two_guests(directory: Path, budgets: str = "") -> str:
+    """TWO_GUESTS with its state, admin socket (no metrics) in `directory`."""
+    return TWO_GUESTS.format(host=host_sections(directory, metrics=""), budgets=budgets)

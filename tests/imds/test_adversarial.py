@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imdsd.imds.render import ERROR_PAGES
-from tests.helpers import host_sections
+from tests.helpers import two_guests
 from tests.process import Proc
 
 SEED = 20261123
@@ -26,12 +26,7 @@ WORKERS = 16
 GUEST, STRANGER = "127.0.0.2", "127.0.0.9"
 # Only the other instance's data; nothing the guest itself may legitimately receive.
 OTHERS = [b"i-0a1c71a1c71a1c71a", b"victims-own-role", b"210987654321", b"127.0.0.3"]
-CONFIG = """
-[imds]
-listeners = ["127.0.0.1:0"]
-{host}
-[log]
-level = "info"
+BUDGETS = """
 [budgets]
 requests_per_second = 100000
 burst = 100000
@@ -40,25 +35,6 @@ strangers_burst = 100000
 strangers_connections = 64
 head_timeout = "1s"
 idle_timeout = "1s"
-[[instance_profiles]]
-name = "web"
-role_arn = "arn:aws:iam::123456789012:role/web"
-[[instance_profiles]]
-name = "secret"
-role_arn = "arn:aws:iam::210987654321:role/victims-own-role"
-[[instances]]
-id = "i-0f100df100df100df"
-addresses = ["127.0.0.2"]
-metadata_options = {{ http_tokens = "optional" }}
-[[instances]]
-id = "i-0a1c71a1c71a1c71a"
-addresses = ["127.0.0.3"]
-[[associations]]
-instance = "i-0f100df100df100df"
-profile = "web"
-[[associations]]
-instance = "i-0a1c71a1c71a1c71a"
-profile = "secret"
 """
 
 METHODS = [b"GET", b"PUT", b"HEAD", b"POST", b"DELETE", b"OPTIONS", b"CONNECT", b"TRACE",
@@ -205,7 +181,7 @@ def test_generated_adversarial_requests_get_only_ec2_answers(tmp_path: Path) -> 
     EC2's status and page with Server: EC2ws (strangers: always 404), no other instance's
     data, and a log of JSON lines only, without a traceback or any request's bytes; the
     guest's incidents are summed up in one line, not one per request."""
-    daemon = Proc(tmp_path, CONFIG.format(host=host_sections(tmp_path, metrics="")))
+    daemon = Proc(tmp_path, two_guests(tmp_path, BUDGETS))
     try:
         port = int(daemon.url.rsplit(":", 1)[1])
         tally, markers = asyncio.run(barrage(port, random.Random(SEED)))

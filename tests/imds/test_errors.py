@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import fields
 
 import pytest
@@ -30,15 +31,25 @@ class BuggyApi(MetadataApi):
             raise RuntimeError("internal detail that must stay inside")
 
 
-@pytest.fixture
-async def buggy(clock: FakeClock) -> AsyncIterator[tuple[Daemon, str]]:
+@asynccontextmanager
+async def serving_as(
+    kind: type[MetadataApi], clock: FakeClock
+) -> AsyncIterator[tuple[Daemon, str]]:
+    """The real daemon, and beside it a guest listener whose pipeline is `kind` over the same
+    parts (the daemon's own MetadataApi fields)."""
     async with running(make_config(), clock) as daemon:
         api = daemon.api
-        copy = BuggyApi(**{f.name: getattr(api, f.name) for f in fields(api)})
+        copy = kind(**{f.name: getattr(api, f.name) for f in fields(api)})
         async with serving_guests(
-            GuestServer(copy), [("127.0.0.1", 0)], backlog=128, grace=1
+            GuestServer(copy), [("127.0.0.1", 0)], backlog=8, grace=1
         ) as bound:
             yield daemon, f"http://127.0.0.1:{bound[0][1]}"
+
+
+@pytest.fixture
+async def buggy(clock: FakeClock) -> AsyncIterator[tuple[Daemon, str]]:
+    async with serving_as(BuggyApi, clock) as served:
+        yield served
 
 
 async def test_unexpected_exception_becomes_500_page(buggy: tuple[Daemon, str]) -> None:
@@ -71,14 +82,9 @@ class EscapingApi(MetadataApi):
 async def test_exception_escaping_the_pipeline_is_a_logged_500(clock: FakeClock) -> None:
     """Should the pipeline itself raise, the connection answers EC2's 500 page and closes;
     the bug is logged once with its traceback (imdsd's own bug, not the guest's)."""
-    async with running(make_config(), clock) as daemon:
-        api = daemon.api
-        copy = EscapingApi(**{f.name: getattr(api, f.name) for f in fields(api)})
-        async with serving_guests(
-            GuestServer(copy), [("127.0.0.1", 0)], backlog=8, grace=1
-        ) as bound:
-            with capture_logs() as logs:
-                reply = await http(f"http://127.0.0.1:{bound[0][1]}", "/", source=A)
+    async with serving_as(EscapingApi, clock) as (_, url):
+        with capture_logs() as logs:
+            reply = await http(url, "/", source=A)
     assert (reply.status, reply.body) == (500, ERROR_PAGES[500])
     assert b"internal detail" not in reply.body and reply.headers["server"] == "EC2ws"
     assert [(e["event"], e["status"]) for e in logs] == [("guest connection failed", 500)]

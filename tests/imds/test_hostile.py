@@ -25,44 +25,16 @@ import structlog.testing
 from imdsd.daemon import Daemon, running
 from imdsd.imds.render import ERROR_PAGES
 from tests.fakes import FakeClock
-from tests.helpers import VM_A, VM_D, host_sections, http, make_config, token_for
+from tests.helpers import VM_A, VM_D, http, make_config, token_for, two_guests
 from tests.process import Proc
 
 FLOODER, VICTIM, STRANGER = "127.0.0.2", "127.0.0.3", "127.0.0.9"
 ROLE_PATH = "/latest/meta-data/iam/security-credentials/victims-own-role"  # the victim's
-HOSTILE = """
-[imds]
-listeners = ["127.0.0.1:0"]
-{host}
-[log]
-level = "info"
-{budgets}
-[[instance_profiles]]
-name = "web"
-role_arn = "arn:aws:iam::123456789012:role/web"
-[[instance_profiles]]
-name = "secret"
-role_arn = "arn:aws:iam::210987654321:role/victims-own-role"
-[[instances]]
-id = "i-0f100df100df100df"
-addresses = ["127.0.0.2"]
-metadata_options = {{ http_tokens = "optional" }}
-[[instances]]
-id = "i-0a1c71a1c71a1c71a"
-addresses = ["127.0.0.3"]
-[[associations]]
-instance = "i-0f100df100df100df"
-profile = "web"
-[[associations]]
-instance = "i-0a1c71a1c71a1c71a"
-profile = "secret"
-"""
 VICTIM_ID = "i-0a1c71a1c71a1c71a"
 
 
 def hostile(directory: Path, budgets: str = "", nofile: int | None = None) -> Proc:
-    text = HOSTILE.format(host=host_sections(directory, metrics=""), budgets=budgets)
-    return Proc(directory, text, nofile=nofile)
+    return Proc(directory, two_guests(directory, budgets), nofile=nofile)
 
 
 @pytest.fixture
