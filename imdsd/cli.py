@@ -39,9 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StateError as exc:
         print(f"imdsd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.command == "check-config":
-        print(f"{args.config}: ok ({_summary(config)})")
-        return EXIT_OK
+    if args.command in ("check-config", "identity"):
+        return _identity(config, args)
     config = _with_overrides(config, args=args)
     log.configure(config.log.level, config.log.format)
     try:
@@ -57,6 +56,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImdsdError as exc:  # e.g. the sts backend found no host credentials
         print(f"imdsd: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _identity(config: Config, args: argparse.Namespace) -> int:
+    """check-config (the [identity] files too), or print the certificates to publish."""
+    from imdsd.signatures import check_files, open_signer  # cryptography only when needed
+
+    try:
+        if args.command == "check-config":
+            check_files(config.identity)
+        else:
+            signer = open_signer(config.identity, config.host.state_directory, generate=False)
+    except ConfigError as exc:
+        return _bad_config(exc)
+    except FileNotFoundError:
+        print(f"imdsd: no identity certificate yet in {config.host.state_directory}: start the"
+              " daemon once (it makes one), or set [identity] key_file and certificate_file",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    if args.command == "check-config":
+        print(f"{args.config}: ok ({_summary(config)})")
+        return EXIT_OK
+    for region, pem in signer.certificates().items():
+        print(f"# region {region}" if region else "# every other region")
+        print(pem.decode(), end="")
     return EXIT_OK
 
 
@@ -76,7 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     check = subcommands.add_parser(
         "check-config", help="validate a config file and exit (3 if invalid)"
     )
-    for command in (run, check):
+    identity = subcommands.add_parser("identity", help="the identity document's signing keys")
+    certificate = identity.add_subparsers(dest="verb", required=True).add_parser(
+        "certificate", help="print the PEM certificate(s) that verify this host's signatures"
+    )
+    for command in (run, check, certificate):
         command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
     run.add_argument("--log-format", choices=get_args(LogFormat), help="overrides [log] format")
     run.add_argument("--log-level", choices=get_args(LogLevel), help="overrides [log] level")

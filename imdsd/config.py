@@ -19,6 +19,7 @@ from imdsd import fleet
 from imdsd.budgets import BUDGET_KEYS, BudgetPolicy, parse_budgets
 from imdsd.errors import ConfigError, Problem
 from imdsd.fleet import REGION
+from imdsd.identity import IDENTITY_KEYS, IdentityConfig, parse_identity
 from imdsd.model import Instance, InstanceProfile, RotationPolicy
 from imdsd.validation import (
     DURATION,
@@ -138,6 +139,7 @@ class Config:
     log: LogConfig
     host: HostConfig
     budgets: BudgetPolicy
+    identity: IdentityConfig
     instances: tuple[Instance, ...]
     profiles: tuple[InstanceProfile, ...]
     associations: tuple[tuple[str, str], ...]  # (instance id, profile name)
@@ -193,6 +195,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         log=_log(doc.table("log", ("level", "format"))),
         host=host,
         budgets=parse_budgets(doc.table("budgets", BUDGET_KEYS)),
+        identity=parse_identity(doc.table("identity", IDENTITY_KEYS)),
         instances=instances,
         profiles=profiles,
         associations=fleet.associations(
@@ -393,4 +396,4 @@ _ROTATION_KEYS = (
     "startup_deadline",
 )
 _SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "budgets",
-             "instances", "instance_profiles", "associations")  # fmt: skip
+             "identity", "instances", "instance_profiles", "associations")  # fmt: skip

@@ -36,12 +36,14 @@ from imdsd.imds import render
 from imdsd.imds.app import MetadataApi
 from imdsd.imds.listener import serving_guests
 from imdsd.imds.server import GuestServer
+from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
 from imdsd.log import LoopErrors
 from imdsd.log import configure as configure_logging
 from imdsd.metrics import Metrics, make_metrics_app
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
+from imdsd.signatures import open_signer
 from imdsd.state import StateFile
 from imdsd.tokens import TokenIssuer
 from imdsd.validation import Listener
@@ -101,8 +103,10 @@ async def running(
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
         ledger = Ledger(config.budgets, connection_ceiling())
+        signer = open_signer(config.identity, config.host.state_directory)
         api = MetadataApi(inventory=inventory, sessions=sessions, tokens=TokenIssuer(clock),
                           clock=clock, metrics=metrics, ledger=ledger,
+                          trees=TreeCache(signer.sign),
                           log_requests=config.log.level == "debug")  # fmt: skip
         addresses = [(listener.host, listener.port) for listener in config.imds.listeners]
         guests = serving_guests(GuestServer(api), addresses, backlog=LISTEN_BACKLOG,

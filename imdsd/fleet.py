@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, get_args
 
 from imdsd.errors import ConfigError
@@ -19,6 +20,7 @@ from imdsd.model import (
     IAM_PATH,
     INSTANCE_ID,
     PROFILE_ID,
+    USER_DATA_MAX_BYTES,
     HttpEndpoint,
     HttpTokens,
     Instance,
@@ -105,6 +107,10 @@ def instance_table(instance: Instance) -> dict[str, Any]:
     table: dict[str, Any] = {"id": instance.id, "addresses": list(instance.addresses)}
     table |= {key: getattr(instance, key) for key in PLACEMENT_KEYS}
     table["metadata_options"] = asdict(instance.options)
+    if instance.user_data is not None:
+        table["user_data_base64"] = base64.b64encode(instance.user_data).decode()
+    if instance.tags:
+        table["tags"] = dict(instance.tags)
     return {k: v for k, v in table.items() if v is not None}
 
 
@@ -136,7 +142,7 @@ def _instance(t: Section) -> Instance | None:
         "addresses", address_list, "a non-empty list of IPv4 or IPv6 addresses, each at most once"
     )
     region = t.take("region", matching(REGION), "us-east-1", 'a region name like "eu-west-1"')
-    fields = {
+    fields: dict[str, Any] = {
         "availability_zone": t.take(
             "availability_zone",
             zone_of(region),
@@ -155,9 +161,66 @@ def _instance(t: Section) -> Instance | None:
         "account_id": t.take("account_id", matching(_ACCOUNT), None, "12 digits"),
     }
     options = _options(t.table("metadata_options", OPTION_KEYS))
+    fields["user_data"] = _user_data(t)
+    no_tags: tuple[tuple[str, str], ...] = ()
+    fields["tags"] = t.take("tags", _tags, no_tags, TAGS_ALLOWED)
     if iid is None or addresses is None:
         return None
     return _filled_instance(iid, addresses, region, options, fields)
+
+
+_USER_DATA = {  # key -> (converter, what is allowed)
+    "user_data": (lambda v: v.encode() if isinstance(v, str) else _no(v), "a string"),
+    "user_data_base64": (lambda v: base64.b64decode(v, validate=True), "base64 of the bytes"),
+    "user_data_file": (lambda v: _read(v), "a readable file"),
+}
+TAGS_ALLOWED = (
+    "a table of tag keys (1-128 of letters, digits and + - = . _ : @; not . .. or _index, as EC2"
+    " requires for tags in instance metadata) to string values of at most 256 characters"
+)
+_TAG_KEY = re.compile(r"[A-Za-z0-9+=._:@-]{1,128}")
+
+
+def _user_data(t: Section) -> bytes | None:
+    """At most one of user_data (text), user_data_base64, user_data_file; EC2's 16 KB limit."""
+    given = [key for key in _USER_DATA if key in t.data]
+    if len(given) > 1:
+        t.problem(given[1], "a second source of user data", f"only one ({given[0]} is set)")
+        return None
+    if not given:
+        return None
+    convert, allowed = _USER_DATA[given[0]]
+    data: bytes | None = t.take(
+        given[0], convert, None, allowed, secret=given[0] != "user_data_file"
+    )
+    if data is not None and len(data) > USER_DATA_MAX_BYTES:
+        t.problem(
+            given[0], f"{len(data)} bytes", f"at most {USER_DATA_MAX_BYTES} bytes (EC2's limit)"
+        )
+        return None
+    return data
+
+
+def _read(value: Any) -> bytes:
+    try:
+        return Path(value).read_bytes() if isinstance(value, str) and value else _no(value)
+    except OSError:
+        raise ValueError(value) from None
+
+
+def _no(value: Any) -> bytes:
+    raise ValueError(value)
+
+
+def _tags(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(value)
+    for key, text in value.items():
+        if not _TAG_KEY.fullmatch(key) or key in (".", "..", "_index"):
+            raise ValueError(key)
+        if not isinstance(text, str) or len(text) > 256:
+            raise ValueError(text)
+    return tuple(sorted(value.items()))
 
 
 def _options(t: Section) -> MetadataOptions:
@@ -167,6 +230,9 @@ def _options(t: Section) -> MetadataOptions:
         http_tokens=t.take("http_tokens", choice(tokens), d.http_tokens, one_of(tokens)),
         hop_limit=t.take("hop_limit", int_in(1, 64), d.hop_limit, "an integer from 1 to 64"),
         http_endpoint=t.take("http_endpoint", choice(endpoint), d.http_endpoint, one_of(endpoint)),
+        instance_metadata_tags=t.take(
+            "instance_metadata_tags", choice(endpoint), d.instance_metadata_tags, one_of(endpoint)
+        ),
     )
 
 
@@ -192,7 +258,7 @@ def associations(
     return tuple(out.items())
 
 
-OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint")
+OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint", "instance_metadata_tags")
 PLACEMENT_KEYS = (
     "region",
     "availability_zone",
@@ -202,7 +268,7 @@ PLACEMENT_KEYS = (
     "mac",
     "account_id",
 )
-INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options")
+INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options", "tags", *_USER_DATA)
 
 
 def _derived_profile_id(account: str, name: str) -> str:
@@ -236,4 +302,6 @@ def _filled_instance(
         mac=mac,
         account_id=fields["account_id"],
         options=options,
+        user_data=fields["user_data"],
+        tags=fields["tags"],
     )

@@ -13,6 +13,8 @@ from typing import Literal
 
 HttpTokens = Literal["optional", "required"]
 HttpEndpoint = Literal["enabled", "disabled"]
+InstanceMetadataTags = Literal["enabled", "disabled"]
+USER_DATA_MAX_BYTES = 16 * 1024  # EC2's limit on user data (before base64)
 
 INSTANCE_ID = re.compile(r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})")
 PROFILE_ID = re.compile(r"AIPA[A-Z0-9]{17}")
@@ -70,6 +72,7 @@ class MetadataOptions:
     http_tokens: HttpTokens = "required"
     hop_limit: int = 1
     http_endpoint: HttpEndpoint = "enabled"
+    instance_metadata_tags: InstanceMetadataTags = "disabled"  # tags/instance in the tree
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +90,8 @@ class Instance:
     mac: str
     account_id: str | None = None
     options: MetadataOptions = field(default_factory=MetadataOptions)
+    user_data: bytes | None = field(default=None, repr=False)  # may hold the guest's secrets
+    tags: tuple[tuple[str, str], ...] = ()  # (key, value), as EC2's instance tags
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -131,6 +131,8 @@ def _upgrade(data: dict[str, Any]) -> None:
         if isinstance(record, dict):
             record["metadata_options"] = record.pop("options", {})
             record.pop("local_ipv4", None)
+            if isinstance(record.get("tags"), list):  # dataclass dicts hold tags as pairs
+                record["tags"] = dict(record["tags"])
             for key in [k for k, v in record.items() if v is None]:
                 del record[key]
 

@@ -98,7 +98,7 @@ BAD = [
     (INSTANCE + PROFILE + '[[associations]]\ninstance = "i-0123456789abcdef0"\nprofile = "p"\n' * 2,
      "associations[1].instance: got \"i-0123456789abcdef0\"; allowed: an instance without an association (it has 'p')"),
     ("instances = 3", "instances: got 3; allowed: an array of tables ([[instances]])"),
-    ("[server]\nport = 1", "server: got an unknown key; allowed: imds, state, admin, metrics, rotation, backend, log, budgets, instances, instance_profiles, associations"),
+    ("[server]\nport = 1", "server: got an unknown key; allowed: imds, state, admin, metrics, rotation, backend, log, budgets, identity, instances, instance_profiles, associations"),
 ]  # fmt: skip
 
 

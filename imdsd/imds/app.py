@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -64,8 +64,8 @@ class MetadataApi:
     clock: Clock
     metrics: Metrics
     ledger: Ledger
+    trees: TreeCache
     log_requests: bool = False  # one debug line per request (only when the level is debug)
-    trees: TreeCache = field(default_factory=TreeCache)
 
     def guest(self, peer: str) -> Instance | None:
         """The instance a socket peer address belongs to; None for a stranger."""

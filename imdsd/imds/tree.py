@@ -8,9 +8,10 @@ SessionCache, which rotation refreshes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from imdsd.imds import render
 from imdsd.model import Association, Instance
@@ -26,6 +27,7 @@ VERSIONS = (
 VERSION_LISTING = render.listing(VERSIONS)
 _VERSIONS = frozenset(VERSIONS)
 DEFAULT_ACCOUNT = "000000000000"
+IDENTITY_DOCUMENT = "dynamic/instance-identity/document"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +38,28 @@ class CredentialLeaf:
     extended: bool
 
 
-Node = bytes | CredentialLeaf
+@dataclass(frozen=True, slots=True)
+class SignatureLeaf:
+    """Where one of the identity document's signatures goes ("signature", "pkcs7", "rsa2048")."""
+
+    kind: str
+
+
+Node = bytes | CredentialLeaf | SignatureLeaf
+
+
+class Signed(Protocol):
+    """The identity document's signatures (signatures.Signatures has this shape)."""
+
+    @property
+    def signature(self) -> bytes: ...
+    @property
+    def pkcs7(self) -> bytes: ...
+    @property
+    def rsa2048(self) -> bytes: ...
+
+
+Sign = Callable[[bytes, str], Signed]  # (document, region) -> its signatures
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,18 +69,31 @@ class Tree:
     instance: Instance
     association: Association | None
     nodes: dict[str, Node] = field(repr=False)
+    sign: Sign = field(repr=False)
+    signed: list[Signed] = field(default_factory=list, repr=False)  # made on first read
 
-    def lookup(self, path: str) -> Node | None:
+    def lookup(self, path: str) -> bytes | CredentialLeaf | None:
         """Resolve a request path ("/latest/meta-data/", "/2021-07-15/dynamic/...")."""
         if path == "/":
             return VERSION_LISTING
         version, _, rest = path[1:].partition("/")
         if version not in _VERSIONS:
             return None
-        return self.nodes.get(rest.rstrip("/"))
+        node = self.nodes.get(rest.rstrip("/"))
+        return self._signature(node.kind) if isinstance(node, SignatureLeaf) else node
+
+    def _signature(self, kind: str) -> bytes:
+        """The document's signatures are made once, at the first read after it changed (a new
+        tree): never per request, and not for the instances nobody asks (RSA costs ~2 ms)."""
+        if not self.signed:
+            document = self.nodes[IDENTITY_DOCUMENT]
+            assert isinstance(document, bytes)  # noqa: S101 -- build() puts bytes there
+            self.signed.append(self.sign(document, self.instance.region))
+        return getattr(self.signed[0], kind)  # type: ignore[no-any-return]
 
 
-def build(instance: Instance, association: Association | None, pending: datetime) -> Tree:
+def build(instance: Instance, association: Association | None, pending: datetime,
+          sign: Sign) -> Tree:  # fmt: skip
     """Every leaf of the instance's tree, plus the listings derived from them."""
     partition, domain = _partition(instance.region)
     account = instance.account_id or (
@@ -77,8 +113,15 @@ def build(instance: Instance, association: Association | None, pending: datetime
         "meta-data/placement/region": instance.region.encode(),
         "meta-data/services/domain": domain.encode(),
         "meta-data/services/partition": partition.encode(),
-        "dynamic/instance-identity/document": render.identity_document(instance, account, pending),
     }
+    leaves[IDENTITY_DOCUMENT] = render.identity_document(instance, account, pending)
+    for kind in ("signature", "pkcs7", "rsa2048"):
+        leaves[f"dynamic/instance-identity/{kind}"] = SignatureLeaf(kind)
+    if instance.user_data is not None:  # /latest/ lists user-data only where it exists, as EC2
+        leaves["user-data"] = instance.user_data
+    if instance.options.instance_metadata_tags == "enabled":
+        for key, value in instance.tags:
+            leaves[f"meta-data/tags/instance/{key}"] = value.encode()
     if association is not None:
         role = association.profile.role
         leaves["meta-data/iam/info"] = render.info(association)
@@ -87,7 +130,8 @@ def build(instance: Instance, association: Association | None, pending: datetime
             ("security-credentials-extended", True),
         ):
             leaves[f"meta-data/iam/{directory}/{role.name}"] = CredentialLeaf(role.arn, extended)
-    return Tree(instance=instance, association=association, nodes=leaves | _listings(leaves))
+    return Tree(instance=instance, association=association, nodes=leaves | _listings(leaves),
+                sign=sign)  # fmt: skip
 
 
 def _listings(leaves: dict[str, Node]) -> dict[str, Node]:
@@ -116,9 +160,11 @@ def _partition(region: str) -> tuple[str, str]:
 
 
 class TreeCache:
-    """The current tree of each instance, rebuilt only when its instance or association changed."""
+    """The current tree of each instance, rebuilt only when its instance or association changed
+    (its identity document signed then, never per request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sign: Sign) -> None:
+        self._sign = sign
         self._trees: dict[str, Tree] = {}
 
     def forget(self, instance_ids: Iterable[str]) -> None:
@@ -132,5 +178,5 @@ class TreeCache:
     def get(self, instance: Instance, association: Association | None, pending: datetime) -> Tree:
         tree = self._trees.get(instance.id)
         if tree is None or tree.instance is not instance or tree.association is not association:
-            tree = self._trees[instance.id] = build(instance, association, pending)
+            tree = self._trees[instance.id] = build(instance, association, pending, self._sign)
         return tree

@@ -1,0 +1,165 @@
+"""The instance identity document's three signatures, made with the operator's key.
+
+EC2 signs with AWS's keys; an on-prem host signs with its operator's, published as a
+certificate, so the EC2 user guide's verification commands work unchanged with that
+certificate in place of AWS's:
+- `signature`: base64 of RSA PKCS#1 v1.5 over SHA-256 of the document's exact bytes;
+- `rsa2048`: PKCS#7 SignedData, the document embedded (Binary: LF stays LF), SHA-256, RSA,
+  no certificates inside;
+- `pkcs7`: EC2 signs this one with DSA and SHA-1, which `cryptography` cannot produce (and
+  SHA-1 signatures should not be made anew): it is the same RSA SHA-256 PKCS#7 as `rsa2048`,
+  so `openssl smime -verify` works on it with the operator's certificate.
+All three are base64 wrapped at 76 characters, without PEM armour, as EC2 serves them.
+Signatures are made when a document changes (the metadata tree is built), never per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.oid import NameOID
+
+from imdsd.errors import ConfigError, Problem
+from imdsd.identity import IdentityConfig, KeyFiles
+
+KEY_FILE, CERTIFICATE_FILE = "identity-key.pem", "identity-certificate.pem"
+KEY_BITS = 2048
+CERTIFICATE_YEARS = 10
+WRAP = 76
+
+
+@dataclass(frozen=True, slots=True)
+class Signatures:
+    """What dynamic/instance-identity/ serves beside the document."""
+
+    signature: bytes
+    pkcs7: bytes
+    rsa2048: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    key: rsa.RSAPrivateKey
+    certificate: x509.Certificate
+
+    def __repr__(self) -> str:
+        return "_Pair(key=<hidden>)"
+
+
+class Signer:
+    """Signs identity documents with the key of the instance's region (or the default key)."""
+
+    def __init__(self, default: _Pair, regions: dict[str, _Pair]) -> None:
+        self._default, self._regions = default, regions
+
+    def __repr__(self) -> str:
+        return f"Signer(regions={sorted(self._regions)})"
+
+    def sign(self, document: bytes, region: str) -> Signatures:
+        pair = self._regions.get(region, self._default)
+        signature = pair.key.sign(document, padding.PKCS1v15(), hashes.SHA256())
+        signed = (
+            pkcs7.PKCS7SignatureBuilder()
+            .set_data(document)
+            .add_signer(pair.certificate, pair.key, hashes.SHA256())
+            .sign(
+                serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary, pkcs7.PKCS7Options.NoCerts]
+            )
+        )
+        return Signatures(
+            signature=wrapped(signature), pkcs7=wrapped(signed), rsa2048=wrapped(signed)
+        )
+
+    def certificates(self) -> dict[str, bytes]:
+        """PEM certificate by region ("" for the default): what the operator publishes."""
+        pairs = {"": self._default, **self._regions}
+        return {r: p.certificate.public_bytes(serialization.Encoding.PEM) for r, p in pairs.items()}
+
+
+def wrapped(raw: bytes) -> bytes:
+    """Base64, lines of 76 characters, no PEM armour and no final newline."""
+    text = base64.b64encode(raw)
+    return b"\n".join(text[i : i + WRAP] for i in range(0, len(text), WRAP))
+
+
+def open_signer(config: IdentityConfig, state_directory: Path, *, generate: bool = True) -> Signer:
+    """The operator's keys from files; without [identity] files, the host's own key and
+    self-signed certificate in the state directory, generated on first start (key 0600) and
+    kept across restarts. ConfigError (exit 3) for files that are missing or not RSA/PEM."""
+    if config.default is not None:
+        default = _load(config.default, "identity")
+    else:
+        default = _generated(state_directory, generate=generate)
+    regions = {r: _load(files, f"identity.regions.{r}") for r, files in config.regions.items()}
+    return Signer(default, regions)
+
+
+def check_files(config: IdentityConfig) -> None:
+    """Every configured key and certificate loads and matches (check-config); ConfigError."""
+    if config.default is not None:
+        _load(config.default, "identity")
+    for region, files in config.regions.items():
+        _load(files, f"identity.regions.{region}")
+
+
+def _load(files: KeyFiles, where: str) -> _Pair:
+    try:
+        key = serialization.load_pem_private_key(files.key_file.read_bytes(), password=None)
+        certificate = x509.load_pem_x509_certificate(files.certificate_file.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        allowed = "a readable PEM RSA private key without a passphrase, and its PEM certificate"
+        problem = Problem(
+            f"{where}.key_file", f"{files.key_file} ({exc.__class__.__name__})", allowed
+        )
+        raise ConfigError([problem]) from None
+    if not isinstance(key, rsa.RSAPrivateKey) or certificate.public_key() != key.public_key():
+        allowed = "an RSA key and the certificate of that key"
+        raise ConfigError([Problem(f"{where}.key_file", str(files.key_file), allowed)])
+    return _Pair(key, certificate)
+
+
+def _generated(directory: Path, *, generate: bool) -> _Pair:
+    files = KeyFiles(key_file=directory / KEY_FILE, certificate_file=directory / CERTIFICATE_FILE)
+    if files.key_file.exists() and files.certificate_file.exists():
+        return _load(files, "identity")
+    if not generate:
+        raise FileNotFoundError(files.certificate_file)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imdsd instance identity")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365 * CERTIFICATE_YEARS))
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    _write(files.key_file, pem_key, 0o600)
+    _write(files.certificate_file, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    return _Pair(key, certificate)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write-fsync-rename with the mode set from the start (the key is never world-readable)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(descriptor, "wb") as out:
+        os.fchmod(out.fileno(), mode)
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
