@@ -128,3 +128,23 @@ def test_help_and_admin_verbs_load_neither_the_daemon_nor_botocore() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_identity_files_are_checked(tmp_path: Path) -> None:
+    """check-config loads the [identity] key and certificate: a missing file is one line naming
+    identity.key_file, exit 3; identity certificate prints nothing without a key yet (exit 1)."""
+    text = (
+        config_text()
+        + f'[identity]\nkey_file = "{tmp_path}/no-key.pem"\ncertificate_file = "{tmp_path}/no-cert.pem"\n'
+    )
+    config = write(tmp_path, text)
+    done = subprocess.run([sys.executable, "-m", "imdsd", "check-config", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 3
+    assert done.stderr.startswith(
+        f"imdsd: identity.key_file: got {tmp_path}/no-key.pem (FileNotFoundError)"
+    )
+    fresh = write(tmp_path, config_text())
+    none = subprocess.run([sys.executable, "-m", "imdsd", "identity", "certificate", "--config", str(fresh)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert none.returncode == 1 and "no identity certificate yet" in none.stderr

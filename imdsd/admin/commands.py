@@ -7,6 +7,7 @@ daemon (unknown id, a conflict, invalid values), 4 no daemon on the socket.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -47,6 +48,10 @@ def add_commands(commands: Any) -> None:
                      help="an address the VM sends from; repeat for each")  # fmt: skip
     for option, text in PLACEMENT_HELP.items():
         add.add_argument(f"--{option}", help=text)
+    add.add_argument("--user-data-file", type=Path,
+                     help="served as /latest/user-data (at most 16 KB, EC2's limit)")  # fmt: skip
+    add.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                     help="an instance tag (repeat); see --instance-metadata-tags")  # fmt: skip
     _option_flags(add)
     for name, text in (
         ("associate", "attach an instance profile (EC2's AssociateIamInstanceProfile)"),
@@ -96,6 +101,8 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
                         help="IP TTL of the token reply, 1..64 (1: the VM alone)")  # fmt: skip
     parser.add_argument("--http-endpoint", choices=get_args(HttpEndpoint),
                         help="disabled: every request is refused (403)")  # fmt: skip
+    parser.add_argument("--instance-metadata-tags", choices=get_args(HttpEndpoint),
+                        help="enabled: tags are served under meta-data/tags/instance/")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,6 +171,10 @@ def _instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
     options = _options(args)
     if options:
         body["metadata_options"] = options
+    if args.user_data_file is not None:  # read here: the daemon may not see the caller's files
+        body["user_data_base64"] = base64.b64encode(args.user_data_file.read_bytes()).decode()
+    if args.tag:
+        body["tags"] = dict(tag.partition("=")[::2] for tag in args.tag)
     return body
 
 

@@ -322,3 +322,25 @@ async def test_remove_then_add_of_a_config_instance_serves_the_new_record(daemon
     url = daemon.urls[0]
     assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.77")).text == VM_D
     assert (await http(url, "/latest/meta-data/instance-id", source="127.0.0.5")).status == 404
+
+
+async def test_add_with_user_data_and_tags(daemon: Daemon, tmp_path: Path) -> None:
+    """instances add --user-data-file --tag --instance-metadata-tags enabled: served at once,
+    and the reply does not echo the user data."""
+    (tmp_path / "user-data").write_bytes(b"#cloud-config\nhostname: web-7\n")
+    code, out, err = await cli(daemon, "instances", "add", "--id", "i-0777777777777777a",
+                               "--address", "127.0.0.77", "--http-tokens", "optional",
+                               "--user-data-file", str(tmp_path / "user-data"), "--tag", "Name=web-7",
+                               "--tag", "env=prod", "--instance-metadata-tags", "enabled", "--json")  # fmt: skip
+    assert code == 0, err
+    assert "hostname: web-7" not in out
+    url = daemon.urls[0]
+    assert (
+        await http(url, "/latest/user-data", source="127.0.0.77")
+    ).body == b"#cloud-config\nhostname: web-7\n"
+    assert (
+        await http(url, "/latest/meta-data/tags/instance", source="127.0.0.77")
+    ).text == "Name\nenv"
+    assert (
+        await http(url, "/latest/meta-data/tags/instance/env", source="127.0.0.77")
+    ).text == "prod"
