@@ -1,0 +1,82 @@
+"""Identity document signing keys: per-region pairs, the default pair, and bad files."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+from imdsd.config import parse
+from imdsd.errors import ConfigError
+from imdsd.signatures import open_signer, wrapped
+from tests.helpers import config_text
+
+
+def pair(directory: Path, name: str) -> tuple[Path, Path, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))  # fmt: skip
+    key_file, cert_file = directory / f"{name}.key", directory / f"{name}.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_file, cert_file, key
+
+
+def identity(key: Path, cert: Path, region: tuple[Path, Path] | None = None) -> str:
+    text = f'[identity]\nkey_file = "{key}"\ncertificate_file = "{cert}"\n'
+    if region:
+        text += f'[identity.regions.eu-west-1]\nkey_file = "{region[0]}"\ncertificate_file = "{region[1]}"\n'
+    return text
+
+
+def test_each_region_signs_with_its_own_key(tmp_path: Path) -> None:
+    """[identity.regions.<region>] signs that region's documents; the default pair the rest;
+    certificates() lists both for publishing."""
+    dk, dc, default_key = pair(tmp_path, "default")
+    rk, rc, region_key = pair(tmp_path, "eu")
+    signer = open_signer(
+        parse(config_text(identity(dk, dc, (rk, rc)))).identity, tmp_path / "state"
+    )
+    document = b'{\n  "region" : "eu-west-1"\n}'
+    for region, key in (("eu-west-1", region_key), ("us-east-1", default_key)):
+        raw = base64.b64decode(signer.sign(document, region).signature.replace(b"\n", b""))
+        key.public_key().verify(raw, document, padding.PKCS1v15(), hashes.SHA256())
+    assert sorted(signer.certificates()) == ["", "eu-west-1"]
+    assert not (tmp_path / "state").exists()  # configured keys: nothing generated
+
+
+def test_a_certificate_of_another_key_is_refused(tmp_path: Path) -> None:
+    """A key and a certificate that do not belong together are a config problem (exit 3)."""
+    key, _, _ = pair(tmp_path, "one")
+    _, cert, _ = pair(tmp_path, "two")
+    with pytest.raises(
+        ConfigError,
+        match=r"identity\.key_file: got .*one\.key; allowed: an RSA key and the certificate of that key",
+    ):
+        open_signer(parse(config_text(identity(key, cert))).identity, tmp_path)
+
+
+def test_a_region_needs_both_files() -> None:
+    """A region table with a key and no certificate is a problem naming the region's path."""
+    with pytest.raises(
+        ConfigError,
+        match=r"identity\.regions\.eu-west-1\.certificate_file: got nothing; allowed: both, or neither",
+    ):
+        parse(config_text('[identity.regions.eu-west-1]\nkey_file = "/k.pem"\n'))
+
+
+def test_wrapping_is_76_characters() -> None:
+    """EC2's base64 layout: 76-character lines, the last one shorter, no final newline."""
+    text = wrapped(bytes(200))
+    assert [len(line) for line in text.split(b"\n")] == [76, 76, 76, 40]  # 268 characters
+    assert base64.b64decode(text.replace(b"\n", b"")) == bytes(200)
