@@ -27,6 +27,7 @@ from imdsd.validation import (
     Reader,
     Section,
     aes_key,
+    boolean,
     choice,
     choices_list,
     duration_in,
@@ -119,6 +120,8 @@ class HostConfig:
     state_directory: Path = Path("/var/lib/imdsd")
     admin_socket: Path = Path("/run/imdsd/admin.sock")
     metrics: Listener | None = None  # None: no metrics listener
+    warm_restart: bool = True  # keep sessions, token key and incarnations sealed across restarts
+    vault_key: Path | None = None  # None: vault.key in the state directory
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -366,10 +369,11 @@ def _host(doc: Section) -> HostConfig:
         optional_listener(DEFAULT_METRICS),
         '"host:port" (loopback advised), or "" for none',
     )
+    state = doc.table("state", ("directory", "warm_restart", "key_file"))
     return HostConfig(
-        state_directory=doc.table("state", ("directory",)).take(
-            "directory", file_path, d.state_directory, path
-        ),
+        state_directory=state.take("directory", file_path, d.state_directory, path),
+        warm_restart=state.take("warm_restart", boolean, d.warm_restart, "true or false"),
+        vault_key=state.take("key_file", file_path, None, path),
         admin_socket=doc.table("admin", ("socket",)).take(
             "socket", file_path, d.admin_socket, path
         ),

@@ -31,7 +31,7 @@ from imdsd.backends.shared import ProfileScoped
 from imdsd.budgets import Ledger, connection_ceiling
 from imdsd.clock import Clock
 from imdsd.config import Config, load
-from imdsd.errors import ConfigError
+from imdsd.errors import ConfigError, Problem
 from imdsd.imds import render
 from imdsd.imds.app import MetadataApi
 from imdsd.imds.listener import serving_guests
@@ -47,6 +47,8 @@ from imdsd.signatures import open_signer
 from imdsd.state import StateFile
 from imdsd.tokens import TokenIssuer
 from imdsd.validation import Listener
+from imdsd.vault import KEY_NAME as VAULT_KEY
+from imdsd.vault import Vault, restore, sealing, vault_key
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -93,8 +95,15 @@ async def running(
         wrapped = wrap_backend(opened) if wrap_backend else opened
         backend = _scoped(Measured(wrapped, metrics), config, clock)
         state = StateFile(config.host.state_directory)
-        inventory = Inventory(config.instances, config.profiles, config.associations, clock, state)
+        vault = _vault(config)
+        taken = vault.load() if vault else None  # a warm restart takes these over
+        tokens = TokenIssuer(clock, taken.token_key if taken else None)
+        remembered = (taken.subjects, taken.launched) if taken else None
+        inventory = Inventory(config.instances, config.profiles, config.associations, clock, state,
+                              remembered=remembered)  # fmt: skip
         sessions = SessionCache(render.credentials, render.failure)
+        if taken:
+            restore(taken, inventory, sessions, clock)
         metrics.watch(inventory, sessions, clock)
         metrics_url = None
         if config.host.metrics is not None:
@@ -102,9 +111,11 @@ async def running(
             metrics_url = (await stack.enter_async_context(metrics_urls))[0]
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
         stack.callback(rotator.shutdown)
+        if vault:
+            await stack.enter_async_context(sealing(vault, inventory, sessions, tokens))
         ledger = Ledger(config.budgets, connection_ceiling())
         signer = open_signer(config.identity, config.host.state_directory)
-        api = MetadataApi(inventory=inventory, sessions=sessions, tokens=TokenIssuer(clock),
+        api = MetadataApi(inventory=inventory, sessions=sessions, tokens=tokens,
                           clock=clock, metrics=metrics, ledger=ledger,
                           trees=TreeCache(signer.sign),
                           log_requests=config.log.level == "debug")  # fmt: skip
@@ -134,6 +145,17 @@ async def running(
         rotator.start()
         await rotator.prime(config.rotation.startup_deadline.total_seconds())
         yield daemon
+
+
+def _vault(config: Config) -> Vault | None:
+    if not config.host.warm_restart:
+        return None
+    path = config.host.vault_key or config.host.state_directory / VAULT_KEY
+    try:
+        return Vault(config.host.state_directory, vault_key(path))
+    except ValueError:
+        allowed = "32 random bytes, or their base64 (generated when the file does not exist)"
+        raise ConfigError([Problem("state.key_file", str(path), allowed)]) from None
 
 
 @asynccontextmanager

@@ -49,16 +49,21 @@ class Inventory:
         associations: Iterable[tuple[str, str]],
         clock: Clock,
         state: StateFile | None = None,
+        *,
+        remembered: tuple[dict[str, bytes], dict[str, datetime]] | None = None,
     ) -> None:
         self._clock = clock
         self._state = state
         self._overrides = state.load() if state else Overrides()
         self._instances: dict[str, Instance] = {}
         self._by_address: dict[str, Instance] = {}
-        self._launched: dict[str, datetime] = {}
-        # Each time an id (re)appears it is a new incarnation, and IMDSv2 tokens name it.
+        # Each time an id (re)appears it is a new incarnation, and IMDSv2 tokens name it. A warm
+        # restart takes over the previous process's (`remembered`: subjects, launch times), so
+        # guests' tokens and pendingTime survive it.
         self._incarnations = itertools.count(secrets.randbits(48))
-        self._subjects: dict[str, bytes] = {}
+        self._subjects: dict[str, bytes] = dict(remembered[0]) if remembered else {}
+        self._launched: dict[str, datetime] = dict(remembered[1]) if remembered else {}
+        self.version = 0  # counts rebuilds: what the vault keeps may have changed
         self._associations: dict[str, Association] = {}
         self._profiles: dict[str, InstanceProfile] = {}
         self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
@@ -79,6 +84,10 @@ class Inventory:
 
     def instance(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
+
+    def remembered(self) -> tuple[dict[str, bytes], dict[str, datetime]]:
+        """Token subjects and launch times, for the warm-restart vault."""
+        return dict(self._subjects), dict(self._launched)
 
     def token_subject(self, instance_id: str) -> bytes:
         """What this incarnation's IMDSv2 tokens are bound to: an id removed and added again
@@ -227,6 +236,7 @@ class Inventory:
 
     def _rebuild(self) -> set[str]:
         """Recompute the effective view; returns the ids whose association changed or went."""
+        self.version += 1
         self._profiles = {p.name: p for p in self._baseline.profiles}
         instances = self._effective_instances()
         by_address: dict[str, Instance] = {}

@@ -91,7 +91,16 @@ class Rotator:
         all were settled (issued or failed). Refreshes still waiting on the issuer at the
         deadline go on in the background (each is its own task): the listeners are already
         answering, with EC2's failure document until a session arrives (invariant 8)."""
-        keys = [a.instance_id for a in self._inventory.associations()]
+        keys = []
+        now = self._clock.now()
+        for association in self._inventory.associations():
+            key = association.instance_id
+            served = self._sessions.current(key, now)
+            if served is not None and served.session.expiration - now > self._policy.min_remaining:
+                # taken over from the previous process (warm restart): no upstream call now
+                self._schedule(key, refresh_at(served.session, self._policy, self._rng.random()))
+            else:
+                keys.append(key)
         try:
             await asyncio.wait_for(asyncio.gather(*(self.refresh(k) for k in keys)), deadline)
         except TimeoutError:

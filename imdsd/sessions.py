@@ -53,6 +53,7 @@ class SessionCache:
         self._render_failure = render_failure
         self._served: dict[str, Served] = {}
         self._failures: dict[str, Failure] = {}
+        self.version = 0  # counts stores and drops: what the vault keeps may have changed
 
     def store(self, key: str, session: Session, role: Role) -> Served:
         """Render and install a new session; clears the key's failure."""
@@ -60,6 +61,7 @@ class SessionCache:
         served = Served(session=session, role_arn=role.arn, document=document, extended=extended)
         self._served[key] = served
         self._failures.pop(key, None)
+        self.version += 1
         return served
 
     def fail(self, key: str, code: str, message: str, at: datetime) -> Failure:
@@ -109,6 +111,7 @@ class SessionCache:
         """Forget an association's session and failure (disassociated or removed)."""
         self._served.pop(key, None)
         self._failures.pop(key, None)
+        self.version += 1
 
     def keys(self) -> list[str]:
         return list(self._served)

@@ -52,6 +52,11 @@ class TokenIssuer:
     def __repr__(self) -> str:
         return "TokenIssuer(key=<hidden>)"
 
+    @property
+    def key(self) -> bytes:
+        """The MAC key, for the warm-restart vault only (sealed there, never shown)."""
+        return self._key
+
     def mint(self, subject: bytes, ttl_seconds: int) -> str:
         """A token for this subject (see `subject()`) that expires ttl_seconds from now."""
         expiry = int(self._clock.now().timestamp()) + ttl_seconds

@@ -299,6 +299,12 @@ def choices_list(allowed: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
     return convert
 
 
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(value)
+    return value
+
+
 def file_path(value: Any) -> Path:
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ValueError(value)

@@ -44,6 +44,8 @@ BAD = [
     (INSTANCE + 'tags = { "_index" = "x" }', 'instances[0].tags: got {"_index": "x"}; allowed: a table of tag keys (1-128 of letters, digits and + - = . _ : @; not . .. or _index, as EC2 requires for tags in instance metadata) to string values of at most 256 characters'),
     (INSTANCE + 'metadata_options = { instance_metadata_tags = "on" }', 'instances[0].metadata_options.instance_metadata_tags: got "on"; allowed: "enabled" or "disabled"'),
     ('[identity]\nkey_file = "/etc/imdsd/key.pem"', 'identity.certificate_file: got nothing; allowed: both, or neither'),
+    ('[state]\nwarm_restart = "yes"', 'state.warm_restart: got "yes"; allowed: true or false'),
+    ('[state]\nkey_file = ""', 'state.key_file: got ""; allowed: an absolute path, or one relative to the directory imdsd runs in'),
     ('[budgets]\nconnections = 0', "budgets.connections: got 0; allowed: an integer from 1 to 4096"),
     ('[budgets]\nidle_timeout = "2h"', 'budgets.idle_timeout: got "2h"; allowed: a duration from 1s to 1h'),
     ('[budgets]\nmax_body = -1', "budgets.max_body: got -1; allowed: an integer from 0 to 65536 (bytes)"),

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.helpers import host_sections, http
+from tests.helpers import host_sections, http, token_for
 from tests.process import Proc
 from tests.sts.upstream import ROLE_A, FaultySts
 
@@ -85,3 +85,41 @@ async def test_guests_are_answered_within_a_second_while_the_upstream_stalls(
         assert (await answers())[1] == "Success"
     finally:
         await asyncio.to_thread(daemon.stop)
+
+
+async def test_sigkill_and_restart_cost_the_upstream_nothing(
+    tmp_path: Path, host_env: dict[str, str], proxy: FaultySts
+) -> None:
+    """Invariant 8: 500 sts instances through a counting proxy; SIGKILL, then a restart: no
+    AssumeRole call at all, every guest served its session within a second of the restart,
+    and a guest's token minted before the kill still accepted."""
+    text = config(tmp_path, proxy.url)
+    daemon = await asyncio.to_thread(Proc, tmp_path, text)  # until ready: every session primed
+    assert sum(1 for f in proxy.seen if f.get("Action") == "AssumeRole") == INSTANCES
+    first, last = "127.0.1.1", f"127.0.{1 + (INSTANCES - 1) // 250}.{1 + (INSTANCES - 1) % 250}"
+    role_path = "/latest/meta-data/iam/security-credentials/" + ROLE_A.rsplit("/", 1)[1]
+    token = await token_for(daemon.url, first)
+    before = json.loads((await http(daemon.url, role_path, source=first)).body)
+    sealed_after = time.time()
+    vault = tmp_path / "state" / "sessions.sealed"
+    while not (vault.exists() and vault.stat().st_mtime > sealed_after):  # re-sealed, < 5 s
+        await asyncio.sleep(0.2)
+    daemon.process.kill()
+    daemon.process.wait()
+    calls = len(proxy.seen)
+    started = time.monotonic()
+    again = await asyncio.to_thread(Proc, tmp_path, text, until="listening")
+    try:
+        reply = await http(
+            again.url, role_path, source=first, headers={"X-aws-ec2-metadata-token": token}
+        )
+        served = time.monotonic() - started
+        assert (
+            reply.status == 200 and json.loads(reply.body)["AccessKeyId"] == before["AccessKeyId"]
+        )
+        assert served < 1.0, served
+        assert json.loads((await http(again.url, role_path, source=last)).body)["Code"] == "Success"
+        await asyncio.to_thread(again.wait_for, "ready")
+        assert len(proxy.seen) == calls  # not one upstream call
+    finally:
+        await asyncio.to_thread(again.stop)

@@ -1,0 +1,205 @@
+"""The warm-restart vault: what a restart must not lose, sealed with AES-GCM.
+
+Sessions, the IMDSv2 token key, and each instance's token subject (its incarnation) and launch
+time, so that after an upgrade or a SIGKILL the sessions that are still good are served at once
+with no upstream call, guests' tokens still verify, and pendingTime does not move (DESIGN
+invariant 8). The key lives apart from the data: its own 0600 file (generated on first use) or
+a systemd credential. A file that is tampered with, truncated or sealed under another key is
+ignored with one warning and the start is cold. Nothing is written in clear: the temporary
+file of a write holds ciphertext only. It is re-sealed in a worker thread, never on the loop
+that serves the guests. Never imports aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from imdsd.clock import Clock
+from imdsd.inventory import Inventory
+from imdsd.model import Session
+from imdsd.sessions import SessionCache
+from imdsd.tokens import TokenIssuer
+
+VAULT_SECONDS = 5.0  # re-sealed at most this often: a SIGKILL loses at most that much
+FILE_NAME = "sessions.sealed"
+KEY_NAME = "vault.key"
+_AAD = b"imdsd vault 1"
+_NONCE = 12
+log = structlog.get_logger("imdsd.vault")
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a restart takes over."""
+
+    token_key: bytes = field(repr=False)
+    subjects: dict[str, bytes] = field(default_factory=dict)  # instance id -> token subject
+    launched: dict[str, datetime] = field(default_factory=dict)
+    sessions: dict[str, tuple[str, Session]] = field(default_factory=dict, repr=False)  # role
+
+
+class Vault:
+    """One sealed file in the state directory."""
+
+    def __init__(self, directory: Path, key: bytes) -> None:
+        self.path = directory / FILE_NAME
+        self._aead = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return f"Vault({self.path}, key=<hidden>)"
+
+    def load(self) -> Snapshot | None:
+        """The last snapshot, or None (absent; or unusable: one warning, a cold start)."""
+        try:
+            sealed = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("vault unreadable; starting cold", path=str(self.path), error=exc.strerror)
+            return None
+        try:
+            plain = self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], _AAD)
+            return _snapshot(json.loads(plain))
+        except (InvalidTag, ValueError, KeyError, TypeError):
+            log.warning("vault tampered with, truncated or sealed under another key; starting"
+                        " cold", path=str(self.path))  # fmt: skip
+            return None
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Seal and replace atomically (write, fsync, rename); 0600 whatever the umask."""
+        nonce = secrets.token_bytes(_NONCE)
+        sealed = nonce + self._aead.encrypt(nonce, json.dumps(_plain(snapshot)).encode(), _AAD)
+        write_private(self.path, sealed)
+
+
+def restore(taken: Snapshot, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
+    """Serve the previous process's sessions that still belong to their association's role
+    and are unexpired; the Rotator's priming then issues only what is missing or short."""
+    now = clock.now()
+    for key, (role_arn, session) in taken.sessions.items():
+        association = inventory.association(key)
+        if association and association.profile.role.arn == role_arn and now < session.expiration:
+            sessions.store(key, session, association.profile.role)
+    log.info("warm restart", sessions_taken_over=len(sessions.keys()), sealed=len(taken.sessions))
+
+
+@asynccontextmanager
+async def sealing(
+    vault: Vault, inventory: Inventory, sessions: SessionCache, tokens: TokenIssuer
+) -> AsyncIterator[None]:
+    """Keep the vault current: re-sealed in a worker thread when something changed (at most
+    every VAULT_SECONDS, so a SIGKILL loses at most that much), and once more at the end."""
+
+    def snapshot() -> Snapshot:
+        subjects, launched = inventory.remembered()
+        kept = {k: (s.role_arn, s.session) for k in sessions.keys() if (s := sessions.get(k))}
+        return Snapshot(token_key=tokens.key, subjects=subjects, launched=launched, sessions=kept)
+
+    def seal(taken: Snapshot) -> None:
+        try:
+            vault.save(taken)
+        except OSError as exc:  # a full disk costs the next restart its warmth, nothing more
+            log.warning("vault not written", path=str(vault.path), error=exc.strerror)
+
+    async def keep() -> None:
+        sealed = None
+        while True:
+            await asyncio.sleep(VAULT_SECONDS)
+            mark = (inventory.version, sessions.version)
+            if mark != sealed:
+                await asyncio.to_thread(seal, snapshot())
+                sealed = mark
+
+    task = asyncio.create_task(keep(), name="vault")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        seal(snapshot())
+
+
+def vault_key(path: Path) -> bytes:
+    """The key at `path` (32 raw bytes, or their base64), generated (0600) if there is none."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = secrets.token_bytes(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, raw)
+    if len(raw) != 32:
+        raw = base64.b64decode(raw.strip(), validate=True)
+    if len(raw) != 32:
+        raise ValueError("the vault key must be 32 bytes")
+    return raw
+
+
+def write_private(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def _plain(s: Snapshot) -> dict[str, Any]:
+    return {
+        "token_key": _b64(s.token_key),
+        "subjects": {iid: _b64(v) for iid, v in s.subjects.items()},
+        "launched": {iid: t.isoformat() for iid, t in s.launched.items()},
+        "sessions": {
+            iid: {
+                "role": role,
+                "id": x.access_key_id,
+                "secret": x.secret_access_key,
+                "token": x.token,
+                "issued": x.issued_at.isoformat(),
+                "expires": x.expiration.isoformat(),
+            }
+            for iid, (role, x) in s.sessions.items()
+        },
+    }
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _snapshot(d: dict[str, Any]) -> Snapshot:
+    return Snapshot(
+        token_key=base64.b64decode(d["token_key"]),
+        subjects={iid: base64.b64decode(v) for iid, v in d["subjects"].items()},
+        launched={iid: datetime.fromisoformat(t) for iid, t in d["launched"].items()},
+        sessions={
+            iid: (
+                x["role"],
+                Session(
+                    access_key_id=x["id"],
+                    secret_access_key=x["secret"],
+                    token=x["token"],
+                    issued_at=datetime.fromisoformat(x["issued"]),
+                    expiration=datetime.fromisoformat(x["expires"]),
+                ),
+            )
+            for iid, x in d["sessions"].items()
+        },
+    )
