@@ -232,6 +232,7 @@ def _rotation(t: Section) -> RotationPolicy:
         concurrency=t.take(
             "concurrency", int_in(1, 1024), d.concurrency, "an integer from 1 to 1024"
         ),
+        max_rate=t.take("max_rate", int_in(1, 10000), d.max_rate, "an integer from 1 to 10000"),
         startup_deadline=t.take(
             "startup_deadline",
             duration_in(timedelta(seconds=1), timedelta(seconds=60)),
@@ -397,6 +398,7 @@ _ROTATION_KEYS = (
     "retry_initial",
     "retry_max",
     "concurrency",
+    "max_rate",
     "startup_deadline",
 )
 _SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "budgets",

@@ -33,6 +33,10 @@ class ConfigError(ImdsdError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+THROTTLING_CODES = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded",
+                              "TooManyRequestsException", "SlowDown"})  # fmt: skip
+
+
 class BackendError(ImdsdError):
     """A backend could not issue a session.
 
@@ -58,6 +62,11 @@ class BackendError(ImdsdError):
         self.detail = detail
         self.status = status
         super().__init__(message)
+
+    @property
+    def throttling(self) -> bool:
+        """The upstream refused for its own rate: every call should slow down, not just this."""
+        return self.status == 429 or self.code in THROTTLING_CODES
 
 
 class InventoryError(ImdsdError):

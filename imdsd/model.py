@@ -140,4 +140,5 @@ class RotationPolicy:
     retry_initial: timedelta = timedelta(seconds=1)
     retry_max: timedelta = timedelta(minutes=5)
     concurrency: int = 8
+    max_rate: int = 20  # issuer calls a second at most, halved for a while after throttling
     startup_deadline: timedelta = timedelta(seconds=20)  # priming waits this long at most

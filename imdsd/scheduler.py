@@ -23,6 +23,7 @@ from imdsd.clock import Clock
 from imdsd.errors import BackendError
 from imdsd.inventory import Inventory
 from imdsd.model import Association, RotationPolicy, Session, key_display
+from imdsd.ratelimit import RateLimit
 from imdsd.sessions import SessionCache
 
 log = structlog.get_logger("imdsd.rotation")
@@ -73,6 +74,7 @@ class Rotator:
         clock: Clock,
         *,
         rng: random.Random | None = None,
+        rate: RateLimit | None = None,
     ) -> None:
         self._backend = backend
         self._inventory = inventory
@@ -81,6 +83,7 @@ class Rotator:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
         self._limit = asyncio.Semaphore(policy.concurrency)
+        self._rate = rate or RateLimit(policy.max_rate)  # priming, rotation, retries alike
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._due: dict[str, datetime] = {}
         self._attempts: dict[str, int] = {}
@@ -166,8 +169,11 @@ class Rotator:
         while association is not None:
             try:
                 async with self._limit:
+                    await self._rate.acquire()
                     session = await self._backend.issue(association.profile, session_name=key)
             except BackendError as exc:
+                if exc.throttling:
+                    self._rate.throttled()
                 return self._failed(key, association, exc)
             except Exception as exc:  # any other backend fault: keep serving, retry later
                 log.error("issuer bug", instance=key, error=exc.__class__.__name__)

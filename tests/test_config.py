@@ -46,6 +46,7 @@ BAD = [
     ('[identity]\nkey_file = "/etc/imdsd/key.pem"', 'identity.certificate_file: got nothing; allowed: both, or neither'),
     ('[state]\nwarm_restart = "yes"', 'state.warm_restart: got "yes"; allowed: true or false'),
     ('[state]\nkey_file = ""', 'state.key_file: got ""; allowed: an absolute path, or one relative to the directory imdsd runs in'),
+    ('[rotation]\nmax_rate = 0', "rotation.max_rate: got 0; allowed: an integer from 1 to 10000"),
     ('[budgets]\nconnections = 0', "budgets.connections: got 0; allowed: an integer from 1 to 4096"),
     ('[budgets]\nidle_timeout = "2h"', 'budgets.idle_timeout: got "2h"; allowed: a duration from 1s to 1h'),
     ('[budgets]\nmax_body = -1', "budgets.max_body: got -1; allowed: an integer from 0 to 65536 (bytes)"),

@@ -20,6 +20,7 @@ listeners = ["127.0.0.1:0"]
 level = "info"
 [rotation]
 startup_deadline = "5s"
+max_rate = {max_rate}
 [backend]
 kind = "sts"
 [backend.sts]
@@ -41,8 +42,9 @@ profile = "profile-a"
 """
 
 
-def config(directory: Path, endpoint: str) -> str:
-    text = HEAD.format(host=host_sections(directory, metrics=""), endpoint=endpoint, role=ROLE_A)
+def config(directory: Path, endpoint: str, max_rate: int = 1000) -> str:
+    text = HEAD.format(host=host_sections(directory, metrics=""), endpoint=endpoint, role=ROLE_A,
+                       max_rate=max_rate)  # fmt: skip
     for n in range(INSTANCES):
         text += INSTANCE.format(n=n + 1, high=1 + n // 250, low=1 + n % 250)
     return text
@@ -123,3 +125,19 @@ async def test_sigkill_and_restart_cost_the_upstream_nothing(
         assert len(proxy.seen) == calls  # not one upstream call
     finally:
         await asyncio.to_thread(again.stop)
+
+
+async def test_priming_stays_under_the_rate_cap(
+    tmp_path: Path, host_env: dict[str, str], proxy: FaultySts
+) -> None:
+    """500 sts instances with rotation.max_rate = 100: the counting proxy sees priming take at
+    least 4 s, and no second holds more than 100 calls plus the one-second burst."""
+    daemon = await asyncio.to_thread(Proc, tmp_path, config(tmp_path, proxy.url, max_rate=100))
+    try:
+        times = sorted(proxy.times)
+        assert len(times) == INSTANCES
+        assert times[-1] - times[0] >= (INSTANCES - 100) / 100 - 0.1
+        busiest = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
+        assert busiest <= 200, busiest
+    finally:
+        await asyncio.to_thread(daemon.stop)

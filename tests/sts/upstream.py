@@ -112,6 +112,7 @@ class FaultySts:
     stall_seconds: float = 30.0
     rng: random.Random = field(default_factory=lambda: random.Random(3))
     seen: list[dict[str, str]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # monotonic arrival of each call
     in_flight: int = 0
     max_in_flight: int = 0
     url: str = ""
@@ -138,6 +139,7 @@ class FaultySts:
         body = await request.read()
         form = dict(x.split("=", 1) for x in body.decode().split("&") if "=" in x)
         self.seen.append(form)
+        self.times.append(time.monotonic())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
