@@ -48,6 +48,15 @@ def refresh_at(session: Session, policy: RotationPolicy, u: float) -> datetime:
     return due - min(policy.jitter, (due - issued) / 2) * u
 
 
+def first_refresh_at(session: Session, policy: RotationPolicy, share: float) -> datetime:
+    """The first refresh of a session issued in a cold start's wave: `share` (in [0, 1)) of
+    the way to its unjittered refresh_at(). Priming gives the i-th of N sessions a share in
+    [i/N, (i+1)/N), so their refreshes are spread evenly over the whole window instead of all
+    coming back in the last `jitter` minutes of it; later refreshes keep that phase."""
+    due = refresh_at(session, policy, 0.0)
+    return session.issued_at + (due - session.issued_at) * share
+
+
 def too_short(session: Session, policy: RotationPolicy) -> bool:
     """A session that reaches the min_remaining floor within an eighth of its life: refreshing
     it there would re-issue such sessions back to back (each as short), so it is refreshed at a
@@ -88,6 +97,7 @@ class Rotator:
         self._due: dict[str, datetime] = {}
         self._attempts: dict[str, int] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._shares: dict[str, float] = {}  # a cold start's wave: key -> its first-refresh share
 
     async def prime(self, deadline: float | None = None) -> bool:
         """Get a session for every association, waiting at most `deadline` seconds; True when
@@ -104,6 +114,11 @@ class Rotator:
                 self._schedule(key, refresh_at(served.session, self._policy, self._rng.random()))
             else:
                 keys.append(key)
+        # Stratified: the i-th of N gets a share in [i/N, (i+1)/N), shuffled so the order of
+        # the config file says nothing about who refreshes first.
+        strata = [(i + self._rng.random()) / len(keys) for i in range(len(keys))]
+        self._rng.shuffle(strata)
+        self._shares.update(zip(keys, strata, strict=True))
         try:
             await asyncio.wait_for(asyncio.gather(*(self.refresh(k) for k in keys)), deadline)
         except TimeoutError:
@@ -188,7 +203,11 @@ class Rotator:
     def _stored(self, key: str, association: Association, session: Session) -> None:
         self._sessions.store(key, session, association.profile.role)
         self._attempts.pop(key, None)
-        due = refresh_at(session, self._policy, self._rng.random())
+        share = self._shares.pop(key, None)
+        if share is None:
+            due = refresh_at(session, self._policy, self._rng.random())
+        else:
+            due = first_refresh_at(session, self._policy, share)
         self._schedule(key, due)
         if too_short(session, self._policy):
             log.warning(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,7 +18,8 @@ from imdsd.errors import BackendError
 from imdsd.imds import render
 from imdsd.inventory import Inventory
 from imdsd.model import RotationPolicy, Session
-from imdsd.scheduler import Rotator, refresh_at, retry_after, too_short
+from imdsd.ratelimit import RateLimit
+from imdsd.scheduler import Rotator, first_refresh_at, refresh_at, retry_after, too_short
 from imdsd.sessions import SessionCache
 from tests.fakes import START, FakeClock, FlakyBackend
 from tests.helpers import ROLE_A, VM_A, VM_B, make_config
@@ -89,8 +92,10 @@ class Rig:
             config.instances, config.profiles, config.associations, self.clock
         )
         self.sessions = SessionCache(render.credentials, render.failure)
+        # The rate cap waits in real time: these tests move a fake clock through hundreds of
+        # refreshes, so theirs is generous (tests/test_ratelimit.py pins the cap itself).
         self.rotator = Rotator(self.backend, self.inventory, self.sessions, policy, self.clock,
-                               rng=random.Random(1))  # fmt: skip
+                               rng=random.Random(1), rate=RateLimit(100_000))  # fmt: skip
 
     def served(self, key: str = VM_A) -> bytes:
         association = self.inventory.association(key)
@@ -124,7 +129,7 @@ async def test_prime_gives_every_association_a_session() -> None:
 async def test_rotation_happens_at_refresh_at() -> None:
     """A session is replaced when refresh_at() says, not before; the next one is scheduled."""
     rig = Rig()
-    await rig.rotator.prime()
+    await rig.rotator.refresh(VM_A)  # issued outside a cold start's wave: refresh_at() decides
     first, due = rig.key_id(), rig.rotator.due(VM_A)
     assert due is not None and due == START + 3 * H - DEFAULT.jitter * random.Random(1).random()
     rig.clock.set(due - S)
@@ -417,3 +422,54 @@ async def test_failure_after_expiry_says_nothing_is_served() -> None:
     failed = [e for e in logs if e["event"] == "session refresh failed" and e["instance"] == VM_A]
     assert failed[0]["serving_until"] == (START + 6 * H).isoformat()
     assert failed[-1]["serving_until"] is None
+
+
+def test_first_refresh_at_is_a_share_of_the_window() -> None:
+    """first_refresh_at(): share 0 is the issue time, share 1 the unjittered refresh_at()."""
+    s = session(6 * H)
+    assert first_refresh_at(s, DEFAULT, 0.0) == START
+    assert first_refresh_at(s, DEFAULT, 0.5) == START + 90 * M
+    assert first_refresh_at(s, DEFAULT, 0.999999) - (START + 3 * H) < S
+
+
+def test_cold_start_of_10000_sessions_never_comes_back_as_a_wave() -> None:
+    """10,000 sessions (6 h) issued together: with the first refresh of each at its stratified
+    share of the window and every later one at refresh_at() (jitter included), the busiest
+    minute from the first hour on holds at most twice the rotation's steady rate (N per
+    refresh period of 3 h, 56 a minute). Without the spread, all 10,000 came back within the
+    last 10 minutes before half-life."""
+    n, rng = 10_000, random.Random(5)
+    lifetime, horizon = 6 * H, 24 * H
+    shares = [(i + rng.random()) / n for i in range(n)]
+    counts: Counter[int] = Counter()
+    for share in shares:
+        due = first_refresh_at(session(lifetime), DEFAULT, share)
+        while due < START + horizon:
+            counts[int((due - START) / M)] += 1
+            s = Session(access_key_id="A", secret_access_key="s", token="t", issued_at=due,
+                        expiration=due + lifetime)  # fmt: skip
+            due = refresh_at(s, DEFAULT, rng.random())
+    steady_per_minute = n / (lifetime / 2 / M)
+    busiest = max(v for minute, v in counts.items() if minute >= 60)
+    assert busiest <= 2 * steady_per_minute, (busiest, steady_per_minute)
+    unspread = Counter(
+        int((refresh_at(session(lifetime), DEFAULT, rng.random()) - START) / M) for _ in range(n)
+    )
+    assert max(unspread.values()) > 10 * steady_per_minute  # what the spread prevents
+
+
+async def test_priming_spreads_first_refreshes_over_the_window() -> None:
+    """The Rotator gives primed sessions stratified shares: over 64 associations their first
+    refreshes cover the window (none later than refresh_at(), gaps well under the jitter)."""
+    config = make_config("".join(
+        f'[[instances]]\nid = "i-{n:08x}"\naddresses = ["127.0.8.{n}"]\n'
+        f'[[associations]]\ninstance = "i-{n:08x}"\nprofile = "profile-a"\n' for n in range(1, 65)))  # fmt: skip
+    rig = Rig()
+    rig.inventory = Inventory(config.instances, config.profiles, config.associations, rig.clock)
+    rig.rotator = Rotator(rig.backend, rig.inventory, rig.sessions, DEFAULT, rig.clock,
+                          rng=random.Random(3), rate=RateLimit(100_000))  # fmt: skip
+    await rig.rotator.prime()
+    dues = sorted(d for a in rig.inventory.associations() if (d := rig.rotator.due(a.instance_id)))
+    assert len(dues) == 66 and dues[-1] <= START + 3 * H
+    assert max(b - a for a, b in itertools.pairwise(dues)) < DEFAULT.jitter
+    assert dues[0] < START + 10 * M < START + 170 * M < dues[-1]
