@@ -30,6 +30,7 @@ listeners = ["127.0.0.1:0"]
 
 [rotation]
 jitter = "0s"
+max_rate = 10000  # tests move a fake clock through many refreshes; the cap has its own tests
 
 [[instance_profiles]]
 name = "profile-a"

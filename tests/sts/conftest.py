@@ -29,6 +29,8 @@ def sts_config(endpoint: str, extra: str = "", backend: str = "") -> Config:
 listeners = ["127.0.0.1:0"]
 {host_sections(SCRATCH / f"sts-{next(_SEQUENCE)}")}[log]
 level = "debug"
+[rotation]
+max_rate = 10000
 [backend]
 kind = "sts"
 [backend.sts]
