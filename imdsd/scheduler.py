@@ -50,11 +50,13 @@ def refresh_at(session: Session, policy: RotationPolicy, u: float) -> datetime:
 
 def first_refresh_at(session: Session, policy: RotationPolicy, share: float) -> datetime:
     """The first refresh of a session issued in a cold start's wave: `share` (in [0, 1)) of
-    the way to its unjittered refresh_at(). Priming gives the i-th of N sessions a share in
-    [i/N, (i+1)/N), so their refreshes are spread evenly over the whole window instead of all
-    coming back in the last `jitter` minutes of it; later refreshes keep that phase."""
+    the way from an eighth of its life (never a re-issue right after the issue) to its
+    unjittered refresh_at(). Priming gives the i-th of N sessions a share in [i/N, (i+1)/N), so
+    their refreshes are spread evenly over the window instead of all coming back in the last
+    `jitter` minutes of it; later refreshes keep that phase."""
     due = refresh_at(session, policy, 0.0)
-    return session.issued_at + (due - session.issued_at) * share
+    start = min(due, session.issued_at + (session.expiration - session.issued_at) / 8)
+    return start + (due - start) * share
 
 
 def too_short(session: Session, policy: RotationPolicy) -> bool:

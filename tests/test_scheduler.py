@@ -425,10 +425,11 @@ async def test_failure_after_expiry_says_nothing_is_served() -> None:
 
 
 def test_first_refresh_at_is_a_share_of_the_window() -> None:
-    """first_refresh_at(): share 0 is the issue time, share 1 the unjittered refresh_at()."""
+    """first_refresh_at(): share 0 is an eighth of the life (never at once), share 1 the
+    unjittered refresh_at()."""
     s = session(6 * H)
-    assert first_refresh_at(s, DEFAULT, 0.0) == START
-    assert first_refresh_at(s, DEFAULT, 0.5) == START + 90 * M
+    assert first_refresh_at(s, DEFAULT, 0.0) == START + 45 * M
+    assert first_refresh_at(s, DEFAULT, 0.5) == START + 45 * M + (3 * H - 45 * M) / 2
     assert first_refresh_at(s, DEFAULT, 0.999999) - (START + 3 * H) < S
 
 
@@ -472,4 +473,4 @@ async def test_priming_spreads_first_refreshes_over_the_window() -> None:
     dues = sorted(d for a in rig.inventory.associations() if (d := rig.rotator.due(a.instance_id)))
     assert len(dues) == 66 and dues[-1] <= START + 3 * H
     assert max(b - a for a, b in itertools.pairwise(dues)) < DEFAULT.jitter
-    assert dues[0] < START + 10 * M < START + 170 * M < dues[-1]
+    assert START + 45 * M <= dues[0] < START + 55 * M < START + 170 * M < dues[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 from tests.helpers import host_sections, http, token_for
@@ -42,6 +43,17 @@ profile = "profile-a"
 """
 
 
+# From spawning the process: the interpreter and imports come first (slower still under the
+# coverage tracing that make test runs child processes with).
+SPAWN_SECONDS = 3.0
+
+
+def since_listening(daemon: Proc) -> float:
+    """Seconds since the daemon logged that its listeners are open (its own clock: UTC)."""
+    stamp = next(e["timestamp"] for e in daemon.events() if e.get("event") == "listening")
+    return time.time() - datetime.fromisoformat(str(stamp)).timestamp()
+
+
 def config(directory: Path, endpoint: str, max_rate: int = 1000) -> str:
     text = HEAD.format(host=host_sections(directory, metrics=""), endpoint=endpoint, role=ROLE_A,
                        max_rate=max_rate)  # fmt: skip
@@ -71,7 +83,7 @@ async def test_guests_are_answered_within_a_second_while_the_upstream_stalls(
 
     try:
         assert await answers() == (f"i-{1:017x}", "CredentialsPending")
-        assert time.monotonic() - started < 1.0, time.monotonic() - started
+        assert since_listening(daemon) < 1.0 and time.monotonic() - started < SPAWN_SECONDS
         while proxy.in_flight < 8:  # the issuer's calls are stuck in the stall
             await asyncio.sleep(0.05)
         ready = await asyncio.to_thread(daemon.wait_for, "ready")  # the start-up deadline, 5 s
@@ -115,11 +127,10 @@ async def test_sigkill_and_restart_cost_the_upstream_nothing(
         reply = await http(
             again.url, role_path, source=first, headers={"X-aws-ec2-metadata-token": token}
         )
-        served = time.monotonic() - started
         assert (
             reply.status == 200 and json.loads(reply.body)["AccessKeyId"] == before["AccessKeyId"]
         )
-        assert served < 1.0, served
+        assert since_listening(again) < 1.0 and time.monotonic() - started < SPAWN_SECONDS
         assert json.loads((await http(again.url, role_path, source=last)).body)["Code"] == "Success"
         await asyncio.to_thread(again.wait_for, "ready")
         assert len(proxy.seen) == calls  # not one upstream call
