@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
 from imdsd.errors import ConfigError, Problem
+from imdsd.files import write_atomically
 from imdsd.identity import IdentityConfig, KeyFiles
 
 KEY_FILE, CERTIFICATE_FILE = "identity-key.pem", "identity-certificate.pem"
@@ -148,18 +148,8 @@ def _generated(directory: Path, *, generate: bool) -> _Pair:
     pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
-    _write(files.key_file, pem_key, 0o600)
-    _write(files.certificate_file, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(files.key_file, pem_key, 0o600)
+    write_atomically(
+        files.certificate_file, certificate.public_bytes(serialization.Encoding.PEM), 0o644
+    )
     return _Pair(key, certificate)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write-fsync-rename with the mode set from the start (the key is never world-readable)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(descriptor, "wb") as out:
-        os.fchmod(out.fileno(), mode)
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imdsd.errors import ConfigError, ImdsdError, Problem
+from imdsd.files import write_atomically
 from imdsd.fleet import instance_in, instance_table, options_in
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, MetadataOptions
 from imdsd.validation import Reader, Section, show
@@ -164,18 +165,6 @@ class StateFile:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             os.chmod(directory, DIRECTORY_MODE)
-            temporary = directory / f".{FILE_NAME}.{os.getpid()}.tmp"
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-                os.fchmod(out.fileno(), FILE_MODE)  # the umask may have taken bits away
-                out.write(overrides.to_json())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-            descriptor = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            write_atomically(self.path, overrides.to_json().encode(), FILE_MODE)
         except OSError as exc:
             raise StateError(f"cannot write the state file {self.path}: {exc.strerror}") from None

@@ -16,7 +16,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from imdsd.clock import Clock
+from imdsd.files import write_atomically
 from imdsd.inventory import Inventory
 from imdsd.model import Session
 from imdsd.sessions import SessionCache
@@ -84,7 +84,7 @@ class Vault:
         """Seal and replace atomically (write, fsync, rename); 0600 whatever the umask."""
         nonce = secrets.token_bytes(_NONCE)
         sealed = nonce + self._aead.encrypt(nonce, json.dumps(_plain(snapshot)).encode(), _AAD)
-        write_private(self.path, sealed)
+        write_atomically(self.path, sealed, 0o600)
 
 
 def restore(taken: Snapshot, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
@@ -142,23 +142,12 @@ def vault_key(path: Path) -> bytes:
     except FileNotFoundError:
         raw = secrets.token_bytes(32)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_private(path, raw)
+        write_atomically(path, raw, 0o600)
     if len(raw) != 32:
         raw = base64.b64decode(raw.strip(), validate=True)
     if len(raw) != 32:
         raise ValueError("the vault key must be 32 bytes")
     return raw
-
-
-def write_private(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
 
 
 def _plain(s: Snapshot) -> dict[str, Any]:
