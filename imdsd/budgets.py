@@ -108,9 +108,8 @@ def parse_budgets(t: Section) -> BudgetPolicy:
         if INSTANCE_ID.fullmatch(iid):
             overrides[iid] = _budget(section, instance)
         else:
-            t.child("instances").problem(
-                iid, "a name that is no instance id",
-                      '"i-" + 8 or 17 lowercase hex digits')  # fmt: skip
+            allowed = '"i-" + 8 or 17 lowercase hex digits'
+            t.child("instances").problem(iid, "a name that is no instance id", allowed)
     return BudgetPolicy(
         instance=instance,
         strangers=_budget(t, d.strangers, "strangers_"),

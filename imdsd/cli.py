@@ -39,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StateError as exc:
         print(f"imdsd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.command in ("check-config", "identity"):
-        return _identity(config, args)
+    if args.command == "check-config":
+        return _check_config(config, args.config)
+    if args.command == "identity":
+        return _print_certificates(config)
     config = _with_overrides(config, args=args)
     log.configure(config.log.level, config.log.format)
     try:
@@ -59,15 +61,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _identity(config: Config, args: argparse.Namespace) -> int:
-    """check-config (the [identity] files too), or print the certificates to publish."""
-    from imdsd.signatures import check_files, open_signer  # cryptography only when needed
+def _check_config(config: Config, path: Path) -> int:
+    """check-config: the file (already loaded), and the [identity] key files it names."""
+    from imdsd.signatures import check_files  # cryptography only when it is needed
 
     try:
-        if args.command == "check-config":
-            check_files(config.identity)
-        else:
-            signer = open_signer(config.identity, config.host.state_directory, generate=False)
+        check_files(config.identity)
+    except ConfigError as exc:
+        return _bad_config(exc)
+    print(f"{path}: ok ({_summary(config)})")
+    return EXIT_OK
+
+
+def _print_certificates(config: Config) -> int:
+    """identity certificate: the PEM certificate(s) to publish; never makes a key (run as root,
+    it would leave one the imdsd user cannot read)."""
+    from imdsd.signatures import open_signer  # cryptography only when it is needed
+
+    try:
+        signer = open_signer(config.identity, config.host.state_directory, generate=False)
     except ConfigError as exc:
         return _bad_config(exc)
     except FileNotFoundError:
@@ -75,9 +87,6 @@ def _identity(config: Config, args: argparse.Namespace) -> int:
               " daemon once (it makes one), or set [identity] key_file and certificate_file",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILURE
-    if args.command == "check-config":
-        print(f"{args.config}: ok ({_summary(config)})")
-        return EXIT_OK
     for region, pem in signer.certificates().items():
         print(f"# region {region}" if region else "# every other region")
         print(pem.decode(), end="")

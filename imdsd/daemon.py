@@ -52,12 +52,12 @@ from imdsd.vault import Vault, restore, sealing, vault_key
 
 log = structlog.get_logger("imdsd")
 SHUTDOWN_GRACE_SECONDS = 5.0
-GUEST_SUMMARY_SECONDS = 60.0
+GUEST_SUMMARY_SECONDS = 60.0  # at most one incident summary line per guest per minute
 # A burst of connections from one guest must not fill the accept queue for the others (the
 # kernel drops SYNs past it: a one-second retransmit for whoever comes next). Over-cap
 # connections are refused as fast as they arrive, so a deep queue drains; Linux caps it at
 # net.core.somaxconn (4096 by default).
-LISTEN_BACKLOG = 4096  # at most one incident summary line per guest per minute
+LISTEN_BACKLOG = 4096
 ADMIN_SOCKET_MODE = 0o660
 REUSE_MARGIN = timedelta(minutes=1)
 
@@ -307,7 +307,9 @@ async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
         daemon.api.log_requests = new.log.level == "debug"
     await daemon.sync(changed)
     restart_only = [
-        k for k in ("imds", "rotation", "backend", "host") if getattr(new, k) != getattr(current, k)
+        k
+        for k in ("imds", "rotation", "backend", "host", "identity")
+        if getattr(new, k) != getattr(current, k)
     ]
     if restart_only:
         log.warning("reload: these sections change only at restart", sections=restart_only)

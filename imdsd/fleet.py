@@ -79,12 +79,9 @@ def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> I
     if current is not None:
         options = {**asdict(current.options), **data}
         section = Section(reader, options, "metadata_options")
-        section.reject_unknown(OPTION_KEYS)
-        result: Instance | None = replace(current, options=_options(section))
+        result: Instance | None = replace(current, options=options_in(section))
     else:
-        section = Section(reader, data, "instance")
-        section.reject_unknown(INSTANCE_KEYS)
-        result = _instance(section)
+        result = instance_in(Section(reader, data, "instance"))
     if reader.problems or result is None:
         raise ConfigError(reader.problems)
     return result
@@ -172,7 +169,7 @@ def _instance(t: Section) -> Instance | None:
 _USER_DATA = {  # key -> (converter, what is allowed)
     "user_data": (lambda v: v.encode() if isinstance(v, str) else _no(v), "a string"),
     "user_data_base64": (lambda v: base64.b64decode(v, validate=True), "base64 of the bytes"),
-    "user_data_file": (lambda v: _read(v), "a readable file"),
+    "user_data_file": (lambda v: _read(v), "a readable file"),  # _read is defined below
 }
 TAGS_ALLOWED = (
     "a table of tag keys (1-128 of letters, digits and + - = . _ : @; not . .. or _index, as EC2"

@@ -256,6 +256,7 @@ class Rotator:
         self._sessions.drop(key)
         self._due.pop(key, None)
         self._attempts.pop(key, None)
+        self._shares.pop(key, None)
         if self._scheduler.running and self._scheduler.get_job(key) is not None:
             self._scheduler.remove_job(key)
 
