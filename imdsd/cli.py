@@ -21,6 +21,7 @@ from imdsd.admin import commands
 from imdsd.clock import SystemClock
 from imdsd.config import Config, LogFormat, LogLevel, load
 from imdsd.errors import ConfigError, ImdsdError
+from imdsd.etcd import commands as fleet
 from imdsd.state import StateError, StateFile
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3
@@ -31,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in commands.VERBS:
         return commands.run(args)
+    if args.command == "fleet":
+        return fleet.run(args)
     try:
         config = load(args.config)
         StateFile(config.host.state_directory).load()  # its records are checked like the config
@@ -118,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=get_args(LogFormat), help="overrides [log] format")
     run.add_argument("--log-level", choices=get_args(LogLevel), help="overrides [log] level")
     commands.add_commands(subcommands)
+    fleet.add_commands(subcommands)
     return parser
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 from imdsd import fleet
 from imdsd.budgets import BUDGET_KEYS, BudgetPolicy, parse_budgets
 from imdsd.errors import ConfigError, Problem
+from imdsd.etcd.settings import INVENTORY_KEYS, InventoryConfig, parse_inventory
 from imdsd.fleet import REGION
 from imdsd.identity import IDENTITY_KEYS, IdentityConfig, parse_identity
 from imdsd.model import Instance, InstanceProfile, RotationPolicy
@@ -146,6 +147,7 @@ class Config:
     instances: tuple[Instance, ...]
     profiles: tuple[InstanceProfile, ...]
     associations: tuple[tuple[str, str], ...]  # (instance id, profile name)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
 
 
 def load(path: Path) -> Config:
@@ -191,6 +193,12 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         doc.tables("instance_profiles", ("name", "path", "id", "role_arn", "external_id"))
     )
     instances = fleet.instances(doc.tables("instances", fleet.INSTANCE_KEYS))
+    inventory = parse_inventory(doc.table("inventory", INVENTORY_KEYS))
+    if inventory.source == "etcd":
+        for key in ("instances", "instance_profiles", "associations"):
+            if doc.data.get(key):
+                allowed = 'none with [inventory] source = "etcd" (the records are in etcd)'
+                doc.problem(key, f"[[{key}]] tables", allowed)
     return Config(
         imds=imds,
         rotation=rotation,
@@ -204,6 +212,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         associations=fleet.associations(
             doc.tables("associations", ("instance", "profile")), instances, profiles
         ),
+        inventory=inventory,
     )
 
 
@@ -402,4 +411,4 @@ _ROTATION_KEYS = (
     "startup_deadline",
 )
 _SECTIONS = ("imds", "state", "admin", "metrics", "rotation", "backend", "log", "budgets",
-             "identity", "instances", "instance_profiles", "associations")  # fmt: skip
+             "identity", "inventory", "instances", "instance_profiles", "associations")  # fmt: skip

@@ -32,6 +32,7 @@ from imdsd.budgets import Ledger, connection_ceiling
 from imdsd.clock import Clock
 from imdsd.config import Config, load
 from imdsd.errors import ConfigError, Problem
+from imdsd.etcd.source import FleetSource
 from imdsd.imds import render
 from imdsd.imds.app import MetadataApi
 from imdsd.imds.listener import serving_guests
@@ -99,12 +100,19 @@ async def running(
         taken = vault.load() if vault else None  # a warm restart takes these over
         tokens = TokenIssuer(clock, taken.token_key if taken else None)
         remembered = (taken.subjects, taken.launched) if taken else None
-        inventory = Inventory(config.instances, config.profiles, config.associations, clock, state,
-                              remembered=remembered)  # fmt: skip
+        fleet = FleetSource(config, clock) if config.inventory.source == "etcd" else None
+        if fleet:  # the baseline is the fleet's last known records; no state-file overrides
+            inventory = Inventory(*fleet.mirror.baseline(), clock, None, remembered=remembered,
+                                  managed_by=fleet.name)  # fmt: skip
+        else:
+            inventory = Inventory(config.instances, config.profiles, config.associations, clock,
+                                  state, remembered=remembered)  # fmt: skip
         sessions = SessionCache(render.credentials, render.failure)
         if taken:
             restore(taken, inventory, sessions, clock)
         metrics.watch(inventory, sessions, clock)
+        if fleet:
+            metrics.watch_source(fleet.status)
         metrics_url = None
         if config.host.metrics is not None:
             metrics_urls = _serving(make_metrics_app(metrics, ready), (config.host.metrics,))
@@ -135,9 +143,13 @@ async def running(
         daemon = Daemon(urls=urls, admin_socket=config.host.admin_socket, metrics_url=metrics_url,
                         inventory=inventory, sessions=sessions, rotator=rotator,
                         api=api)  # fmt: skip
+        source = fleet.status if fleet else lambda: {"source": "file"}
         admin = make_admin_app(inventory, sessions, clock, ledger, sync=daemon.sync,
-                               rotate=rotator.refresh, due=rotator.due, info=info)  # fmt: skip
+                               rotate=rotator.refresh, due=rotator.due, info=info,
+                               source=source)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
+        if fleet:  # after the listeners: etcd is a dependency like the upstream (invariant 8)
+            await stack.enter_async_context(fleet.following(inventory, daemon.sync))
         ready.set()  # /readyz: serving (an association without a session gets EC2's failure doc)
         log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
         # Invariant 8: nothing above awaited the upstream. Priming now fills the sessions, up
@@ -300,7 +312,9 @@ async def _reload(
 
 
 async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
-    changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
+    changed: set[str] = set()
+    if not daemon.inventory.managed_by:  # an etcd-sourced inventory follows etcd, not the file
+        changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
     daemon.api.ledger.policy = new.budgets
     if new.log != current.log:
         configure_logging(new.log.level, new.log.format)
@@ -308,7 +322,7 @@ async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
     await daemon.sync(changed)
     restart_only = [
         k
-        for k in ("imds", "rotation", "backend", "host", "identity")
+        for k in ("imds", "rotation", "backend", "host", "identity", "inventory")
         if getattr(new, k) != getattr(current, k)
     ]
     if restart_only:

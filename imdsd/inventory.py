@@ -26,7 +26,7 @@ from imdsd.model import Association, Instance, InstanceProfile, MetadataOptions
 from imdsd.state import Overrides, StateFile
 from imdsd.tokens import subject
 
-Origin = Literal["config", "runtime", "modified"]
+Origin = Literal["config", "runtime", "modified", "etcd"]
 log = structlog.get_logger("imdsd.inventory")
 
 
@@ -51,8 +51,11 @@ class Inventory:
         state: StateFile | None = None,
         *,
         remembered: tuple[dict[str, bytes], dict[str, datetime]] | None = None,
+        managed_by: str | None = None,
     ) -> None:
         self._clock = clock
+        # Set when the baseline is another system's (etcd): the admin API then changes nothing.
+        self.managed_by = managed_by
         self._state = state
         self._overrides = state.load() if state else Overrides()
         self._instances: dict[str, Instance] = {}
@@ -115,6 +118,8 @@ class Inventory:
 
     def origin(self, instance_id: str) -> Origin:
         """Where the instance's record comes from: the config, the admin API, or both."""
+        if self.managed_by:
+            return "etcd"
         if instance_id in self._overrides.added:
             return "runtime"
         if instance_id in self._overrides.options:
@@ -122,6 +127,8 @@ class Inventory:
         return "config"
 
     def association_origin(self, instance_id: str) -> Origin:
+        if self.managed_by:
+            return "etcd"
         return "runtime" if instance_id in self._overrides.associations else "config"
 
     # -- changing (the admin API); each is validated, persisted, then applied ----------------
@@ -131,6 +138,9 @@ class Inventory:
         at a time, validated against the state the previous change left, persisted in a worker
         thread (write, fsync, rename, fsync: never on the loop that serves the guests), then
         applied on the loop. Returns the ids whose association changed or went."""
+        if self.managed_by:
+            raise ConflictError(f"this host's inventory comes from {self.managed_by}: "
+                                "change it with `imdsd fleet`")  # fmt: skip
         async with self._lock:
             self._planned = []
             try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter as Tally
-from collections.abc import Iterator
-from typing import Literal, get_args
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, get_args
 
 from aiohttp import web
 from prometheus_client import (
@@ -90,9 +90,27 @@ class Metrics:
         """Count one guest budget event (no instance label: bounded cardinality)."""
         self._limits[event].inc()
 
+    def watch_source(self, status: Callable[[], dict[str, Any]]) -> None:
+        """The etcd source's gauges: is it connected, how stale may the inventory be."""
+        self.registry.register(_SourceCollector(status))
+
     def watch(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
         """Session gauges, computed at scrape time from the live state."""
         self.registry.register(_SessionCollector(inventory, sessions, clock))
+
+
+class _SourceCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        status = self._status()
+        yield GaugeMetricFamily("imdsd_inventory_connected",
+                                "1 while the etcd watch is up, else 0 (serving the last known).",
+                                value=1.0 if status.get("connected") else 0.0)  # fmt: skip
+        yield GaugeMetricFamily("imdsd_inventory_stale_seconds",
+                                "Seconds since the inventory was last known to match etcd.",
+                                value=float(status.get("stale_seconds", 0.0)))  # fmt: skip
 
 
 class _SessionCollector(Collector):

@@ -24,9 +24,11 @@ from imdsd.admin.keys import (
     LEDGER,
     ROTATE,
     SESSIONS,
+    SOURCE,
     SYNC,
     Due,
     Rotate,
+    Source,
     Sync,
 )
 from imdsd.admin.views import instance_view, profile_view, session_view
@@ -101,6 +103,7 @@ async def status(request: web.Request) -> web.Response:
     info: dict[str, Any] = request.app[INFO]
     return web.json_response({
         **info,
+        "inventory": request.app[SOURCE](),
         "instances": dict(Counter(inventory.origin(i.id) for i in inventory.instances())),
         "associations": dict(
             Counter(inventory.association_origin(a.instance_id) for a in inventory.associations())
@@ -228,10 +231,11 @@ def _session(request: web.Request, iid: str) -> dict[str, Any]:
 
 def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, ledger: Ledger,
                    *, sync: Sync, rotate: Rotate, due: Due,
-                   info: dict[str, Any]) -> web.Application:  # fmt: skip
+                   info: dict[str, Any],
+                   source: Source = lambda: {"source": "file"}) -> web.Application:  # fmt: skip
     """The admin API over the daemon's inventory, sessions and guest budgets."""
     app = web.Application(middlewares=[json_errors], client_max_size=256 * 1024)
     app[INVENTORY], app[SESSIONS], app[CLOCK], app[LEDGER] = inventory, sessions, clock, ledger
-    app[SYNC], app[ROTATE], app[DUE], app[INFO] = sync, rotate, due, info
+    app[SYNC], app[ROTATE], app[DUE], app[INFO], app[SOURCE] = sync, rotate, due, info, source
     app.add_routes(routes)
     return app

@@ -42,17 +42,7 @@ def add_commands(commands: Any) -> None:
         verbs.add_parser(name, parents=[common], help=text).add_argument(
             "instance_id", help='"i-" + 8 or 17 hex digits'
         )
-    add = verbs.add_parser("add", parents=[common], help="register an instance (a VM)")
-    add.add_argument("--id", required=True, help='the instance id: "i-" + 8 or 17 hex digits')
-    add.add_argument("--address", action="append", required=True,
-                     help="an address the VM sends from; repeat for each")  # fmt: skip
-    for option, text in PLACEMENT_HELP.items():
-        add.add_argument(f"--{option}", help=text)
-    add.add_argument("--user-data-file", type=Path,
-                     help="served as /latest/user-data (at most 16 KB, EC2's limit)")  # fmt: skip
-    add.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                     help="an instance tag (repeat); see --instance-metadata-tags")  # fmt: skip
-    _option_flags(add)
+    instance_flags(verbs.add_parser("add", parents=[common], help="register an instance (a VM)"))
     for name, text in (
         ("associate", "attach an instance profile (EC2's AssociateIamInstanceProfile)"),
         ("replace-association", "swap the profile (EC2's ReplaceIamInstanceProfileAssociation)"),
@@ -94,6 +84,20 @@ PLACEMENT_HELP = {
 }
 
 
+def instance_flags(add: argparse.ArgumentParser) -> None:
+    """The flags of `instances add`: an [[instances]] table on the command line."""
+    add.add_argument("--id", required=True, help='the instance id: "i-" + 8 or 17 hex digits')
+    add.add_argument("--address", action="append", required=True,
+                     help="an address the VM sends from; repeat for each")  # fmt: skip
+    for option, text in PLACEMENT_HELP.items():
+        add.add_argument(f"--{option}", help=text)
+    add.add_argument("--user-data-file", type=Path,
+                     help="served as /latest/user-data (at most 16 KB, EC2's limit)")  # fmt: skip
+    add.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                     help="an instance tag (repeat); see --instance-metadata-tags")  # fmt: skip
+    _option_flags(add)
+
+
 def _option_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-tokens", choices=get_args(HttpTokens),
                         help="required: IMDSv2 only; optional: also token-less IMDSv1")  # fmt: skip
@@ -132,11 +136,11 @@ def _route(args: argparse.Namespace) -> Route:
     profile = {"profile": getattr(args, "profile", None)}
     routes: dict[tuple[str, str | None], Route] = {
         ("instances", "list"): ("GET", "/v1/instances", None, _instances_table),
-        ("instances", "show"): ("GET", f"/v1/instances/{iid}", None, _record),
-        ("instances", "add"): ("POST", "/v1/instances", _instance_body(args), _record),
+        ("instances", "show"): ("GET", f"/v1/instances/{iid}", None, record),
+        ("instances", "add"): ("POST", "/v1/instances", instance_body(args), record),
         ("instances", "remove"): ("DELETE", f"/v1/instances/{iid}", None, _said("removed", iid)),
-        ("associate", None): ("POST", "/v1/associations", {"instance": iid, **profile}, _record),
-        ("replace-association", None): ("PUT", f"/v1/associations/{iid}", profile, _record),
+        ("associate", None): ("POST", "/v1/associations", {"instance": iid, **profile}, record),
+        ("replace-association", None): ("PUT", f"/v1/associations/{iid}", profile, record),
         ("disassociate", None): (
             "DELETE",
             f"/v1/associations/{iid}",
@@ -147,12 +151,12 @@ def _route(args: argparse.Namespace) -> Route:
             "PATCH",
             f"/v1/instances/{iid}/metadata-options",
             _options(args),
-            _record,
+            record,
         ),
-        ("profiles", "list"): ("GET", "/v1/profiles", None, _profiles_table),
+        ("profiles", "list"): ("GET", "/v1/profiles", None, profiles_table),
         ("sessions", "list"): ("GET", "/v1/sessions", None, _sessions_table),
-        ("rotate", None): ("POST", f"/v1/sessions/{iid}/rotate", None, _record),
-        ("status", None): ("GET", "/v1/status", None, _record),
+        ("rotate", None): ("POST", f"/v1/sessions/{iid}/rotate", None, record),
+        ("status", None): ("GET", "/v1/status", None, record),
     }
     return routes[verb]
 
@@ -161,7 +165,8 @@ def _said(what: str, iid: str | None) -> Callable[[Any], str]:
     return lambda _: f"{what} {iid}"
 
 
-def _instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
+def instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The [[instances]] table that `instances add`'s flags describe."""
     if getattr(args, "verb", None) != "add":
         return None
     body: dict[str, Any] = {"id": args.id, "addresses": args.address}
@@ -216,7 +221,7 @@ def _instances_table(rows: list[dict[str, Any]]) -> str:
     return table(lines, header)
 
 
-def _profiles_table(rows: list[dict[str, Any]]) -> str:
+def profiles_table(rows: list[dict[str, Any]]) -> str:
     return table([(r["name"], r["role_arn"], r["id"]) for r in rows], ("PROFILE", "ROLE", "ID"))
 
 
@@ -230,7 +235,8 @@ def _sessions_table(rows: list[dict[str, Any]]) -> str:
     return table(lines, header)
 
 
-def _record(data: dict[str, Any]) -> str:
+def record(data: dict[str, Any]) -> str:
+    """One record, a line per field."""
     return "\n".join(
         f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in data.items()
     )

@@ -17,6 +17,7 @@ from imdsd.sessions import SessionCache
 Sync = Callable[[set[str]], Awaitable[None]]  # bring these instances' sessions in line, now
 Rotate = Callable[[str], Awaitable[None]]  # issue a new session for this instance, now
 Due = Callable[[str], datetime | None]  # when this instance's next refresh is due
+Source = Callable[[], dict[str, Any]]  # where the inventory comes from, and how fresh it is
 
 INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", SessionCache)
@@ -25,4 +26,5 @@ SYNC: web.AppKey[Sync] = web.AppKey("sync")
 ROTATE: web.AppKey[Rotate] = web.AppKey("rotate")
 DUE: web.AppKey[Due] = web.AppKey("due")
 LEDGER = web.AppKey("ledger", Ledger)  # guests' budgets: who was throttled recently
+SOURCE: web.AppKey[Source] = web.AppKey("source")
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info")  # version, listeners, backend, paths, start

@@ -1,0 +1,69 @@
+"""An etcd client for one endpoint of the fleet's list: aetcd, over TLS when the URLs say so.
+
+aetcd (asyncio, gRPC) opens only plaintext channels; `connect()` is overridden to open a TLS
+channel (and present a client certificate) with grpc's own credentials. Everything else is
+aetcd's. Keepalive pings make a vanished etcd a broken stream within seconds, not hours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from imdsd.etcd.settings import Endpoint, EtcdConfig
+
+# etcd's default --grpc-keepalive-min-time is 5 s: ping no more often than that.
+CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.initial_reconnect_backoff_ms": 200,
+}
+CALL_TIMEOUT_SECONDS = 5
+
+
+class Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client, with TLS when `credentials` is given."""
+
+    def __init__(self, endpoint: Endpoint, *, credentials: grpc.ChannelCredentials | None,
+                 user: str | None, password: str | None) -> None:  # fmt: skip
+        super().__init__(endpoint.host, endpoint.port, username=user, password=password,
+                         timeout=CALL_TIMEOUT_SECONDS, options=dict(CHANNEL_OPTIONS))  # fmt: skip
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None or self._connected.is_set():
+            await super().connect()
+            return
+        secure = self._credentials
+        plain = rpc.insecure_channel
+        try:  # aetcd builds the channel with rpc.insecure_channel: hand it the TLS one instead
+            rpc.insecure_channel = lambda target, options=(): rpc.secure_channel(
+                target, secure, options=options
+            )
+            await super().connect()
+        finally:
+            rpc.insecure_channel = plain
+
+
+def open_client(config: EtcdConfig, attempt: int = 0) -> Client:
+    """A client for the endpoint this attempt should try (the list in turn)."""
+    endpoint = config.endpoints[attempt % len(config.endpoints)]
+    credentials = None
+    if endpoint.tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(config.ca_file),
+            private_key=_read(config.key_file),
+            certificate_chain=_read(config.cert_file),
+        )
+    password = None
+    if config.password_file is not None:
+        password = config.password_file.read_text(encoding="utf-8").strip()
+    return Client(endpoint, credentials=credentials, user=config.user, password=password)
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None

@@ -1,0 +1,152 @@
+"""Keeps this host's inventory in step with etcd, and serving through etcd's outages.
+
+Load (profiles and this host's records), then watch both prefixes from the loaded revision;
+each batch of events is applied as one change. A compacted watch reloads; a lost stream
+reconnects with backoff, trying each endpoint in turn. Every applied state is written to the
+state directory, so a host restarted while etcd is down serves its last known inventory. No
+etcd call is ever on the guest path: guests read the inventory the last change left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+from aetcd.exceptions import RevisionCompactedError
+from aetcd.rtypes import EventKind
+
+from imdsd.clock import Clock
+from imdsd.etcd.client import Client, open_client
+from imdsd.etcd.records import Mirror
+from imdsd.etcd.settings import EtcdConfig
+from imdsd.etcd.source import Cache
+
+log = structlog.get_logger("imdsd.etcd")
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 10.0  # seconds; doubled per failed attempt, jittered
+Apply = Callable[[], Awaitable[None]]
+
+
+class Follower:
+    """The watch loop, its connection state, and how stale the inventory may be."""
+
+    def __init__(self, config: EtcdConfig, mirror: Mirror, cache: Cache, apply: Apply,
+                 clock: Clock, *, stale_since: datetime) -> None:  # fmt: skip
+        self._config, self._mirror, self._cache = config, mirror, cache
+        self._apply, self._clock = apply, clock
+        self.synced = asyncio.Event()  # the first full load from etcd has been applied
+        self.connected = False
+        self.stale_since: datetime | None = stale_since  # None while watching
+
+    def status(self) -> dict[str, Any]:
+        """For `imdsd status` and the metrics: where the inventory comes from, how fresh."""
+        stale = 0.0
+        if self.stale_since is not None:
+            stale = (self._clock.now() - self.stale_since).total_seconds()
+        return {"source": "etcd", "endpoints": [str(e) for e in self._config.endpoints],
+                "prefix": self._config.prefix, "host": self._config.host,
+                "revision": self._mirror.revision, "connected": self.connected,
+                "stale_seconds": round(stale, 3)}  # fmt: skip
+
+    async def run(self) -> None:
+        """Forever: connect, follow; on any failure keep what is served and try again."""
+        failures = 0
+        while True:
+            client = open_client(self._config, failures)
+            try:
+                await self._follow(client)
+            except Exception as exc:
+                self._lost(exc, failures)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.close(), 2)
+            failures = 0 if self.connected else failures + 1
+            self.connected = False
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(failures, 8))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 -- jitter
+
+    def _lost(self, exc: Exception, failures: int) -> None:
+        if self.stale_since is None:
+            self.stale_since = self._clock.now()
+            log.warning("fleet inventory: etcd unreachable; serving the last known inventory",
+                        error=exc.__class__.__name__, revision=self._mirror.revision)  # fmt: skip
+        else:
+            log.debug("fleet inventory: etcd still unreachable", attempt=failures + 1,
+                      error=exc.__class__.__name__)  # fmt: skip
+
+    async def _follow(self, client: Client) -> None:
+        await client.connect()
+        while True:
+            revision = await self._load(client)
+            try:
+                await self._watch(client, revision)
+            except RevisionCompactedError:
+                log.info("fleet inventory: watch revision compacted; reloading", revision=revision)
+
+    async def _load(self, client: Client) -> int:
+        layout = self._mirror.layout
+        profiles = await client.get_prefix(layout.profiles.encode())
+        mine = await client.get_prefix(layout.mine().encode())
+        records = {kv.key.decode(errors="replace"): (kv.create_revision, kv.value)
+                   for kv in (*profiles, *mine)}  # fmt: skip
+        # The watch starts after the earlier read: replaying a few events converges.
+        revision = int(profiles.header.revision)
+        self._mirror.reset(records, revision)
+        await self._changed()
+        if self.stale_since is not None:
+            log.info("fleet inventory in sync with etcd", revision=revision,
+                     records=len(self._mirror.raw),
+                     stale_seconds=self.status()["stale_seconds"])  # fmt: skip
+        self.connected, self.stale_since = True, None
+        self.synced.set()
+        return revision
+
+    async def _watch(self, client: Client, revision: int) -> None:
+        layout = self._mirror.layout
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        watches = [await client.watch_prefix(p.encode(), start_revision=revision + 1)
+                   for p in (layout.profiles, layout.mine())]  # fmt: skip
+        readers = [asyncio.create_task(_forward(w, queue)) for w in watches]
+        try:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty():  # what arrived together is applied together
+                    batch.append(queue.get_nowait())
+                for event in batch:
+                    if isinstance(event, BaseException):
+                        raise event
+                    self._event(event)
+                await self._changed()
+        finally:
+            for reader in readers:
+                reader.cancel()
+
+    def _event(self, event: Any) -> None:
+        key = event.kv.key.decode(errors="replace")
+        if event.kind == EventKind.DELETE:
+            self._mirror.delete(key)
+        else:
+            self._mirror.put(key, event.kv.value, event.kv.create_revision)
+        self._mirror.revision = max(self._mirror.revision, int(event.kv.mod_revision))
+
+    async def _changed(self) -> None:
+        await self._apply()
+        try:
+            await asyncio.to_thread(self._cache.save, self._mirror, self._clock.now())
+        except OSError as exc:
+            log.warning("fleet inventory cache not written", path=str(self._cache.path),
+                        error=exc.__class__.__name__)  # fmt: skip
+
+
+async def _forward(watch: Any, queue: asyncio.Queue[Any]) -> None:
+    """One watch's events into the shared queue; its end or failure as an exception."""
+    try:
+        async for event in watch:
+            queue.put_nowait(event)
+        queue.put_nowait(ConnectionError("the watch ended"))
+    except Exception as exc:
+        queue.put_nowait(exc)

@@ -1,0 +1,186 @@
+"""The fleet's records in etcd: the key layout (a contract others write to) and one mirror.
+
+    {prefix}/profiles/{name}                  an [[instance_profiles]] table, as JSON
+    {prefix}/hosts/{host}/instances/{id}      an [[instances]] table, as JSON
+    {prefix}/hosts/{host}/associations/{id}   {"profile": "<name>"}
+
+Values get exactly the config file's validation. A bad record is skipped with one warning
+naming its key and never takes another record down. Pure: no I/O, no etcd client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from imdsd import fleet
+from imdsd.errors import ConfigError
+from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
+from imdsd.validation import Reader, Section
+
+log = structlog.get_logger("imdsd.etcd")
+PROFILE_KEYS = ("name", "path", "id", "role_arn", "external_id")
+Kind = Literal["profile", "instance", "association"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where one host's records are, under one fleet prefix."""
+
+    prefix: str
+    host: str
+
+    @property
+    def profiles(self) -> str:
+        return f"{self.prefix}/profiles/"
+
+    def hosts(self) -> str:
+        return f"{self.prefix}/hosts/"
+
+    def mine(self, host: str | None = None) -> str:
+        return f"{self.prefix}/hosts/{host or self.host}/"
+
+    def profile(self, name: str) -> str:
+        return f"{self.profiles}{name}"
+
+    def instance(self, iid: str, host: str | None = None) -> str:
+        return f"{self.mine(host)}instances/{iid}"
+
+    def association(self, iid: str, host: str | None = None) -> str:
+        return f"{self.mine(host)}associations/{iid}"
+
+    def kind(self, key: str) -> tuple[Kind, str] | None:
+        """What a key of this host (or a profile) names; None for keys outside the layout."""
+        if key.startswith(self.profiles):
+            name = key.removeprefix(self.profiles)
+            return ("profile", name) if IAM_NAME.fullmatch(name) else None
+        rest = key.removeprefix(self.mine()) if key.startswith(self.mine()) else None
+        table, _, iid = (rest or "").partition("/")
+        if table in ("instances", "associations") and INSTANCE_ID.fullmatch(iid):
+            return ("instance" if table == "instances" else "association"), iid
+        return None
+
+
+Record = InstanceProfile | Instance | str  # a profile, an instance, an association's profile
+
+
+class RecordError(ValueError):
+    """A record that fails validation; each problem names the key (and the field)."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def parse(layout: Layout, key: str, value: bytes) -> Record:
+    """One record from its key and value, validated like the config file's table."""
+    kind = layout.kind(key)
+    if kind is None:
+        raise RecordError(f"{key}: not a key of the layout")
+    try:
+        data = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise RecordError(f"{key}: not a JSON object") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{key}: not a JSON object")
+    what, name = kind
+    reader = Reader()
+    section = Section(reader, data, key)
+    record: Record | None = None
+    if what == "profile":
+        section.reject_unknown(PROFILE_KEYS)
+        record = _named(section, "name", name, lambda: _profile(section))
+    elif what == "instance":
+        record = _named(section, "id", name, lambda: fleet.instance_in(section))
+    else:
+        section.reject_unknown(("profile",))
+        record = section.require("profile", str, "the name of an instance profile")
+    if reader.problems or record is None:
+        raise RecordError(*(str(p) for p in reader.problems))
+    return record
+
+
+def _named(section: Section, field: str, name: str, build: Any) -> Any:
+    """The record's own name field must agree with its key (and may be left out)."""
+    given = section.data.setdefault(field, name)
+    if given != name:
+        section.problem(field, json.dumps(given), f"{name!r}, the name in the key")
+        return None
+    return build()
+
+
+def _profile(section: Section) -> InstanceProfile | None:
+    try:
+        found = fleet.profiles([section])
+    except ConfigError:  # pragma: no cover -- profiles() reports through the reader
+        return None
+    return found[0] if found else None
+
+
+class Mirror:
+    """This host's records as last seen (etcd's or the cache's), and the inventory they make."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.revision = 0
+        self.raw: dict[str, tuple[int, bytes]] = {}  # key -> (create revision, value)
+        self._parsed: dict[str, Record] = {}
+        self._claimed_twice: set[tuple[str, str]] = set()
+
+    def put(self, key: str, value: bytes, created: int) -> None:
+        """A record written (or read at load); a bad one is dropped with one warning."""
+        if self.raw.get(key) == (created, value):
+            return
+        self.raw[key] = (created, value)
+        self._parsed.pop(key, None)
+        try:
+            self._parsed[key] = parse(self.layout, key, value)
+        except RecordError as exc:
+            log.warning("fleet record skipped", key=key, problem=str(exc))
+
+    def delete(self, key: str) -> None:
+        self.raw.pop(key, None)
+        self._parsed.pop(key, None)
+
+    def reset(self, records: dict[str, tuple[int, bytes]], revision: int) -> None:
+        """A full load: every key not in `records` is gone."""
+        for key in set(self.raw) - set(records):
+            self.delete(key)
+        for key, (created, value) in records.items():
+            self.put(key, value, created)
+        self.revision = revision
+
+    def baseline(
+        self,
+    ) -> tuple[list[Instance], list[InstanceProfile], list[tuple[str, str]]]:
+        """Instances, profiles and associations, as the config file's tables would give them.
+        When two instances claim one address, the older record (by etcd's create revision)
+        keeps it and the other waits, skipped: a reused address never serves two instances."""
+        profiles: list[InstanceProfile] = []
+        instances: dict[str, Instance] = {}
+        owners: dict[str, str] = {}
+        wanted: list[tuple[str, str]] = []
+        claimed_twice: set[tuple[str, str]] = set()
+        for key in sorted(self._parsed, key=lambda k: self.raw[k][0]):
+            record, (_, name) = self._parsed[key], self.layout.kind(key) or ("", "")
+            if isinstance(record, InstanceProfile):
+                profiles.append(record)
+            elif isinstance(record, Instance):
+                taken = [owners[a] for a in record.addresses if a in owners]
+                if taken:
+                    claimed_twice.add((record.id, taken[0]))
+                    continue
+                owners.update(dict.fromkeys(record.addresses, record.id))
+                instances[record.id] = record
+            else:
+                wanted.append((name, record))
+        for iid, owner in claimed_twice - self._claimed_twice:  # once per conflict
+            log.warning("fleet instance skipped: an address is another instance's",
+                        instance=iid, owner=owner)  # fmt: skip
+        self._claimed_twice = claimed_twice
+        known = {p.name for p in profiles}
+        associations = [(i, p) for i, p in wanted if i in instances and p in known]
+        return list(instances.values()), profiles, associations

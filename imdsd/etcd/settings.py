@@ -1,0 +1,123 @@
+"""`[inventory]`: where this host learns its instances, profiles and associations.
+
+`source = "file"` (the default): the config file's tables plus the admin socket's changes.
+`source = "etcd"`: the fleet's records in etcd (`[inventory.etcd]`), watched. Only values and
+their validation live here; nothing imports the etcd client.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+from urllib.parse import urlsplit
+
+from imdsd.validation import Section, choice, file_path, matching, one_of, show
+
+InventorySource = Literal["file", "etcd"]
+INVENTORY_KEYS = ("source", "etcd")
+ETCD_KEYS = ("endpoints", "prefix", "host", "ca_file", "cert_file", "key_file", "user",
+             "password_file")  # fmt: skip
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+PREFIX = re.compile(r"(?:/[A-Za-z0-9._-]+)+")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One etcd client URL: http:// or https://, host and port."""
+
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+DEFAULT_ENDPOINTS = (Endpoint("127.0.0.1", 2379, tls=False),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EtcdConfig:
+    """How to reach the fleet's etcd, and which part of it is this host's."""
+
+    endpoints: tuple[Endpoint, ...] = DEFAULT_ENDPOINTS
+    prefix: str = "/imdsd"
+    host: str = ""  # "" until parsed: the machine's hostname
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None  # read at connect time; never kept in the config
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InventoryConfig:
+    source: InventorySource = "file"
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+
+
+def endpoint(value: object) -> Endpoint:
+    """An etcd client URL; ValueError otherwise."""
+    if not isinstance(value, str):
+        raise TypeError(value)
+    url = urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
+        raise ValueError(value)
+    return Endpoint(url.hostname, url.port or 2379, tls=url.scheme == "https")
+
+
+def endpoints(value: object) -> tuple[Endpoint, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(value)
+    return tuple(endpoint(v) for v in value)
+
+
+def parse_inventory(t: Section) -> InventoryConfig:
+    """The [inventory] table (unknown keys already reported by the caller)."""
+    sources = get_args(InventorySource)
+    source: InventorySource = t.take("source", choice(sources), "file", one_of(sources))
+    e = t.table("etcd", ETCD_KEYS)
+    path = "a path to a readable file"
+    etcd = EtcdConfig(
+        endpoints=e.take(
+            "endpoints",
+            endpoints,
+            DEFAULT_ENDPOINTS,
+            'a non-empty list of URLs like "https://10.0.0.5:2379"',
+        ),
+        prefix=e.take(
+            "prefix",
+            matching(PREFIX),
+            "/imdsd",
+            'a key prefix like "/imdsd": "/"-separated names, no trailing "/"',
+        ),
+        host=e.take(
+            "host",
+            matching(HOST_NAME),
+            socket.gethostname(),
+            "a host name: 1-253 of A-Z a-z 0-9 . _ -",
+        ),
+        ca_file=e.take("ca_file", file_path, None, path),
+        cert_file=e.take("cert_file", file_path, None, path),
+        key_file=e.take("key_file", file_path, None, path),
+        user=e.take("user", matching(HOST_NAME), None, "an etcd user name"),
+        password_file=e.take("password_file", file_path, None, path),
+    )
+    if (etcd.cert_file is None) != (etcd.key_file is None):
+        e.problem("key_file" if etcd.key_file is None else "cert_file", "nothing",
+                  "cert_file and key_file together (a client certificate and its key)")  # fmt: skip
+    if (etcd.user is None) != (etcd.password_file is None):
+        e.problem("password_file" if etcd.password_file is None else "user", "nothing",
+                  "user and password_file together")  # fmt: skip
+    tls = {x.tls for x in etcd.endpoints}
+    if len(tls) > 1:
+        e.problem("endpoints", show([str(x) for x in etcd.endpoints]),
+                  "all https:// or all http://")  # fmt: skip
+    elif etcd.ca_file and tls == {False}:
+        e.problem("endpoints", show([str(x) for x in etcd.endpoints]),
+                  "https:// URLs when ca_file is set")  # fmt: skip
+    return InventoryConfig(source=source, etcd=etcd)
