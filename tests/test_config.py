@@ -110,7 +110,22 @@ BAD = [
     (INSTANCE + PROFILE + '[[associations]]\ninstance = "i-0123456789abcdef0"\nprofile = "p"\n' * 2,
      "associations[1].instance: got \"i-0123456789abcdef0\"; allowed: an instance without an association (it has 'p')"),
     ("instances = 3", "instances: got 3; allowed: an array of tables ([[instances]])"),
-    ("[server]\nport = 1", "server: got an unknown key; allowed: imds, state, admin, metrics, rotation, backend, log, budgets, identity, instances, instance_profiles, associations"),
+    ("[server]\nport = 1", "server: got an unknown key; allowed: imds, state, admin, metrics, rotation, backend, log, budgets, identity, inventory, instances, instance_profiles, associations"),
+    ('[inventory]\nsource = "consul"', 'inventory.source: got "consul"; allowed: "file" or "etcd"'),
+    ('[inventory.etcd]\nendpoints = ["127.0.0.1:2379"]',
+     'inventory.etcd.endpoints: got ["127.0.0.1:2379"]; allowed: a non-empty list of URLs like "https://10.0.0.5:2379"'),
+    ('[inventory.etcd]\nprefix = "imdsd/"',
+     'inventory.etcd.prefix: got "imdsd/"; allowed: a key prefix like "/imdsd": "/"-separated names, no trailing "/"'),
+    ('[inventory.etcd]\nhost = "a host"', 'inventory.etcd.host: got "a host"; allowed: a host name: 1-253 of A-Z a-z 0-9 . _ -'),
+    ('[inventory.etcd]\ncert_file = "/c.pem"',
+     "inventory.etcd.key_file: got nothing; allowed: cert_file and key_file together (a client certificate and its key)"),
+    ('[inventory.etcd]\nuser = "imdsd"', "inventory.etcd.password_file: got nothing; allowed: user and password_file together"),
+    ('[inventory.etcd]\nendpoints = ["https://10.0.0.1:2379", "http://10.0.0.2:2379"]',
+     'inventory.etcd.endpoints: got ["https://10.0.0.1:2379", "http://10.0.0.2:2379"]; allowed: all https:// or all http://'),
+    ('[inventory.etcd]\nca_file = "/ca.pem"',
+     'inventory.etcd.endpoints: got ["http://127.0.0.1:2379"]; allowed: https:// URLs when ca_file is set'),
+    ('[inventory]\nsource = "etcd"\n' + PROFILE,
+     'instance_profiles: got [[instance_profiles]] tables; allowed: none with [inventory] source = "etcd" (the records are in etcd)'),
 ]  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The dependency rules of ../shared/STYLE.md, checked on the import graph (not left to review).
 
-1. imdsd.imds never reaches imdsd.backends, imdsd.scheduler or imdsd.daemon, directly or
-   through another module: the request path cannot wait on an issuer it cannot reach.
+1. imdsd.imds never reaches imdsd.backends, imdsd.scheduler, imdsd.etcd or imdsd.daemon,
+   directly or through another module: the request path cannot wait on an issuer or on etcd
+   it cannot reach.
 2. model, errors and clock import no aiohttp (domain logic runs without an event loop).
 3. Nothing imports daemon or cli except cli and __main__.
 """
@@ -45,7 +46,7 @@ def reachable(start: str) -> set[str]:
 
 def test_guest_api_cannot_reach_backends_or_scheduler() -> None:
     """Rule 1, transitively, for every module of imdsd.imds."""
-    forbidden = ("imdsd.backends", "imdsd.scheduler", "imdsd.daemon", "imdsd.cli")
+    forbidden = ("imdsd.backends", "imdsd.scheduler", "imdsd.daemon", "imdsd.cli", "imdsd.etcd")
     for module in (m for m in GRAPH if m.startswith("imdsd.imds")):
         bad = {m for m in reachable(module) if m.startswith(forbidden)}
         assert not bad, f"{module} reaches {sorted(bad)}"

@@ -139,7 +139,7 @@ class Mirror:
         try:
             self._parsed[key] = parse(self.layout, key, value)
         except RecordError as exc:
-            log.warning("fleet record skipped", key=key, problem=str(exc))
+            log.warning("fleet record skipped", record=key, problem=str(exc))
 
     def delete(self, key: str) -> None:
         self.raw.pop(key, None)

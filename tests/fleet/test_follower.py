@@ -1,0 +1,124 @@
+"""The follower against a real etcd, where a test must steer the timing: a compaction that
+lands between the load and the watch."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from imdsd.clock import SystemClock
+from imdsd.etcd.client import open_client
+from imdsd.etcd.follower import Follower
+from imdsd.etcd.records import Layout, Mirror
+from imdsd.etcd.settings import EtcdConfig, endpoint
+from imdsd.etcd.source import Cache
+from tests.fleet.etcd import Etcd
+
+VM1 = "i-0c0aac7000000001a"
+
+
+async def test_a_compacted_watch_reloads_and_stays_correct(
+    etcd: Etcd, prefix: str, tmp_path: Path
+) -> None:
+    """etcd moves on and compacts past the revision the follower loaded before its watch
+    starts: the watch fails with a compaction, the follower reloads (one info line), and the
+    records written meanwhile are applied and cached."""
+    c = etcd.client
+    config = EtcdConfig(endpoints=(endpoint(etcd.url),), prefix=prefix, host="host-a",
+                        ca_file=c.ca, cert_file=c.cert, key_file=c.key)  # fmt: skip
+    layout = Layout(prefix, "host-a")
+    mirror, cache = Mirror(layout), Cache(tmp_path, layout)
+    writer = open_client(config)
+    await writer.connect()
+
+    async def apply() -> None:
+        pass
+
+    class Overtaken(Follower):
+        moved_on = False
+
+        async def _load(self, client: Any) -> int:
+            revision = await super()._load(client)
+            if not self.moved_on:  # between this load and the watch, etcd moves on and compacts
+                self.moved_on = True
+                await writer.put(
+                    layout.profile("web").encode(),
+                    b'{"role_arn": "arn:aws:iam::123456789012:role/web"}',
+                )
+                done = await writer.put(
+                    layout.instance(VM1).encode(), b'{"addresses": ["10.0.0.1"]}'
+                )
+                await writer.compact(done.header.revision)
+            return int(revision)
+
+    follower = Overtaken(config, mirror, cache, apply, SystemClock(), stale_since=datetime.now(UTC))
+    with capture_logs() as logs:
+        task = asyncio.create_task(follower.run())
+        try:
+            for _ in range(250):
+                if [i.id for i in mirror.baseline()[0]] == [VM1]:
+                    break
+                await asyncio.sleep(0.02)
+            assert [i.id for i in mirror.baseline()[0]] == [VM1]
+        finally:
+            task.cancel()
+            await writer.close()
+    assert [e["event"] for e in logs].count(
+        "fleet inventory: watch revision compacted; reloading"
+    ) == 1
+    cached = cache.load()
+    assert cached is not None and layout.instance(VM1) in cached[0]
+    assert follower.status()["connected"] is True and follower.status()["stale_seconds"] == 0
+
+
+def test_status_reaches_the_metrics_and_stale_time_grows_while_disconnected(
+    tmp_path: Path,
+) -> None:
+    """The etcd source's gauges: connected 0/1 and the seconds since the inventory was last
+    known to match etcd (growing from the moment it was lost; 0 while watching)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from imdsd.metrics import Metrics
+    from tests.fakes import FakeClock
+
+    clock = FakeClock()
+    layout = Layout("/imdsd", "h1")
+    follower = Follower(EtcdConfig(), Mirror(layout), Cache(tmp_path, layout), _nothing, clock,
+                        stale_since=clock.now())  # fmt: skip
+    metrics = Metrics()
+    metrics.watch_source(follower.status)
+
+    def gauges() -> dict[str, float]:
+        text = generate_latest(metrics.registry).decode()
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(text)
+                if f.name.startswith("imdsd_inventory")}  # fmt: skip
+
+    clock.advance(timedelta(seconds=42))
+    assert gauges() == {"imdsd_inventory_connected": 0.0, "imdsd_inventory_stale_seconds": 42.0}
+    follower.connected, follower.stale_since = True, None
+    assert gauges() == {"imdsd_inventory_connected": 1.0, "imdsd_inventory_stale_seconds": 0.0}
+
+
+async def _nothing() -> None:
+    pass
+
+
+def test_an_unreadable_or_foreign_cache_is_ignored(tmp_path: Path) -> None:
+    """A cache that is torn, or written for another prefix or host, is not served: a torn
+    one with one warning (a cold start from etcd), a foreign one silently."""
+    layout = Layout("/imdsd", "h1")
+    cache = Cache(tmp_path, layout)
+    mirror = Mirror(layout)
+    mirror.put(layout.instance(VM1), b'{"addresses": ["10.0.0.1"]}', 3)
+    cache.save(mirror, datetime.now(UTC))
+    assert cache.load() is not None
+    assert Cache(tmp_path, Layout("/imdsd", "h2")).load() is None
+    cache.path.write_bytes(cache.path.read_bytes()[:-9])
+    with capture_logs() as logs:
+        assert cache.load() is None
+    assert [e["event"] for e in logs] == ["fleet inventory cache unreadable; ignored"]
