@@ -119,12 +119,12 @@ def test_every_verb_and_option_has_help() -> None:
 
 
 def test_help_and_admin_verbs_load_neither_the_daemon_nor_botocore() -> None:
-    """`imdsd --help` and an admin verb import neither imdsd.daemon, botocore nor aiohttp, so
+    """`imdsd --help` and an admin verb import neither imdsd.daemon, botocore, aiohttp nor gRPC, so
     they start fast (the daemon's imports cost half a second)."""
     code = (
         "import sys; from imdsd.cli import main\n"
         "try:\n    main(['status', '--socket', '/nonexistent/admin.sock'])\nexcept SystemExit: pass\n"
-        "print(sorted(m for m in ('imdsd.daemon', 'botocore', 'aiohttp') if m in sys.modules))"
+        "print(sorted(m for m in ('imdsd.daemon', 'botocore', 'aiohttp', 'grpc', 'aetcd') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -51,7 +51,9 @@ def add_commands(commands: Any) -> None:
     add.add_argument("--path", help='an IAM path (default "/")')
     add.add_argument("--id", help="AIPA + 17 (default: derived from the account and name)")
     add.add_argument("--external-id", help="AssumeRole's ExternalId for this role")
-    p.add_parser("remove", help="delete a profile no association uses").add_argument("name")
+    p.add_parser("remove", help="delete a profile no association uses").add_argument(
+        "name", help="the profile's name"
+    )
     instances = verbs.add_parser("instances", help="instances (VMs), per host")
     i = instances.add_subparsers(dest="verb", required=True)
     i.add_parser("list", help="every instance, its host and profile").add_argument(
