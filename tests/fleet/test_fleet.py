@@ -226,7 +226,8 @@ async def test_a_malformed_record_is_skipped_with_one_warning(
 def test_fleet_cli_refuses_what_ec2_refuses(etcd: Etcd, prefix: str) -> None:
     """Each refusal is one line and exit 1: a second association, replacing none, a profile
     in use, an id already on another host, an unknown profile, a record the daemons would
-    refuse (with its key path); no etcd at all is exit 4."""
+    refuse (with its key path); no etcd at all is exit 4, a bad [inventory.etcd] exit 3;
+    --prefix reaches another fleet."""
     profiles(etcd, prefix)
     add_vm(etcd, prefix, "host-a", VM1, GUEST1)
     ok(fleet(etcd, prefix, "associate", "--instance", VM1, "--profile", "web"))
@@ -248,3 +249,50 @@ def test_fleet_cli_refuses_what_ec2_refuses(etcd: Etcd, prefix: str) -> None:
     assert "web" not in ok(fleet(etcd, prefix, "profiles", "list"))
     down = cli("fleet", "--endpoint", "http://127.0.0.1:9", "profiles", "list")
     assert down.returncode == 4 and "etcd unreachable at http://127.0.0.1:9" in down.stderr
+    bad = etcd.directory / "bad.toml"
+    bad.write_text('[inventory.etcd]\nendpoints = ["etcd:2379"]\n')
+    refused = cli("fleet", "--config", str(bad), "profiles", "list")
+    assert refused.returncode == 3 and refused.stderr.startswith(
+        "imdsd: inventory.etcd.endpoints: got"
+    )
+    other = fleet(etcd, prefix, "--prefix", prefix + "-elsewhere/", "profiles", "list")
+    assert ok(other).strip() == "PROFILE  ROLE  ID"  # an empty fleet under another prefix
+
+
+def etcdctl(etcd: Etcd, *args: str) -> None:
+    c = etcd.client
+    subprocess.run([str(etcd.binary("etcdctl")), "--endpoints", etcd.url, "--cacert", str(c.ca),
+                    "--cert", str(c.cert), "--key", str(c.key), "--user", "root:root-pw", *args],
+                   check=True, capture_output=True, timeout=30)  # fmt: skip
+
+
+async def test_etcd_rbac_user_and_password_file(
+    own_etcd: Etcd, prefix: str, tmp_path: Path
+) -> None:
+    """With etcd's auth on, a host logs in as `user` with the password read from
+    `password_file` and serves its records; the password never reaches its log. The CLI
+    shows one instance in full as JSON."""
+    etcd = own_etcd
+    profiles(etcd, prefix)
+    add_vm(etcd, prefix, "host-a", VM1, GUEST1)
+    ok(fleet(etcd, prefix, "associate", "--instance", VM1, "--profile", "web"))
+    shown = json.loads(ok(fleet(etcd, prefix, "--json", "instances", "show", VM1)))
+    assert (shown["host"], shown["profile"], shown["addresses"]) == ("host-a", "web", [GUEST1])
+    password = "s3cret-fleet-pw-71"
+    (tmp_path / "password").write_text(password + "\n")
+    etcdctl(etcd, "user", "add", "root", "--new-user-password=root-pw")
+    etcdctl(etcd, "user", "add", "imdsd", f"--new-user-password={password}")
+    etcdctl(etcd, "role", "add", "fleet")
+    etcdctl(etcd, "role", "grant-permission", "fleet", "--prefix=true", "read", prefix + "/")
+    etcdctl(etcd, "user", "grant-role", "imdsd", "fleet")
+    etcdctl(etcd, "auth", "enable")
+    directory = tmp_path / "a"
+    directory.mkdir()
+    login = f'user = "imdsd"\npassword_file = "{tmp_path / "password"}"\n'
+    a = Proc(directory, '[imds]\nlisteners = ["127.0.0.1:0"]\n' + host_sections(directory, metrics="")
+             + etcd.section("host-a", prefix) + login)  # fmt: skip
+    try:
+        assert await role(a.url, GUEST1) == "role-a"
+        assert password not in a.log.read_text()
+    finally:
+        a.stop()
