@@ -23,7 +23,8 @@ def put(mirror: Mirror, key: str, value: object, created: int) -> None:
 
 def test_records_parse_like_the_config_tables() -> None:
     """Each kind of key yields the model value the config file's table would; the name in
-    the key may be left out of the value, and one that disagrees with it is refused."""
+    the key may be left out of the value, and one that disagrees with it is refused. Whoever
+    can write etcd cannot make a host serve one of its files as user data."""
     profile = parse(LAYOUT, "/imdsd/profiles/web", json.dumps({"role_arn": ROLE}).encode())
     assert isinstance(profile, InstanceProfile) and profile.role.arn == ROLE
     instance = parse(LAYOUT, LAYOUT.instance(VM1), b'{"addresses": ["10.0.0.5"]}')
@@ -38,6 +39,11 @@ def test_records_parse_like_the_config_tables() -> None:
     with pytest.raises(RecordError, match="hop_limit: got 0; allowed: an integer from 1 to 64"):
         parse(LAYOUT, LAYOUT.instance(VM1),
               b'{"addresses": ["10.0.0.5"], "metadata_options": {"hop_limit": 0}}')  # fmt: skip
+    with pytest.raises(
+        RecordError, match=r"user_data_file: got .*a fleet record names no host file"
+    ):
+        parse(LAYOUT, LAYOUT.instance(VM1),
+              b'{"addresses": ["10.0.0.5"], "user_data_file": "/var/lib/imdsd/vault.key"}')  # fmt: skip
     with pytest.raises(RecordError, match="not a key of the layout"):
         parse(LAYOUT, "/imdsd/hosts/h2/instances/" + VM1, b"{}")
 
