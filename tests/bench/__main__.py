@@ -1,45 +1,71 @@
-"""`make bench`: the request path's throughput and latency, beside a baseline from the same run.
+"""`make bench`: figures beside a baseline measured in the same run. Figures, not assertions.
 
-The daemon runs as users run it (`imdsd run`, its own process); the baseline is a bare aiohttp
-server answering a constant body, also in its own process, so the figures show what imdsd's
-identify -> token check -> cached bytes path costs on top of aiohttp itself, on this machine,
-now. Traffic goes to 127.0.0.1 only; every loop is bounded in count and in time.
+1. Requests: a bare aiohttp app (one catch-all route, a constant body of the credential
+   document's size) is the baseline; then imdsd's credential path, a meta-data leaf, the token
+   PUT and a 401 refusal, each with requests/s, p50/p99 and the ratio to the baseline. The load
+   generator is wrk where installed (one thread, 64 connections), else several client
+   processes; the first line says which.
+2. Memory and start-up: resident memory at 1, 1,000 and 10,000 instances (local backend, each
+   associated), and the time from starting the process to the last instance's credentials.
+3. Rotation spread: 10,000 sessions primed at once (6 h lifetime), their refreshes over a day
+   as the scheduler's own functions place them: peak upstream calls per minute from the first
+   hour on, beside N / lifetime.
+
+The daemon runs as users run it (`imdsd run`, its own process); traffic goes to 127.0.0.0/8
+only; every load is bounded in time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
+import platform
+import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from imdsd.model import RotationPolicy, Session
+from imdsd.scheduler import first_refresh_at, refresh_at
 from tests.helpers import host_sections
 
-CONNECTIONS = 16
-REQUESTS = 20_000
-TIME_CAP_SECONDS = 60.0
-CONFIG = """
+SECONDS = 5  # per row
+CONNECTIONS = 64
+CLIENT_PROCESSES = 3
+ROLE = "arn:aws:iam::123456789012:role/bench"
+TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+HEAD = """
 [imds]
 listeners = ["127.0.0.1:0"]
 {host}
 [log]
 level = "warning"
+[rotation]
+max_rate = 10000  # the embedded issuer has no upstream to protect
 [budgets]  # the load generator is one instance: measure the path, not the throttle
 requests_per_second = 100000
 burst = 100000
+connections = 1024
 [[instance_profiles]]
 name = "bench"
-role_arn = "arn:aws:iam::123456789012:role/bench"
-[[instances]]
-id = "i-0123456789abcdef0"
-addresses = ["127.0.0.1"]
-metadata_options = {{ http_tokens = "required" }}
+role_arn = "{role}"
+"""
+INSTANCE = """[[instances]]
+id = "i-{n:017x}"
+addresses = ["{address}"]
+metadata_options = {{ http_tokens = "{tokens}" }}
 [[associations]]
-instance = "i-0123456789abcdef0"
+instance = "i-{n:017x}"
 profile = "bench"
 """
 BASELINE = """
@@ -56,108 +82,253 @@ web.run_app(app, sock=sock, print=None, access_log=None)
 """
 
 
-async def one_request(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
-) -> tuple[int, bytes]:
-    """Send one request on a keep-alive connection; (status, body)."""
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+def address(n: int) -> str:
+    """The n-th instance's address: 127.0.0.1 for the first (wrk cannot pick its source)."""
+    return "127.0.0.1" if n == 0 else f"127.1.{n // 250}.{n % 250 + 1}"
 
 
-async def fetch(port: int, request: bytes) -> bytes:
-    """One request on its own connection; the body of a 200."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    status, body = await one_request(reader, writer, request)
-    writer.close()
-    assert status == 200, status
-    return body
+def config(directory: Path, count: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "bench.toml"
+    host = host_sections(directory, metrics="").replace(
+        "[state]\n", "[state]\nwarm_restart = false\n"
+    )
+    text = HEAD.format(host=host, role=ROLE)
+    tokens = ["required"] + ["optional"] * (count - 1)
+    text += "".join(
+        INSTANCE.format(n=n, address=address(n), tokens=tokens[n]) for n in range(count)
+    )
+    path.write_text(text)
+    return path
 
 
-async def load(port: int, request: bytes) -> tuple[float, list[float]]:
-    """CONNECTIONS keep-alive connections share REQUESTS; returns (requests/s, latencies)."""
-    latencies: list[float] = []
-    remaining = REQUESTS
-    deadline = time.perf_counter() + TIME_CAP_SECONDS
-
-    async def worker() -> None:
-        nonlocal remaining
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while remaining > 0 and time.perf_counter() < deadline:
-            remaining -= 1
-            started = time.perf_counter()
-            status, _ = await one_request(reader, writer, request)
-            latencies.append(time.perf_counter() - started)
-            assert status == 200, status
-        writer.close()
-
+def start_daemon(directory: Path, count: int) -> tuple[subprocess.Popen[str], int, float]:
+    """(process, port, seconds from spawn to the last instance's credentials served)."""
+    path = config(directory, count)
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
-    return len(latencies) / (time.perf_counter() - started), latencies
-
-
-def start_daemon(directory: Path) -> tuple[subprocess.Popen[str], int]:
-    (directory / "bench.toml").write_text(CONFIG.format(host=host_sections(directory, metrics="")))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "imdsd", "run", "--config", str(directory / "bench.toml"),
-         "--log-format", "json", "--log-level", "info"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(path),
+                                "--log-format", "json", "--log-level", "info"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert process.stdout is not None
     for line in process.stdout:
         event = json.loads(line)
-        if event.get("event") == "ready":
-            return process, int(event["listening"][0].rsplit(":", 1)[1])
-    raise SystemExit("the daemon did not start")
+        if event.get("event") == "listening":
+            port = int(event["listening"][0].rsplit(":", 1)[1])
+            break
+    else:
+        raise SystemExit("the daemon did not start")
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # drain: never block it
+    last = address(count - 1)
+    path_ = "/latest/meta-data/iam/security-credentials/bench"
+    headers = {} if count > 1 else {"X-aws-ec2-metadata-token": put_token(port)}
+    while True:
+        status, body = asyncio.run(one(port, get(path_, headers), source=last))
+        if status == 200 and json.loads(body)["Code"] == "Success":
+            return process, port, time.perf_counter() - started
+        time.sleep(0.005)
 
 
-def start_baseline(size: int) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", BASELINE, str(size)], stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None
-    return process, int(process.stdout.readline())
-
-
-def get(path: str, tok: str = "") -> bytes:
-    extra = f"X-aws-ec2-metadata-token: {tok}\r\n" if tok else ""
+def get(path: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return f"GET {path} HTTP/1.1\r\nHost: b\r\n{extra}\r\n".encode()
 
 
-def row(name: str, rps: float, latencies: list[float], base: float) -> str:
+async def one(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    body = await reader.readexactly(length)
+    writer.close()
+    return int(head.split(b" ", 2)[1]), body
+
+
+def put_token(port: int) -> str:
+    request = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
+    status, body = asyncio.run(one(port, request))
+    assert status == 200, status
+    return body.decode()
+
+
+# -- load generators ---------------------------------------------------------------------------
+
+
+def wrk(port: int, method: str, path: str, headers: dict[str, str]) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) from wrk, one thread, CONNECTIONS connections."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    lines = [f'wrk.method = "{method}"'] + [
+        f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()
+    ]
+    script.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", "-s",
+                          str(script), f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    script.unlink()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def quantile(q: str) -> float:
+        value, unit = re.search(rf"\s{q}%\s+([\d.]+)(us|ms|s)\b", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return rps, quantile("50"), quantile("99")
+
+
+def _client(port: int, request: bytes, connections: int, until: float, out: object) -> None:
+    async def worker(latencies: list[float]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.time() < until:
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - started)
+        writer.close()
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        await asyncio.gather(*(worker(latencies) for _ in range(connections)))
+        return latencies
+
+    out.put(asyncio.run(run()))  # type: ignore[attr-defined]
+
+
+def processes(
+    port: int, method: str, path: str, headers: dict[str, str]
+) -> tuple[float, float, float]:
+    """The same figures from CLIENT_PROCESSES asyncio clients sharing CONNECTIONS."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = f"{method} {path} HTTP/1.1\r\nHost: b\r\n{extra}\r\n".encode()
+    queue: multiprocessing.Queue[list[float]] = multiprocessing.Queue()
+    until = time.time() + SECONDS
+    share = CONNECTIONS // CLIENT_PROCESSES
+    workers = [multiprocessing.Process(target=_client, args=(port, request, share, until, queue))
+               for _ in range(CLIENT_PROCESSES)]  # fmt: skip
+    for w in workers:
+        w.start()
+    latencies = [x for _ in workers for x in queue.get()]
+    for w in workers:
+        w.join()
     q = statistics.quantiles(latencies, n=100)
-    return f"{name:<44} {rps:>9,.0f} req/s  {rps / base:>6.0%}  p50 {q[49] * 1e3:6.2f} ms  p99 {q[98] * 1e3:6.2f} ms"
+    return len(latencies) / SECONDS, q[49] * 1e3, q[98] * 1e3
 
 
-async def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        daemon, port = start_daemon(Path(tmp))
+# -- the three parts ---------------------------------------------------------------------------
+
+
+def requests_table(directory: Path) -> list[str]:
+    load = wrk if shutil.which("wrk") else processes
+    daemon, port, _ = start_daemon(directory / "requests", 1)
+    try:
+        token = {"X-aws-ec2-metadata-token": put_token(port)}
+        size = len(
+            asyncio.run(one(port, get("/latest/meta-data/iam/security-credentials/bench", token)))[
+                1
+            ]
+        )
+        baseline = subprocess.Popen([sys.executable, "-c", BASELINE, str(size)],
+                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert baseline.stdout is not None
+        base_port = int(baseline.stdout.readline())
         try:
-            put = b"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\nX-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n"
-            tok = (await fetch(port, put)).decode()
-            creds = get("/latest/meta-data/iam/security-credentials/bench", tok)
-            size = len(await fetch(port, creds))
-            baseline, base_port = start_baseline(size)
-            try:
-                await load(base_port, get("/warmup"))  # warm both before measuring
-                await load(port, creds)
-                base_rps, base_lat = await load(
-                    base_port, get("/latest/meta-data/iam/security-credentials/bench")
-                )
-                cred_rps, cred_lat = await load(port, creds)
-                leaf_rps, leaf_lat = await load(port, get("/latest/meta-data/instance-id", tok))
-            finally:
-                baseline.terminate()
+            creds = "/latest/meta-data/iam/security-credentials/bench"
+            load(base_port, "GET", creds, {})  # warm both before measuring
+            load(port, "GET", creds, token)
+            rows = [(f"baseline: bare aiohttp, constant {size}-byte body",
+                     load(base_port, "GET", creds, {}))]  # fmt: skip
+            rows += [
+                ("imdsd: credential document (IMDSv2 token)", load(port, "GET", creds, token)),
+                ("imdsd: meta-data leaf (IMDSv2 token)",
+                 load(port, "GET", "/latest/meta-data/instance-id", token)),
+                ("imdsd: token PUT", load(port, "PUT", "/latest/api/token", {TTL: "21600"})),
+                ("imdsd: 401 refusal (bad token)",
+                 load(port, "GET", creds, {"X-aws-ec2-metadata-token": "x" * 56})),
+            ]  # fmt: skip
+        finally:
+            baseline.terminate()
+    finally:
+        daemon.terminate()
+    base = rows[0][1][0]
+    how = (
+        f"wrk, 1 thread, {CONNECTIONS} connections"
+        if load is wrk
+        else (
+            f"{CLIENT_PROCESSES} asyncio client processes, {CONNECTIONS} connections (wrk not installed)"
+        )
+    )
+    lines = [f"load generator: {how}, {SECONDS} s per row, keep-alive, 127.0.0.1"]
+    lines += [f"{name:<46} {rps:>9,.0f} req/s {rps / base:>6.0%}  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+              for name, (rps, p50, p99) in rows]  # fmt: skip
+    return lines
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+
+def memory_table(directory: Path) -> list[str]:
+    lines, resident = [], {}
+    for count in (1, 1_000, 10_000):
+        daemon, _, seconds = start_daemon(directory / f"m{count}", count)
+        try:
+            time.sleep(0.5)
+            resident[count] = rss_kib(daemon.pid)
         finally:
             daemon.terminate()
-    print(
-        f"{REQUESTS:,} requests over {CONNECTIONS} keep-alive connections per row, 127.0.0.1, one run"
-    )
-    print(row(f"baseline: bare aiohttp, constant {size}-byte body", base_rps, base_lat, base_rps))
-    print(row("imdsd: credential document (IMDSv2 token)", cred_rps, cred_lat, base_rps))
-    print(row("imdsd: meta-data leaf (IMDSv2 token)", leaf_rps, leaf_lat, base_rps))
+            daemon.wait()
+        lines.append(f"{count:>6,} instances: RSS {resident[count] / 1024:6.1f} MB; "
+                     f"start to the last instance's credentials {seconds:5.2f} s")  # fmt: skip
+    per = (resident[10_000] - resident[1]) * 1024 / 9_999
+    lines.append(f"per instance (10,000 vs 1): {per:,.0f} bytes")
+    return lines
+
+
+def spread_table(count: int = 10_000, lifetime: timedelta = timedelta(hours=6)) -> list[str]:
+    policy, rng = RotationPolicy(), random.Random(8)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    calls: Counter[int] = Counter()
+    horizon = start + timedelta(hours=24)
+    for i in range(count):
+        issued = start
+        due = first_refresh_at(_session(issued, lifetime), policy, (i + rng.random()) / count)
+        while due < horizon:
+            calls[int((due - start).total_seconds() // 60)] += 1
+            issued = due
+            due = refresh_at(_session(issued, lifetime), policy, rng.random())
+    later = [calls[m] for m in range(60, 24 * 60)]
+    steady = count / (lifetime.total_seconds() / 60)
+    return [
+        f"{count:,} sessions primed at once, {lifetime} lifetime, default [rotation], over 24 h:",
+        f"peak upstream calls per minute from the first hour on: {max(later)} "
+        f"({max(later) / steady:.2f} x N / lifetime = {steady:.1f}/min); in the first hour: "
+        f"{max(calls[m] for m in range(60))}; mean {statistics.mean(later):.1f}/min",
+    ]
+
+
+def _session(issued: datetime, lifetime: timedelta) -> Session:
+    return Session(access_key_id="ASIA", secret_access_key="-", token="-",
+                   expiration=issued + lifetime, issued_at=issued)  # fmt: skip
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def main() -> None:
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in requests_table(Path(tmp)):
+            print(line, flush=True)
+        print()
+        for line in memory_table(Path(tmp)):
+            print(line, flush=True)
+    print()
+    for line in spread_table():
+        print(line)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
