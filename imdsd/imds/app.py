@@ -20,7 +20,8 @@ from aiohttp import web
 from imdsd.budgets import STRANGERS, Incident, Ledger
 from imdsd.clock import Clock
 from imdsd.imds import render
-from imdsd.imds.handlers import SERVER, TOKEN_PATH, Ec2Error, answer
+from imdsd.imds.handlers import TOKEN_PATH, Ec2Error, answer
+from imdsd.imds.prepared import SERVER, Prepared
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
 from imdsd.metrics import Metrics, PathClass
@@ -76,7 +77,7 @@ class MetadataApi:
         self.ledger.note(key, incident)
         self.metrics.limit(incident)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse | Prepared:
         """The pipeline. `request.protocol.peer` is the connection's peer address."""
         started = time.perf_counter() if self.log_requests else 0.0
         instance: Instance | None = None

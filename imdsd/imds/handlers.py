@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from imdsd.imds.prepared import SERVER, TEXT, Prepared
 from imdsd.imds.tree import CredentialLeaf
 from imdsd.model import Instance
 from imdsd.tokens import parse_ttl
@@ -20,8 +21,6 @@ if TYPE_CHECKING:
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-TEXT = "text/plain"
-SERVER = "EC2ws"
 _HEADERS = {"Server": SERVER}
 
 
@@ -35,7 +34,9 @@ class Ec2Error(Exception):
         self.close = close
 
 
-def answer(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> web.Response:
+def answer(
+    api: MetadataApi, request: web.BaseRequest, instance: Instance
+) -> web.Response | Prepared:
     """The token endpoint takes PUT, the tree takes GET and HEAD."""
     if request.path == TOKEN_PATH:
         if request.method != "PUT":
@@ -46,7 +47,9 @@ def answer(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> we
     return metadata(api, request, instance)
 
 
-def metadata(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> web.Response:
+def metadata(
+    api: MetadataApi, request: web.BaseRequest, instance: Instance
+) -> web.Response | Prepared:
     """GET of any tree path: a leaf, a listing, or the role's credential document."""
     inventory = api.inventory
     association = inventory.association(instance.id)
@@ -58,7 +61,9 @@ def metadata(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> 
         node = api.sessions.answer(
             instance.id, node.role_arn, extended=node.extended, now=api.clock.now()
         )
-    return web.Response(body=node, content_type=TEXT, headers=_HEADERS)
+    if request.method == "GET":
+        return Prepared(node)  # the hot path: one prepared write
+    return web.Response(body=node, content_type=TEXT, headers=_HEADERS)  # HEAD: no body
 
 
 def token(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> web.Response:

@@ -14,7 +14,8 @@ Below the request pipeline (app.py), each connection is:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -33,6 +34,7 @@ MAX_LINE_BYTES = 8190  # request line and each header line, as aiohttp's default
 MAX_HEADERS = 64
 # aiohttp's own keep-alive close is only a backstop: the deadlines below come first.
 KEEPALIVE_BACKSTOP_SECONDS = 3600.0
+GuestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # The parser's placeholder for a refused request says HTTP/1.0; EC2 answers HTTP/1.1.
 _ERROR_11 = ERROR._replace(version=HttpVersion11)
 
@@ -126,7 +128,7 @@ class GuestServer(web.Server):
 
     def __init__(self, api: MetadataApi) -> None:
         super().__init__(
-            api.handle,
+            cast(GuestHandler, api.handle),  # a Prepared answer quacks like a StreamResponse
             request_factory=self._request,
             keepalive_timeout=KEEPALIVE_BACKSTOP_SECONDS,
             lingering_time=0,  # an unread body is never drained: the connection closes
