@@ -21,7 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from imdsd.budgets import INCIDENTS, Incident
@@ -30,7 +30,6 @@ from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache, SessionState
 
 PathClass = Literal["token", "credentials", "identity", "metadata"]
-PATH_CLASSES = get_args(PathClass)
 STATUSES = (200, 400, 401, 403, 404, 405, 429, 500)
 SESSION_STATES = get_args(SessionState)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -42,18 +41,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "imdsd_requests",
-            "Guest requests by path class and status.",
-            ["path", "status"],
-            registry=r,
-        )
-        self.tokens = Counter(
-            "imdsd_tokens",
-            "IMDSv2 tokens issued, refused (PUT), rejected (GET 401).",
-            ["result"],
-            registry=r,
-        )
+        # Guest requests and tokens: plain integers on the hot path (no label lookup, no lock:
+        # one event loop counts them), made into counters when scraped.
+        self._requests: Tally[tuple[PathClass, int]] = Tally()
+        self._tokens: Tally[str] = Tally()
+        r.register(_GuestCollector(self._requests, self._tokens))
         self.issues = Counter(
             "imdsd_rotations",
             "Session issue attempts by result and error class.",
@@ -71,20 +63,14 @@ class Metrics:
         self.upstream = Histogram(
             "imdsd_upstream_seconds", "Issuer call latency.", registry=r, buckets=LATENCY_BUCKETS
         )
-        # Children made once: the request path does a dict lookup, never a label resolution.
-        self._children = {
-            (p, s): self.requests.labels(p, str(s)) for p in PATH_CLASSES for s in STATUSES
-        }
-        self._tokens = {r: self.tokens.labels(r) for r in ("issued", "refused", "rejected")}
 
     def request(self, cls: PathClass, status: int) -> None:
         """Count one guest request (called once per request, on the hot path)."""
-        child = self._children.get((cls, status)) or self.requests.labels(cls, "other")
-        child.inc()
+        self._requests[cls, status] += 1
         if cls == "token":
-            self._tokens["issued" if status == 200 else "refused"].inc()
+            self._tokens["issued" if status == 200 else "refused"] += 1
         elif status == 401:
-            self._tokens["rejected"].inc()
+            self._tokens["rejected"] += 1
 
     def limit(self, event: Incident) -> None:
         """Count one guest budget event (no instance label: bounded cardinality)."""
@@ -97,6 +83,27 @@ class Metrics:
     def watch(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
         """Session gauges, computed at scrape time from the live state."""
         self.registry.register(_SessionCollector(inventory, sessions, clock))
+
+
+class _GuestCollector(Collector):
+    def __init__(self, requests: Tally[tuple[PathClass, int]], tokens: Tally[str]) -> None:
+        self._requests, self._tokens = requests, tokens
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        requests = CounterMetricFamily("imdsd_requests", "Guest requests by path class and status.",
+                                       labels=["path", "status"])  # fmt: skip
+        labelled: Tally[tuple[str, str]] = Tally()
+        for (path, status), count in self._requests.items():
+            labelled[path, str(status) if status in STATUSES else "other"] += count
+        for labels, count in sorted(labelled.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        tokens = CounterMetricFamily("imdsd_tokens",
+                                     "IMDSv2 tokens issued, refused (PUT), rejected (GET 401).",
+                                     labels=["result"])  # fmt: skip
+        for result in ("issued", "refused", "rejected"):
+            tokens.add_metric([result], self._tokens[result])
+        yield tokens
 
 
 class _SourceCollector(Collector):
