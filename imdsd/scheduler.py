@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -278,3 +279,9 @@ class Rotator:
             misfire_grace_time=None,
             coalesce=True,
         )
+
+
+# APScheduler checks every job's callable against its arguments with inspect.signature() (0.7 s
+# of a 10,000-association start). The signature is the same for every job, so it is worked out
+# once here (inspect uses a function's __signature__ when it has one): 0.48 s.
+Rotator.refresh.__signature__ = inspect.signature(Rotator.refresh)  # type: ignore[attr-defined]
