@@ -122,6 +122,7 @@ class HostConfig:
     admin_socket: Path = Path("/run/imdsd/admin.sock")
     metrics: Listener | None = None  # None: no metrics listener
     warm_restart: bool = True  # keep sessions, token key and incarnations sealed across restarts
+    keep_tokens: bool = True  # with warm_restart: guests' IMDSv2 tokens survive a restart
     vault_key: Path | None = None  # None: vault.key in the state directory
 
 
@@ -379,10 +380,11 @@ def _host(doc: Section) -> HostConfig:
         optional_listener(DEFAULT_METRICS),
         '"host:port" (loopback advised), or "" for none',
     )
-    state = doc.table("state", ("directory", "warm_restart", "key_file"))
+    state = doc.table("state", ("directory", "warm_restart", "keep_tokens", "key_file"))
     return HostConfig(
         state_directory=state.take("directory", file_path, d.state_directory, path),
         warm_restart=state.take("warm_restart", boolean, d.warm_restart, "true or false"),
+        keep_tokens=state.take("keep_tokens", boolean, d.keep_tokens, "true or false"),
         vault_key=state.take("key_file", file_path, None, path),
         admin_socket=doc.table("admin", ("socket",)).take(
             "socket", file_path, d.admin_socket, path

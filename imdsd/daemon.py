@@ -98,7 +98,8 @@ async def running(
         state = StateFile(config.host.state_directory)
         vault = _vault(config)
         taken = vault.load() if vault else None  # a warm restart takes these over
-        tokens = TokenIssuer(clock, taken.token_key if taken else None)
+        kept = taken.token_key if taken and config.host.keep_tokens else None
+        tokens = TokenIssuer(clock, kept)  # a new key: every guest token minted before dies
         remembered = (taken.subjects, taken.launched) if taken else None
         fleet = FleetSource(config, clock) if config.inventory.source == "etcd" else None
         if fleet:  # the baseline is the fleet's last known records; no state-file overrides

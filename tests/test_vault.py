@@ -115,6 +115,32 @@ async def test_warm_restart_in_process(clock: FakeClock) -> None:
         assert sorted(calls[-1].names) == sorted([VM_A, VM_B])
 
 
+async def test_keep_tokens_false_kills_guest_tokens_but_keeps_sessions(clock: FakeClock) -> None:
+    """[state] keep_tokens = false: after a restart the sessions are still served with no
+    issuer call, but a token minted before is refused (401) and a new one works."""
+    config = make_config()
+    config = replace(config, host=replace(config.host, keep_tokens=False))
+    calls: list[FlakyBackend] = []
+
+    def counted(backend: Backend) -> Backend:
+        calls.append(FlakyBackend(backend))
+        return calls[-1]
+
+    creds = "/latest/meta-data/iam/security-credentials/role-b"
+    async with running(config, clock, wrap_backend=counted) as daemon:
+        token = await token_for(daemon.urls[0], "127.0.0.3")
+    async with running(config, clock, wrap_backend=counted) as daemon:
+        url = daemon.urls[0]
+        old = await http(
+            url, creds, source="127.0.0.3", headers={"X-aws-ec2-metadata-token": token}
+        )
+        fresh = await token_for(url, "127.0.0.3")
+        new = await http(
+            url, creds, source="127.0.0.3", headers={"X-aws-ec2-metadata-token": fresh}
+        )
+        assert (old.status, new.status, calls[-1].calls) == (401, 200, 0)
+
+
 async def test_warm_restart_can_be_turned_off(clock: FakeClock) -> None:
     """[state] warm_restart = false: no vault is written, every start is cold."""
     config = make_config()
