@@ -138,6 +138,11 @@ def _with_overrides(config: Config, *, args: argparse.Namespace) -> Config:
 
 
 def _summary(config: Config) -> str:
+    if config.inventory.source == "etcd":
+        e = config.inventory.etcd
+        where = ", ".join(str(x) for x in e.endpoints)
+        backend = config.backend.kind
+        return f"inventory from etcd {e.prefix}/hosts/{e.host}/ at {where}, backend {backend}"
     return (
         f"{len(config.instances)} instances, {len(config.profiles)} instance profiles, "
         f"{len(config.associations)} associations, backend {config.backend.kind}"

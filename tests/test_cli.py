@@ -29,6 +29,17 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out.endswith("ok (4 instances, 2 instance profiles, 2 associations, backend local)\n")
 
 
+def test_check_config_names_an_etcd_inventory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the etcd source the summary says where the inventory comes from."""
+    text = '[inventory]\nsource = "etcd"\n[inventory.etcd]\nhost = "hv-1"\n'
+    assert main(["check-config", "--config", str(write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("ok (inventory from etcd /imdsd/hosts/hv-1/ at http://127.0.0.1:2379, "
+                        "backend local)\n")  # fmt: skip
+
+
 def test_shipped_configs_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
     """The dev config (make run) and the example config both pass check-config."""
     for name in ("imdsd.dev.toml", "imdsd.example.toml"):
