@@ -132,6 +132,7 @@ class Mirror:
         self.raw: dict[str, tuple[int, bytes]] = {}  # key -> (create revision, value)
         self._parsed: dict[str, Record] = {}
         self._claimed_twice: set[tuple[str, str]] = set()
+        self._unknown_profiles: set[tuple[str, str]] = set()
 
     def put(self, key: str, value: bytes, created: int) -> None:
         """A record written (or read at load); a bad one is dropped with one warning."""
@@ -186,4 +187,10 @@ class Mirror:
         self._claimed_twice = claimed_twice
         known = {p.name for p in profiles}
         associations = [(i, p) for i, p in wanted if i in instances and p in known]
+        unknown = {(i, p) for i, p in wanted if p not in known}
+        for iid, name in unknown - self._unknown_profiles:  # once, until it resolves
+            log.warning(
+                "fleet association to an unknown profile skipped", instance=iid, profile=name
+            )
+        self._unknown_profiles = unknown
         return list(instances.values()), profiles, associations

@@ -102,3 +102,18 @@ def test_reset_drops_what_a_full_load_no_longer_has() -> None:
     put(mirror, LAYOUT.instance(VM1), {"addresses": ["10.0.0.1"]}, 1)
     mirror.reset({LAYOUT.instance(VM2): (7, b'{"addresses": ["10.0.0.2"]}')}, 7)
     assert [i.id for i in mirror.baseline()[0]] == [VM2] and mirror.revision == 7
+
+
+def test_an_association_to_an_unknown_profile_waits_with_one_warning() -> None:
+    """An association written before its profile: skipped with one warning (not one per
+    change), served once the profile exists."""
+    mirror = Mirror(LAYOUT)
+    put(mirror, LAYOUT.instance(VM1), {"addresses": ["10.0.0.1"]}, 1)
+    put(mirror, LAYOUT.association(VM1), {"profile": "web"}, 2)
+    with capture_logs() as logs:
+        assert mirror.baseline()[2] == [] and mirror.baseline()[2] == []
+    assert [(e["event"], e["profile"]) for e in logs] == [
+        ("fleet association to an unknown profile skipped", "web")
+    ]
+    put(mirror, LAYOUT.profile("web"), {"role_arn": ROLE}, 3)
+    assert mirror.baseline()[2] == [(VM1, "web")]
