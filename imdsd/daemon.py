@@ -102,6 +102,9 @@ async def running(
         tokens = TokenIssuer(clock, kept)  # a new key: every guest token minted before dies
         remembered = (taken.subjects, taken.launched) if taken else None
         fleet = FleetSource(config, clock) if config.inventory.source == "etcd" else None
+        if fleet and state.path.exists():
+            log.warning("state file ignored: this host's inventory comes from etcd",
+                        state_file=str(state.path), inventory=fleet.name)  # fmt: skip
         if fleet:  # the baseline is the fleet's last known records; no state-file overrides
             inventory = Inventory(*fleet.mirror.baseline(), clock, None, remembered=remembered,
                                   managed_by=fleet.name)  # fmt: skip

@@ -186,7 +186,8 @@ async def test_a_malformed_record_is_skipped_with_one_warning(
 ) -> None:
     """A record another tool wrote badly is skipped with one warning naming its key; the
     host's other instances are served; the admin socket refuses changes with a pointer to
-    `imdsd fleet`; a reload of the file leaves etcd's inventory in place."""
+    `imdsd fleet`; a reload of the file leaves etcd's inventory in place; a state file left from
+    a file-sourced past is ignored with one warning."""
     from imdsd.etcd.client import open_client
     from imdsd.etcd.settings import EtcdConfig, endpoint
 
@@ -199,10 +200,16 @@ async def test_a_malformed_record_is_skipped_with_one_warning(
                                     cert_file=c.cert, key_file=c.key))  # fmt: skip
     await client.connect()
     await client.put(bad.encode(), b'{"addresses": ["127.0.0.62"], "hop_limit": 3}')
+    (tmp_path / "a" / "state").mkdir(parents=True)
+    (tmp_path / "a" / "state" / "state.json").write_text(
+        '{"version": 2}'
+    )  # from a file-sourced past
     a = host(etcd, prefix, "host-a", tmp_path / "a")
     try:
         assert await role(a.url, GUEST1) == "role-a"
         assert (await http(a.url, CREDENTIALS, source=GUEST2)).status == 404
+        ignored = [e for e in a.events() if str(e.get("event")).startswith("state file ignored")]
+        assert len(ignored) == 1
         await client.put(
             f"{prefix}/profiles/other".encode(), b'{"role_arn": "' + ROLE_B.encode() + b'"}'
         )
