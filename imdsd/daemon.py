@@ -152,10 +152,10 @@ async def running(
                                rotate=rotator.refresh, due=rotator.due, info=info,
                                source=source)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
+        log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
         if fleet:  # after the listeners: etcd is a dependency like the upstream (invariant 8)
             await stack.enter_async_context(fleet.following(inventory, daemon.sync))
         ready.set()  # /readyz: serving (an association without a session gets EC2's failure doc)
-        log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
         # Invariant 8: nothing above awaited the upstream. Priming now fills the sessions, up
         # to the start-up deadline; what is still waiting then carries on in the background.
         rotator.start()

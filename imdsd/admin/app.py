@@ -231,8 +231,7 @@ def _session(request: web.Request, iid: str) -> dict[str, Any]:
 
 def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, ledger: Ledger,
                    *, sync: Sync, rotate: Rotate, due: Due,
-                   info: dict[str, Any],
-                   source: Source = lambda: {"source": "file"}) -> web.Application:  # fmt: skip
+                   info: dict[str, Any], source: Source) -> web.Application:  # fmt: skip
     """The admin API over the daemon's inventory, sessions and guest budgets."""
     app = web.Application(middlewares=[json_errors], client_max_size=256 * 1024)
     app[INVENTORY], app[SESSIONS], app[CLOCK], app[LEDGER] = inventory, sessions, clock, ledger

@@ -135,7 +135,7 @@ def _route(args: argparse.Namespace) -> Route:
     iid = getattr(args, "instance", None) or getattr(args, "instance_id", None)
     profile = {"profile": getattr(args, "profile", None)}
     routes: dict[tuple[str, str | None], Route] = {
-        ("instances", "list"): ("GET", "/v1/instances", None, _instances_table),
+        ("instances", "list"): ("GET", "/v1/instances", None, instances_table),
         ("instances", "show"): ("GET", f"/v1/instances/{iid}", None, record),
         ("instances", "add"): ("POST", "/v1/instances", instance_body(args), record),
         ("instances", "remove"): ("DELETE", f"/v1/instances/{iid}", None, _said("removed", iid)),
@@ -211,13 +211,14 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     )
 
 
-def _instances_table(rows: list[dict[str, Any]]) -> str:
-    header = ("INSTANCE", "ADDRESSES", "PROFILE", "TOKENS", "HOPS", "ENDPOINT", "SOURCE")
+def instances_table(rows: list[dict[str, Any]], last: str = "source") -> str:
+    """Instances, a line each; the last column is `last` (the admin's source, the fleet's host)."""
+    header = ("INSTANCE", "ADDRESSES", "PROFILE", "TOKENS", "HOPS", "ENDPOINT", last.upper())
     lines = []
     for r in rows:
         o = r["metadata_options"]
         lines.append((r["id"], ",".join(r["addresses"]), r["profile"], o["http_tokens"],
-                      o["hop_limit"], o["http_endpoint"], r["source"]))  # fmt: skip
+                      o["hop_limit"], o["http_endpoint"], r[last]))  # fmt: skip
     return table(lines, header)
 
 

@@ -14,14 +14,23 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from imdsd.admin.commands import instance_body, instance_flags, profiles_table, record, table
+from imdsd.admin.commands import (
+    instance_body,
+    instance_flags,
+    instances_table,
+    profiles_table,
+    record,
+)
+from imdsd.admin.views import profile_view
 from imdsd.config import load
 from imdsd.errors import ConfigError, ImdsdError
 from imdsd.etcd.records import Layout, RecordError, parse
 from imdsd.etcd.settings import EtcdConfig, endpoint
+from imdsd.fleet import instance_table
 from imdsd.model import Instance, InstanceProfile
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 3, 4
@@ -105,16 +114,10 @@ def _etcd_config(args: argparse.Namespace) -> EtcdConfig:
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     config = load(path).inventory.etcd if path else EtcdConfig()
     if args.endpoint:
-        config = _replace(config, endpoints=tuple(args.endpoint))
+        config = replace(config, endpoints=tuple(args.endpoint))
     if args.prefix:
-        config = _replace(config, prefix=args.prefix.rstrip("/"))
+        config = replace(config, prefix=args.prefix.rstrip("/"))
     return config
-
-
-def _replace(config: EtcdConfig, **changes: Any) -> EtcdConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 async def _execute(config: EtcdConfig, args: argparse.Namespace) -> tuple[Any, Any]:
@@ -141,7 +144,7 @@ class Fleet:
         iid = getattr(args, "instance", None) or getattr(args, "instance_id", None) or ""
         match verb:
             case ("profiles", "list"):
-                return [_profile_view(p) for p in await self.profiles()], profiles_table
+                return [profile_view(p) for p in await self.profiles()], profiles_table
             case ("profiles", "add"):
                 return await self.add_profile(args), record
             case ("profiles", "remove"):
@@ -221,7 +224,7 @@ class Fleet:
         profile = _validated(self.layout, key, table)
         refusal = f"Conflict: instance profile {args.name!r} already exists"
         await self.put_if([self.t.version(key.encode()) == 0], {key: _json(table)}, refusal=refusal)
-        return _profile_view(profile)
+        return profile_view(profile)
 
     async def remove_profile(self, name: str) -> None:
         users = [i for i, row in (await self.records()).items() if row["profile"] == name]
@@ -303,21 +306,9 @@ def _said(what: str, name: str) -> Any:
     return lambda _: f"{what} {name}"
 
 
-def _profile_view(p: InstanceProfile) -> dict[str, Any]:
-    return {"name": p.name, "role_arn": p.role.arn, "id": p.id, "path": p.path}
-
-
 def _instance_view(instance: Instance, host: str, profile: str | None) -> dict[str, Any]:
-    from imdsd.fleet import instance_table
-
     return {**instance_table(instance), "host": host, "profile": profile}
 
 
 def _instances_table(rows: list[dict[str, Any]]) -> str:
-    header = ("INSTANCE", "ADDRESSES", "PROFILE", "TOKENS", "HOPS", "ENDPOINT", "HOST")
-    lines = []
-    for r in rows:
-        o = r["metadata_options"]
-        lines.append((r["id"], ",".join(r["addresses"]), r["profile"], o["http_tokens"],
-                      o["hop_limit"], o["http_endpoint"], r["host"]))  # fmt: skip
-    return table(lines, header)
+    return instances_table(rows, last="host")

@@ -17,7 +17,6 @@ from typing import Any, Literal
 import structlog
 
 from imdsd import fleet
-from imdsd.errors import ConfigError
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
 from imdsd.validation import Reader, Section
 
@@ -116,10 +115,7 @@ def _named(section: Section, field: str, name: str, build: Any) -> Any:
 
 
 def _profile(section: Section) -> InstanceProfile | None:
-    try:
-        found = fleet.profiles([section])
-    except ConfigError:  # pragma: no cover -- profiles() reports through the reader
-        return None
+    found = fleet.profiles([section])  # problems go to the section's reader
     return found[0] if found else None
 
 
