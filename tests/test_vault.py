@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -71,18 +72,24 @@ def test_key_file_forms(tmp_path: Path) -> None:
         vault_key(tmp_path / "short")
 
 
-async def test_warm_restart_in_process(clock: FakeClock) -> None:
-    """Stop, move the clock 2 h 40 min, start again on the same state: A and B are served the
-    sessions they had with no issuer call, a guest's token minted before still works and
-    pendingTime has not moved; at 5 h 40 min the sessions have less than min_remaining left,
-    so the next start issues new ones."""
-    config = make_config()
+def counting() -> tuple[list[FlakyBackend], Callable[[Backend], Backend]]:
+    """A backend wrapper for running(): each start's issuer, counted, is appended to the list."""
     calls: list[FlakyBackend] = []
 
     def counted(backend: Backend) -> Backend:
         calls.append(FlakyBackend(backend))
         return calls[-1]
 
+    return calls, counted
+
+
+async def test_warm_restart_in_process(clock: FakeClock) -> None:
+    """Stop, move the clock 2 h 40 min, start again on the same state: A and B are served the
+    sessions they had with no issuer call, a guest's token minted before still works and
+    pendingTime has not moved; at 5 h 40 min the sessions have less than min_remaining left,
+    so the next start issues new ones."""
+    config = make_config()
+    calls, counted = counting()
     creds = "/latest/meta-data/iam/security-credentials/role-b"
     async with running(config, clock, wrap_backend=counted) as daemon:
         url = daemon.urls[0]
@@ -120,12 +127,7 @@ async def test_keep_tokens_false_kills_guest_tokens_but_keeps_sessions(clock: Fa
     issuer call, but a token minted before is refused (401) and a new one works."""
     config = make_config()
     config = replace(config, host=replace(config.host, keep_tokens=False))
-    calls: list[FlakyBackend] = []
-
-    def counted(backend: Backend) -> Backend:
-        calls.append(FlakyBackend(backend))
-        return calls[-1]
-
+    calls, counted = counting()
     creds = "/latest/meta-data/iam/security-credentials/role-b"
     async with running(config, clock, wrap_backend=counted) as daemon:
         token = await token_for(daemon.urls[0], "127.0.0.3")

@@ -50,6 +50,12 @@ def host(etcd: Etcd, prefix: str, name: str, directory: Path) -> Proc:
     return Proc(directory, config)
 
 
+def two_hosts(etcd: Etcd, prefix: str, directory: Path) -> tuple[Proc, Proc]:
+    return host(etcd, prefix, "host-a", directory / "a"), host(
+        etcd, prefix, "host-b", directory / "b"
+    )
+
+
 def restart(proc: Proc) -> Proc:
     proc.stop()
     return Proc(proc.directory, proc.config.read_text())
@@ -86,10 +92,7 @@ async def test_an_instance_is_served_by_its_host_alone_and_follows_a_move(
 ) -> None:
     """Associated through `imdsd fleet` on host A: A serves it within 1 s, B does not. Moved
     (removed on A, added on B with the same id): B serves it within 1 s and A refuses it."""
-    a, b = (
-        host(etcd, prefix, "host-a", tmp_path / "a"),
-        host(etcd, prefix, "host-b", tmp_path / "b"),
-    )
+    a, b = two_hosts(etcd, prefix, tmp_path)
     try:
         profiles(etcd, prefix)
         add_vm(etcd, prefix, "host-a", VM1, GUEST1)
@@ -152,10 +155,7 @@ async def test_etcd_down_keeps_every_host_serving_and_a_restart_uses_the_cache(
     while etcd is down serves its last known inventory; etcd back: a change made then is
     applied by both without a restart."""
     etcd = own_etcd
-    a, b = (
-        host(etcd, prefix, "host-a", tmp_path / "a"),
-        host(etcd, prefix, "host-b", tmp_path / "b"),
-    )
+    a, b = two_hosts(etcd, prefix, tmp_path)
     try:
         profiles(etcd, prefix)
         add_vm(etcd, prefix, "host-a", VM1, GUEST1)
