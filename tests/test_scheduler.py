@@ -294,35 +294,46 @@ async def test_replaced_while_issuing_gets_new_role() -> None:
     assert entry is not None and entry.role_arn.endswith("role-b") and rig.backend.calls == 2
 
 
-async def test_apscheduler_job_per_association() -> None:
-    """Once started, each association has one APScheduler job at its refresh time."""
+async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
+    """Once started, a single APScheduler job is set at the earliest refresh due on the heap (its
+    wall time follows the injected clock's distance to it); forgetting that association moves
+    the job to the next one after it wakes, and a refresh due sooner moves it earlier."""
     rig = Rig()
     await rig.rotator.prime()
     rig.rotator.start()
     try:
-        jobs = {job.id: job for job in rig.rotator._scheduler.get_jobs()}
-        assert set(jobs) == {VM_A, VM_B}
-        due = rig.rotator.due(VM_A)
-        assert due is not None
-        wall = jobs[VM_A].next_run_time.astimezone(UTC)
-        expected = datetime.now(UTC) + (due - rig.clock.now())
-        assert abs(wall - expected) < timedelta(seconds=5)
-        rig.inventory.disassociate(VM_A)
-        await rig.rotator.follow(VM_A)
-        assert {job.id for job in rig.rotator._scheduler.get_jobs()} == {VM_B}
+        dues = {vm: rig.rotator.due(vm) for vm in (VM_A, VM_B)}
+        assert None not in dues.values()
+        first, second = sorted(dues, key=lambda vm: dues[vm])  # type: ignore[arg-type,return-value]
+
+        def job_at() -> datetime:
+            (job,) = rig.rotator._scheduler.get_jobs()
+            return job.next_run_time.astimezone(UTC)  # type: ignore[no-any-return]
+
+        def wall(due: datetime | None) -> datetime:
+            assert due is not None
+            return datetime.now(UTC) + (due - rig.clock.now())
+
+        assert abs(job_at() - wall(dues[first])) < timedelta(seconds=5)
+        rig.inventory.disassociate(first)
+        await rig.rotator.follow(first)
+        await rig.rotator.run_due()  # what the job does when it wakes: nothing due yet
+        assert abs(job_at() - wall(dues[second])) < timedelta(seconds=5)
+        soon = rig.clock.now() + M
+        rig.rotator._schedule(second, soon)
+        assert abs(job_at() - wall(soon)) < timedelta(seconds=5)
     finally:
         rig.rotator.shutdown()
 
 
 async def test_apscheduler_runs_a_due_job() -> None:
-    """The real AsyncIOScheduler fires a job scheduled in the past and the session rotates."""
+    """The real AsyncIOScheduler fires the job for a refresh due in the past, and it rotates."""
     rig = Rig()
     await rig.rotator.prime()
     first = rig.key_id()
     rig.clock.set(START + 4 * H)  # the refresh is now overdue: its wall time is in the past
     rig.rotator.start()
     try:
-        rig.rotator._add_job(VM_A, rig.clock.now() - S)
         for _ in range(200):
             if rig.key_id() != first:
                 break
@@ -330,6 +341,22 @@ async def test_apscheduler_runs_a_due_job() -> None:
         assert rig.key_id() != first
     finally:
         rig.rotator.shutdown()
+
+
+async def test_stale_heap_entries_do_not_refresh_or_pile_up() -> None:
+    """A refresh moved earlier (forced rotations) leaves its old entry behind: that entry never
+    refreshes again when reached, and the heap is rebuilt before stale entries outnumber the
+    live ones by more than two to one."""
+    rig = Rig()
+    await rig.rotator.prime()
+    calls = rig.backend.calls
+    for _ in range(200):
+        await rig.rotator.refresh(VM_A)
+    assert rig.backend.calls == calls + 200
+    assert len(rig.rotator._queue) <= 2 * 2 + 64
+    rig.clock.set(START + 4 * H)
+    await rig.rotator.run_due()
+    assert rig.backend.calls == calls + 200 + 2  # VM_A once, VM_B once
 
 
 @pytest.mark.parametrize(
