@@ -19,8 +19,11 @@ SessionState = Literal["fresh", "failing", "failed", "expired", "pending"]
 PENDING_CODE = "CredentialsPending"
 PENDING_MESSAGE = "No credentials are available for this role yet; retry shortly."
 
-# (session, role) -> (legacy credential document, extended credential document)
-CredentialRenderer = Callable[[Session, Role], tuple[bytes, bytes]]
+# A document as two parts written one after the other: (body, closing).
+Parts = tuple[bytes, bytes]
+# (session, role) -> (the credential document's fields, open; the legacy document's closing;
+# the extended document's closing): the fields are rendered once and serve both documents
+CredentialRenderer = Callable[[Session, Role], tuple[bytes, bytes, bytes]]
 # (code, message, when) -> failure document
 FailureRenderer = Callable[[str, str, datetime], bytes]
 
@@ -31,8 +34,8 @@ class Served:
 
     session: Session
     role_arn: str
-    document: bytes = field(repr=False)
-    extended: bytes = field(repr=False)
+    document: Parts = field(repr=False)  # legacy: the fields, then CLOSE
+    extended: Parts = field(repr=False)  # the same fields, then AccountId and the brace
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,7 +45,7 @@ class Failure:
     code: str
     message: str
     at: datetime
-    document: bytes
+    document: Parts  # (the failure document, b"")
 
 
 class SessionCache:
@@ -57,8 +60,9 @@ class SessionCache:
 
     def store(self, key: str, session: Session, role: Role) -> Served:
         """Render and install a new session; clears the key's failure."""
-        document, extended = self._render(session, role)
-        served = Served(session=session, role_arn=role.arn, document=document, extended=extended)
+        fields, legacy, extended = self._render(session, role)
+        served = Served(session=session, role_arn=role.arn,
+                        document=(fields, legacy), extended=(fields, extended))  # fmt: skip
         self._served[key] = served
         self._failures.pop(key, None)
         self.version += 1
@@ -67,12 +71,15 @@ class SessionCache:
     def fail(self, key: str, code: str, message: str, at: datetime) -> Failure:
         """Record a failed attempt; the current session (if any) stays."""
         failure = Failure(
-            code=code, message=message, at=at, document=self._render_failure(code, message, at)
+            code=code,
+            message=message,
+            at=at,
+            document=(self._render_failure(code, message, at), b""),
         )
         self._failures[key] = failure
         return failure
 
-    def answer(self, key: str, role_arn: str, *, extended: bool, now: datetime) -> bytes:
+    def answer(self, key: str, role_arn: str, *, extended: bool, now: datetime) -> Parts:
         """The credential document to serve now (the hot path).
 
         The current session's pre-rendered bytes while it is unexpired and belongs to the
@@ -84,7 +91,7 @@ class SessionCache:
         failure = self._failures.get(key)
         if failure is not None:
             return failure.document
-        return self._render_failure(PENDING_CODE, PENDING_MESSAGE, now)
+        return self._render_failure(PENDING_CODE, PENDING_MESSAGE, now), b""
 
     def state(self, key: str, now: datetime) -> SessionState:
         """fresh (valid, last refresh fine), failing (valid, last refresh failed), failed (no

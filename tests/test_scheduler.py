@@ -100,8 +100,10 @@ class Rig:
     def served(self, key: str = VM_A) -> bytes:
         association = self.inventory.association(key)
         assert association is not None
-        return self.sessions.answer(
-            key, association.profile.role.arn, extended=False, now=self.clock.now()
+        return b"".join(
+            self.sessions.answer(
+                key, association.profile.role.arn, extended=False, now=self.clock.now()
+            )
         )
 
     def key_id(self, key: str = VM_A) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import json
+from datetime import datetime, timedelta
 
 from imdsd.imds import render
 from imdsd.model import Role, Session
@@ -18,11 +19,16 @@ SESSION = Session(access_key_id="ASIAAAAAAAAAAAAAAAAA", secret_access_key="s" * 
 def counting_cache() -> tuple[SessionCache, list[int]]:
     calls: list[int] = []
 
-    def renderer(session: Session, role: Role) -> tuple[bytes, bytes]:
+    def renderer(session: Session, role: Role) -> tuple[bytes, bytes, bytes]:
         calls.append(1)
         return render.credentials(session, role)
 
     return SessionCache(renderer, render.failure), calls
+
+
+def joined(cache: SessionCache, key: str, role_arn: str, *, extended: bool, now: datetime) -> bytes:
+    """What the guest receives: the answer's parts, written one after the other."""
+    return b"".join(cache.answer(key, role_arn, extended=extended, now=now))
 
 
 def test_rendered_once_served_as_the_same_object() -> None:
@@ -35,14 +41,30 @@ def test_rendered_once_served_as_the_same_object() -> None:
     assert len(calls) == 1
 
 
+def test_a_session_keeps_its_bytes_once() -> None:
+    """The legacy and the extended document share one rendered body (their closings differ,
+    and the extended closing is one object per account, shared by every session of it); each
+    joins to EC2's document with the fields in EC2's order."""
+    cache, _ = counting_cache()
+    one, other = cache.store("i-1", SESSION, ROLE), cache.store("i-2", SESSION, ROLE)
+    assert one.document[0] is one.extended[0]
+    assert one.extended[1] is other.extended[1]
+    legacy = json.loads(b"".join(one.document))
+    extended = json.loads(b"".join(one.extended))
+    assert list(legacy) == ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey",
+                            "Token", "Expiration"]  # fmt: skip
+    assert extended == {**legacy, "AccountId": ROLE.account_id}
+    assert list(extended)[-1] == "AccountId"
+
+
 def test_expired_session_is_never_served() -> None:
     """At its expiration instant a session is gone; what remains is the failure shape."""
     cache, _ = counting_cache()
     cache.store("i-1", SESSION, ROLE)
-    assert b"Success" in cache.answer(
-        "i-1", ROLE.arn, extended=False, now=SESSION.expiration - timedelta(seconds=1)
+    assert b"Success" in joined(
+        cache, "i-1", ROLE.arn, extended=False, now=SESSION.expiration - timedelta(seconds=1)
     )
-    body = cache.answer("i-1", ROLE.arn, extended=False, now=SESSION.expiration)
+    body = joined(cache, "i-1", ROLE.arn, extended=False, now=SESSION.expiration)
     assert SESSION.access_key_id.encode() not in body and PENDING_CODE.encode() in body
 
 
@@ -50,8 +72,8 @@ def test_session_of_another_role_is_not_served() -> None:
     """A session stored for one role never answers for another (a replaced association)."""
     cache, _ = counting_cache()
     cache.store("i-1", SESSION, ROLE)
-    assert SESSION.access_key_id.encode() not in cache.answer(
-        "i-1", OTHER.arn, extended=False, now=START
+    assert SESSION.access_key_id.encode() not in joined(
+        cache, "i-1", OTHER.arn, extended=False, now=START
     )
 
 
@@ -60,9 +82,9 @@ def test_failure_recorded_then_cleared_by_success() -> None:
     cache, _ = counting_cache()
     cache.store("i-1", SESSION, ROLE)
     cache.fail("i-1", "Throttling", "slow down", START)
-    assert b"Success" in cache.answer("i-1", ROLE.arn, extended=False, now=START)
+    assert b"Success" in joined(cache, "i-1", ROLE.arn, extended=False, now=START)
     late = SESSION.expiration + timedelta(minutes=1)
-    assert b'"Code" : "Throttling"' in cache.answer("i-1", ROLE.arn, extended=False, now=late)
+    assert b'"Code" : "Throttling"' in joined(cache, "i-1", ROLE.arn, extended=False, now=late)
     cache.store("i-1", SESSION, ROLE)
     assert cache.failure("i-1") is None
     cache.drop("i-1")

@@ -58,12 +58,14 @@ def metadata(
     if node is None:
         raise Ec2Error(404, "no such path")
     if isinstance(node, CredentialLeaf):
-        node = api.sessions.answer(
+        body, closing = api.sessions.answer(
             instance.id, node.role_arn, extended=node.extended, now=api.clock.now()
         )
+    else:
+        body, closing = node, b""
     if request.method == "GET":
-        return Prepared(node)  # the hot path: one prepared write
-    return web.Response(body=node, content_type=TEXT, headers=_HEADERS)  # HEAD: no body
+        return Prepared(body, closing)  # the hot path: one prepared write
+    return web.Response(body=body + closing, content_type=TEXT, headers=_HEADERS)  # HEAD
 
 
 def token(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> web.Response:

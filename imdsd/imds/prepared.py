@@ -49,13 +49,15 @@ def _now() -> bytes:
 
 
 class Prepared:
-    """A 200 answer with a prepared body, for GET."""
+    """A 200 answer with a prepared body, for GET: `body` then `closing` (a credential
+    document's closing is shared by many sessions, see render.credentials)."""
 
-    __slots__ = ("body", "keep_alive")
+    __slots__ = ("body", "closing", "keep_alive")
     status = 200
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, closing: bytes = b"") -> None:
         self.body = body
+        self.closing = closing
         self.keep_alive = True
 
     async def prepare(self, request: web.BaseRequest) -> None:
@@ -64,7 +66,8 @@ class Prepared:
             raise ConnectionResetError  # aiohttp: the client went away before its answer
         self.keep_alive = request.keep_alive
         ending = _KEEP_ALIVE if self.keep_alive else _CLOSE
-        transport.write(b"".join((_head(len(self.body)), _now(), ending, self.body)))
+        body, closing = self.body, self.closing
+        transport.write(b"".join((_head(len(body) + len(closing)), _now(), ending, body, closing)))
         await request._payload_writer.drain()  # returns at once unless the guest stopped reading
 
     async def write_eof(self, data: bytes = b"") -> None:

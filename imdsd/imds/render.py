@@ -7,6 +7,7 @@ Pure functions of their arguments: no I/O, no clock.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -16,21 +17,34 @@ from imdsd.model import Association, Instance, Role, Session
 
 IDENTITY_DOCUMENT_VERSION = "2017-09-30"
 CREDENTIAL_TYPE = "AWS-HMAC"
+CLOSE = b"\n}"  # the end of every document
+_string = json.encoder.encode_basestring_ascii  # what json.dumps does with a str, minus its checks
 
 
 def ec2_time(when: datetime) -> str:
     """EC2's timestamp form: UTC, whole seconds, trailing Z."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t = when.astimezone(UTC)
+    return f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}Z"
 
 
 def document(fields: Iterable[tuple[str, object]]) -> bytes:
     """A JSON object laid out as EC2 lays it out (`"Key" : value`, two-space indent)."""
-    body = ",\n".join(f"  {json.dumps(k)} : {json.dumps(v)}" for k, v in fields)
-    return ("{\n" + body + "\n}").encode()
+    return _open(fields) + CLOSE
 
 
-def credentials(session: Session, role: Role) -> tuple[bytes, bytes]:
-    """The legacy credential document and the extended one (legacy fields + AccountId)."""
+def _open(fields: Iterable[tuple[str, object]]) -> bytes:
+    """A document without its closing brace (a caller may add fields to it, then close it)."""
+    body = ",\n".join(
+        f"  {_string(k)} : {_string(v) if type(v) is str else json.dumps(v)}" for k, v in fields
+    )
+    return ("{\n" + body).encode()
+
+
+def credentials(session: Session, role: Role) -> tuple[bytes, bytes, bytes]:
+    """The credential documents in parts: the fields up to Expiration, open (what the legacy
+    and the extended document share: a session's bytes are kept once); the legacy document's
+    closing (CLOSE); the extended document's, AccountId then the brace (one per account,
+    shared by its sessions)."""
     fields: list[tuple[str, object]] = [
         ("Code", "Success"),
         ("LastUpdated", ec2_time(session.issued_at)),
@@ -40,7 +54,13 @@ def credentials(session: Session, role: Role) -> tuple[bytes, bytes]:
         ("Token", session.token),
         ("Expiration", ec2_time(session.expiration)),
     ]
-    return document(fields), document([*fields, ("AccountId", role.account_id)])
+    return _open(fields), CLOSE, account_closing(role.account_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def account_closing(account_id: str) -> bytes:
+    """`,` AccountId and the closing brace: the extended document's end for this account."""
+    return f",\n  {_string('AccountId')} : {_string(account_id)}".encode() + CLOSE
 
 
 def failure(code: str, message: str, when: datetime) -> bytes:
