@@ -111,7 +111,7 @@ async def running(
         else:
             inventory = Inventory(config.instances, config.profiles, config.associations, clock,
                                   state, remembered=remembered)  # fmt: skip
-        sessions = SessionCache(render.credentials, render.failure)
+        sessions = SessionCache(render.credentials, render.failure, render.read_credentials)
         if taken:
             restore(taken, inventory, sessions, clock)
         metrics.watch(inventory, sessions, clock)

@@ -135,7 +135,7 @@ class _SessionCollector(Collector):
             gauge.add_metric([state], states[state])
         yield gauge
         expiring = [
-            served.session.expiration
+            served.expiration
             for key in keys
             if (served := self._sessions.current(key, now)) is not None
         ]

@@ -119,7 +119,7 @@ class Rotator:
         for association in self._inventory.associations():
             key = association.instance_id
             served = self._sessions.current(key, now)
-            if served is not None and served.session.expiration - now > self._policy.min_remaining:
+            if served is not None and served.expiration - now > self._policy.min_remaining:
                 # taken over from the previous process (warm restart): no upstream call now
                 self._schedule(key, refresh_at(served.session, self._policy, self._rng.random()))
             else:
@@ -173,8 +173,18 @@ class Rotator:
         return self._due.get(key)
 
     async def run_due(self) -> None:
-        """Run every refresh that is due on the injected clock: the APScheduler job's body, and
-        what tests call after moving the clock. Sets the job at the next due time."""
+        """Run every refresh that is due on the injected clock, and wait for them (what tests
+        call after moving the clock)."""
+        await asyncio.gather(*map(asyncio.shield, self._start_due()))
+
+    async def _wake(self) -> None:
+        """The APScheduler job: start the refreshes that are due and return at once. It must
+        not wait for them: APScheduler skips a job's run while its previous one is running,
+        and a skipped wake-up would leave every later refresh unscheduled."""
+        self._start_due()
+
+    def _start_due(self) -> list[asyncio.Task[None]]:
+        """Start (or join) every refresh due on the injected clock; set the job at the next."""
         now, keys = self._clock.now(), []
         while self._queue and self._queue[0][0] <= now:
             due, key = heapq.heappop(self._queue)
@@ -182,7 +192,7 @@ class Rotator:
                 keys.append(key)
         self._wake_at = None  # the job that ran is spent; a test's call replaces it
         self._arm_head()
-        await asyncio.gather(*(self.refresh(k) for k in keys))
+        return [self._launch(k) for k in keys]
 
     async def follow(self, key: str) -> None:
         """Bring one instance's session in line with its association, now: a new association
@@ -194,13 +204,17 @@ class Rotator:
 
     async def refresh(self, key: str) -> None:
         """Replace the association's session; concurrent callers share one issuer call."""
+        await asyncio.shield(self._launch(key))
+
+    def _launch(self, key: str) -> asyncio.Task[None]:
+        """The association's refresh in flight, started if there is none."""
         task = self._inflight.get(key)
         # A finished task lingers until its done-callback runs: it must not absorb a new refresh.
         if task is None or task.done():
             task = asyncio.create_task(self._refresh(key), name=f"refresh {key}")
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._settled, key))
-        await asyncio.shield(task)
+        return task
 
     def _settled(self, key: str, task: asyncio.Task[None]) -> None:
         """Forget a finished refresh, but only if it is still the one on record: a successor
@@ -276,7 +290,7 @@ class Rotator:
             detail=exc.detail,
             attempt=attempt + 1,
             retry_in=round(delay.total_seconds(), 3),
-            serving_until=served.session.expiration.isoformat() if served else None,
+            serving_until=served.expiration.isoformat() if served else None,
         )
 
     def _forget(self, key: str) -> None:
@@ -309,7 +323,7 @@ class Rotator:
         # APScheduler runs on the wall clock; the decision was made on the injected one.
         wall = datetime.now(UTC) + (due - self._clock.now())
         self._scheduler.add_job(
-            self.run_due,
+            self._wake,
             DateTrigger(run_date=wall),
             id="rotation",
             name="rotation: run the refreshes that are due",

@@ -2,8 +2,11 @@
 
 The request path only reads from here: one dict lookup, one expiry comparison, bytes out.
 Bodies are rendered once, when a session is stored (the renderer is injected, so this module
-depends on no HTTP code). A new session replaces the old one in a single assignment; the
-old one's holders keep using it until its own expiry. Never imports aiohttp.
+depends on no HTTP code); the rendered document is then the only copy of the session's
+secrets kept (a 10,000-instance host keeps each session's bytes once), read back for the few
+that need the session itself (the vault, admin views). A new session replaces the old one in
+a single assignment; the old one's holders keep using it until its own expiry. Never imports
+aiohttp.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ Parts = tuple[bytes, bytes]
 # (session, role) -> (the credential document's fields, open; the legacy document's closing;
 # the extended document's closing): the fields are rendered once and serve both documents
 CredentialRenderer = Callable[[Session, Role], tuple[bytes, bytes, bytes]]
+# a legacy credential document -> the session it carries
+CredentialReader = Callable[[bytes], Session]
 # (code, message, when) -> failure document
 FailureRenderer = Callable[[str, str, datetime], bytes]
 
@@ -32,10 +37,16 @@ FailureRenderer = Callable[[str, str, datetime], bytes]
 class Served:
     """A session ready to serve: what the request path reads."""
 
-    session: Session
     role_arn: str
-    document: Parts = field(repr=False)  # legacy: the fields, then CLOSE
+    expiration: datetime
+    document: Parts = field(repr=False)  # legacy: the fields, then its closing
     extended: Parts = field(repr=False)  # the same fields, then AccountId and the brace
+    read: CredentialReader = field(repr=False, compare=False)
+
+    @property
+    def session(self) -> Session:
+        """The session, read back from its document (to the second, as the document has it)."""
+        return self.read(b"".join(self.document))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,8 +62,11 @@ class Failure:
 class SessionCache:
     """Current sessions (and last failures), keyed by instance id."""
 
-    def __init__(self, render: CredentialRenderer, render_failure: FailureRenderer) -> None:
+    def __init__(
+        self, render: CredentialRenderer, render_failure: FailureRenderer, read: CredentialReader
+    ) -> None:
         self._render = render
+        self._read = read
         self._render_failure = render_failure
         self._served: dict[str, Served] = {}
         self._failures: dict[str, Failure] = {}
@@ -61,7 +75,7 @@ class SessionCache:
     def store(self, key: str, session: Session, role: Role) -> Served:
         """Render and install a new session; clears the key's failure."""
         fields, legacy, extended = self._render(session, role)
-        served = Served(session=session, role_arn=role.arn,
+        served = Served(role_arn=role.arn, expiration=session.expiration, read=self._read,
                         document=(fields, legacy), extended=(fields, extended))  # fmt: skip
         self._served[key] = served
         self._failures.pop(key, None)
@@ -106,7 +120,7 @@ class SessionCache:
     def current(self, key: str, now: datetime) -> Served | None:
         """The key's session if it is still valid at `now`; never an expired one."""
         served = self._served.get(key)
-        return served if served is not None and now < served.session.expiration else None
+        return served if served is not None and now < served.expiration else None
 
     def get(self, key: str) -> Served | None:
         return self._served.get(key)

@@ -91,7 +91,7 @@ class Rig:
         self.inventory = Inventory(
             config.instances, config.profiles, config.associations, self.clock
         )
-        self.sessions = SessionCache(render.credentials, render.failure)
+        self.sessions = SessionCache(render.credentials, render.failure, render.read_credentials)
         # The rate cap waits in real time: these tests move a fake clock through hundreds of
         # refreshes, so theirs is generous (tests/test_ratelimit.py pins the cap itself).
         self.rotator = Rotator(self.backend, self.inventory, self.sessions, policy, self.clock,
@@ -341,6 +341,31 @@ async def test_apscheduler_runs_a_due_job() -> None:
                 break
             await asyncio.sleep(0.01)
         assert rig.key_id() != first
+    finally:
+        rig.rotator.shutdown()
+
+
+async def test_a_slow_refresh_does_not_hold_up_the_next_wake() -> None:
+    """The job starts due refreshes and returns: while one refresh hangs on the issuer, the
+    job still wakes for the next due time and starts that one too (APScheduler skips a run of
+    a job that is still running, which would strand every refresh after it)."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.backend.gate = asyncio.Event()  # every issue from now on hangs until set
+    rig.rotator.start()
+    try:
+        rig.rotator._schedule(VM_A, rig.clock.now() - S)
+        for _ in range(200):
+            if rig.backend.in_flight == 1:
+                break
+            await asyncio.sleep(0.01)
+        rig.rotator._schedule(VM_B, rig.clock.now() - S)
+        for _ in range(200):
+            if rig.backend.in_flight == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert rig.backend.in_flight == 2
+        rig.backend.gate.set()
     finally:
         rig.rotator.shutdown()
 

@@ -23,7 +23,7 @@ def counting_cache() -> tuple[SessionCache, list[int]]:
         calls.append(1)
         return render.credentials(session, role)
 
-    return SessionCache(renderer, render.failure), calls
+    return SessionCache(renderer, render.failure, render.read_credentials), calls
 
 
 def joined(cache: SessionCache, key: str, role_arn: str, *, extended: bool, now: datetime) -> bytes:
@@ -55,6 +55,18 @@ def test_a_session_keeps_its_bytes_once() -> None:
                             "Token", "Expiration"]  # fmt: skip
     assert extended == {**legacy, "AccountId": ROLE.account_id}
     assert list(extended)[-1] == "AccountId"
+
+
+def test_the_session_is_read_back_from_its_document() -> None:
+    """A served session keeps no second copy of its secrets: what the vault and the admin
+    views read back from the document is the stored session (issue and expiry to the second)."""
+    cache, _ = counting_cache()
+    issued = START.replace(microsecond=0)
+    session = Session(access_key_id="ASIAEXAMPLEEXAMPLE12", secret_access_key="s/e+c=r\\et\"",
+                      token="t" * 900, issued_at=issued, expiration=issued + timedelta(hours=1))  # fmt: skip
+    served = cache.store("i-1", session, ROLE)
+    assert served.session == session and served.expiration == session.expiration
+    assert not any(isinstance(v, Session) for v in (served.document, served.extended))
 
 
 def test_expired_session_is_never_served() -> None:

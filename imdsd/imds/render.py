@@ -63,6 +63,18 @@ def account_closing(account_id: str) -> bytes:
     return f",\n  {_string('AccountId')} : {_string(account_id)}".encode() + CLOSE
 
 
+def read_credentials(document: bytes) -> Session:
+    """The session a credential document carries (issue and expiry to the second)."""
+    d = json.loads(document)
+    return Session(
+        access_key_id=d["AccessKeyId"],
+        secret_access_key=d["SecretAccessKey"],
+        token=d["Token"],
+        issued_at=datetime.fromisoformat(d["LastUpdated"]),
+        expiration=datetime.fromisoformat(d["Expiration"]),
+    )
+
+
 def failure(code: str, message: str, when: datetime) -> bytes:
     """EC2's answer when it cannot provide credentials: HTTP 200, Code is not Success."""
     return document([("Code", code), ("Message", message), ("LastUpdated", ec2_time(when))])
