@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, get_args
@@ -143,7 +144,7 @@ def _instance(t: Section) -> Instance | None:
         "availability_zone": t.take(
             "availability_zone",
             zone_of(region),
-            f"{region}a",
+            sys.intern(f"{region}a"),
             f'a zone of the region, like "{region}a"',
         ),
         "instance_type": t.take(
@@ -223,7 +224,7 @@ def _tags(value: Any) -> tuple[tuple[str, str], ...]:
 def _options(t: Section) -> MetadataOptions:
     tokens, endpoint = get_args(HttpTokens), get_args(HttpEndpoint)
     d = MetadataOptions()
-    return MetadataOptions(
+    return _shared_options(
         http_tokens=t.take("http_tokens", choice(tokens), d.http_tokens, one_of(tokens)),
         hop_limit=t.take("hop_limit", int_in(1, 64), d.hop_limit, "an integer from 1 to 64"),
         http_endpoint=t.take("http_endpoint", choice(endpoint), d.http_endpoint, one_of(endpoint)),
@@ -233,11 +234,21 @@ def _options(t: Section) -> MetadataOptions:
     )
 
 
+_OPTIONS: dict[MetadataOptions, MetadataOptions] = {}
+
+
+def _shared_options(**fields: Any) -> MetadataOptions:
+    """One MetadataOptions object per distinct setting (a host has a few for thousands)."""
+    options = MetadataOptions(**fields)
+    return _OPTIONS.setdefault(options, options)
+
+
 def associations(
     entries: list[Section], instances: tuple[Instance, ...], profiles: tuple[InstanceProfile, ...]
 ) -> tuple[tuple[str, str], ...]:
-    known_instances = {i.id for i in instances}
-    known_profiles = {p.name for p in profiles}
+    # the records' own strings, so an association keeps no second copy of either
+    known_instances = {i.id: i.id for i in instances}
+    known_profiles = {p.name: p.name for p in profiles}
     out: dict[str, str] = {}
     for t in entries:
         iid = t.require("instance", str, "the id of an instance in [[instances]]")
@@ -251,7 +262,7 @@ def associations(
         if name is not None and name not in known_profiles:
             t.problem("profile", show(name), listed(known_profiles, "instance profile names"))
         elif iid in known_instances and iid not in out and name is not None:
-            out[iid] = name
+            out[known_instances[iid]] = known_profiles[name]
     return tuple(out.items())
 
 
@@ -281,22 +292,19 @@ def _filled_instance(
     options: MetadataOptions,
     fields: dict[str, Any],
 ) -> Instance:
-    """Fill EC2-like defaults for the optional fields from the instance's id and address."""
-    digest = hashlib.sha256(iid.encode()).hexdigest()
+    """The instance as configured; ami_id, hostname and mac left out stay None (the model
+    derives EC2-like defaults from the id and address when they are read)."""
     ipv4 = next((a for a in addresses if "." in a), addresses[0])
-    domain = "ec2.internal" if region == "us-east-1" else f"{region}.compute.internal"
-    hostname = fields["hostname"] or f"ip-{ipv4.replace('.', '-').replace(':', '-')}.{domain}"
-    mac = fields["mac"] or "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
     return Instance(
         id=iid,
         addresses=addresses,
         region=region,
         availability_zone=fields["availability_zone"],
         instance_type=fields["instance_type"],
-        ami_id=fields["ami_id"] or "ami-" + digest[:17],
-        hostname=hostname,
+        ami_id=fields["ami_id"],
+        hostname=fields["hostname"],
         local_ipv4=ipv4,
-        mac=mac,
+        mac=fields["mac"],
         account_id=fields["account_id"],
         options=options,
         user_data=fields["user_data"],

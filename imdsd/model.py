@@ -6,6 +6,7 @@ Imports the standard library only.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -84,14 +85,37 @@ class Instance:
     region: str
     availability_zone: str
     instance_type: str
-    ami_id: str
-    hostname: str
     local_ipv4: str
-    mac: str
+    # As configured; None when left to EC2-like defaults, which are derived when read (a host
+    # with thousands of instances keeps no three strings each that it can work out again).
+    ami_id: str | None = None
+    hostname: str | None = None
+    mac: str | None = None
     account_id: str | None = None
     options: MetadataOptions = field(default_factory=MetadataOptions)
     user_data: bytes | None = field(default=None, repr=False)  # may hold the guest's secrets
     tags: tuple[tuple[str, str], ...] = ()  # (key, value), as EC2's instance tags
+
+    @property
+    def image_id(self) -> str:
+        """ami_id, else a stable one derived from the instance id."""
+        return self.ami_id or "ami-" + hashlib.sha256(self.id.encode()).hexdigest()[:17]
+
+    @property
+    def private_dns_name(self) -> str:
+        """hostname, else EC2's form for the instance's IPv4 address in its region."""
+        if self.hostname:
+            return self.hostname
+        domain = "ec2.internal" if self.region == "us-east-1" else f"{self.region}.compute.internal"
+        return f"ip-{self.local_ipv4.replace('.', '-').replace(':', '-')}.{domain}"
+
+    @property
+    def mac_address(self) -> str:
+        """mac, else a locally administered one (02:...) derived from the instance id."""
+        if self.mac:
+            return self.mac
+        digest = hashlib.sha256(self.id.encode()).hexdigest()
+        return "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -247,6 +247,8 @@ class Rotator:
         self._sessions.store(key, session, association.profile.role)
         self._attempts.pop(key, None)
         share = self._shares.pop(key, None)
+        if share is not None and not self._shares:
+            self._shares = {}  # a dict never shrinks: the wave's table goes with the wave
         if share is None:
             due = refresh_at(session, self._policy, self._rng.random())
         else:

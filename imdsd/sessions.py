@@ -39,14 +39,23 @@ class Served:
 
     role_arn: str
     expiration: datetime
-    document: Parts = field(repr=False)  # legacy: the fields, then its closing
-    extended: Parts = field(repr=False)  # the same fields, then AccountId and the brace
+    fields: bytes = field(repr=False)  # both documents' fields, open
+    closing: bytes  # the legacy document's closing
+    extended_closing: bytes  # AccountId and the brace
     read: CredentialReader = field(repr=False, compare=False)
+
+    @property
+    def document(self) -> Parts:
+        return self.fields, self.closing
+
+    @property
+    def extended(self) -> Parts:
+        return self.fields, self.extended_closing
 
     @property
     def session(self) -> Session:
         """The session, read back from its document (to the second, as the document has it)."""
-        return self.read(b"".join(self.document))
+        return self.read(self.fields + self.closing)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,7 +85,7 @@ class SessionCache:
         """Render and install a new session; clears the key's failure."""
         fields, legacy, extended = self._render(session, role)
         served = Served(role_arn=role.arn, expiration=session.expiration, read=self._read,
-                        document=(fields, legacy), extended=(fields, extended))  # fmt: skip
+                        fields=fields, closing=legacy, extended_closing=extended)  # fmt: skip
         self._served[key] = served
         self._failures.pop(key, None)
         self.version += 1
@@ -101,7 +110,7 @@ class SessionCache:
         """
         served = self.current(key, now)
         if served is not None and served.role_arn == role_arn:
-            return served.extended if extended else served.document
+            return served.fields, served.extended_closing if extended else served.closing
         failure = self._failures.get(key)
         if failure is not None:
             return failure.document

@@ -11,7 +11,8 @@ import binascii
 import ipaddress
 import json
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -171,7 +172,7 @@ def one_of(choices: tuple[str, ...]) -> str:
     return " or ".join(f'"{c}"' for c in choices)
 
 
-def listed(names: set[str], what: str) -> str:
+def listed(names: Iterable[str], what: str) -> str:
     return f"one of the configured {what}: " + (", ".join(sorted(names)) or "(none configured)")
 
 
@@ -179,7 +180,7 @@ def choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
     def convert(value: Any) -> Any:
         if value not in choices:
             raise ValueError(value)
-        return value
+        return choices[choices.index(value)]  # the one shared string, not the parser's copy
 
     return convert
 
@@ -269,7 +270,7 @@ def zone_of(region: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if not isinstance(value, str) or not re.fullmatch(re.escape(region) + r"[a-z]", value):
             raise ValueError(value)
-        return value
+        return sys.intern(value)  # a few zones shared by thousands of instances
 
     return convert
 

@@ -170,14 +170,15 @@ def test_good_config_round_trip() -> None:
     """A valid file becomes frozen dataclasses with EC2-like derived defaults."""
     config = parse(config_text())
     a = config.instances[0]
-    assert (a.region, a.availability_zone, a.hostname) == (
+    assert (a.region, a.availability_zone, a.private_dns_name) == (
         "eu-west-1",
         "eu-west-1a",
         "ip-127-0-0-2.eu-west-1.compute.internal",
     )
-    assert a.mac.startswith("02:") and len(a.mac) == 17 and a.ami_id.startswith("ami-")
+    assert a.mac_address.startswith("02:") and len(a.mac_address) == 17
+    assert a.image_id.startswith("ami-") and (a.ami_id, a.hostname, a.mac) == (None, None, None)
     b = config.instances[1]
-    assert b.addresses == ("127.0.0.3", "::1") and b.hostname == "ip-127-0-0-3.ec2.internal"
+    assert b.addresses == ("127.0.0.3", "::1") and b.private_dns_name == "ip-127-0-0-3.ec2.internal"
     assert (b.options.http_tokens, b.options.hop_limit) == ("required", 3)
     profile_b = config.profiles[1]
     assert profile_b.arn == "arn:aws:iam::222222222222:instance-profile/team/profile-b"

@@ -102,7 +102,7 @@ def identity_document(instance: Instance, account_id: str, pending: datetime) ->
             ("billingProducts", None),
             ("devpayProductCodes", None),
             ("marketplaceProductCodes", None),
-            ("imageId", instance.ami_id),
+            ("imageId", instance.image_id),
             ("instanceId", instance.id),
             ("instanceType", instance.instance_type),
             ("kernelId", None),

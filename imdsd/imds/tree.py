@@ -100,15 +100,15 @@ def build(instance: Instance, association: Association | None, pending: datetime
         association.profile.role.account_id if association else DEFAULT_ACCOUNT
     )
     leaves: dict[str, Node] = {
-        "meta-data/ami-id": instance.ami_id.encode(),
+        "meta-data/ami-id": instance.image_id.encode(),
         "meta-data/ami-launch-index": b"0",
-        "meta-data/hostname": instance.hostname.encode(),
+        "meta-data/hostname": instance.private_dns_name.encode(),
         "meta-data/instance-id": instance.id.encode(),
         "meta-data/instance-life-cycle": b"on-demand",
         "meta-data/instance-type": instance.instance_type.encode(),
-        "meta-data/local-hostname": instance.hostname.encode(),
+        "meta-data/local-hostname": instance.private_dns_name.encode(),
         "meta-data/local-ipv4": instance.local_ipv4.encode(),
-        "meta-data/mac": instance.mac.encode(),
+        "meta-data/mac": instance.mac_address.encode(),
         "meta-data/placement/availability-zone": instance.availability_zone.encode(),
         "meta-data/placement/region": instance.region.encode(),
         "meta-data/services/domain": domain.encode(),
