@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +57,22 @@ class _Pair:
 
 
 class Signer:
-    """Signs identity documents with the key of the instance's region (or the default key)."""
+    """Signs identity documents with the key of the instance's region (or the default key).
+    A default key still being generated (a host's first start) is waited for at its first use."""
 
-    def __init__(self, default: _Pair, regions: dict[str, _Pair]) -> None:
+    def __init__(self, default: _Pair | Future[_Pair], regions: dict[str, _Pair]) -> None:
         self._default, self._regions = default, regions
 
     def __repr__(self) -> str:
         return f"Signer(regions={sorted(self._regions)})"
 
+    def _default_pair(self) -> _Pair:
+        if isinstance(self._default, Future):
+            self._default = self._default.result()
+        return self._default
+
     def sign(self, document: bytes, region: str) -> Signatures:
-        pair = self._regions.get(region, self._default)
+        pair = self._regions.get(region) or self._default_pair()
         signature = pair.key.sign(document, padding.PKCS1v15(), hashes.SHA256())
         signed = (
             pkcs7.PKCS7SignatureBuilder()
@@ -80,7 +88,7 @@ class Signer:
 
     def certificates(self) -> dict[str, bytes]:
         """PEM certificate by region ("" for the default): what the operator publishes."""
-        pairs = {"": self._default, **self._regions}
+        pairs = {"": self._default_pair(), **self._regions}
         return {r: p.certificate.public_bytes(serialization.Encoding.PEM) for r, p in pairs.items()}
 
 
@@ -93,9 +101,16 @@ def wrapped(raw: bytes) -> bytes:
 def open_signer(config: IdentityConfig, state_directory: Path, *, generate: bool = True) -> Signer:
     """The operator's keys from files; without [identity] files, the host's own key and
     self-signed certificate in the state directory, generated on first start (key 0600) and
-    kept across restarts. ConfigError (exit 3) for files that are missing or not RSA/PEM."""
+    kept across restarts. ConfigError (exit 3) for files that are missing or not RSA/PEM.
+    A first start generates the key in a thread (RSA-2048 takes 50-500 ms, OpenSSL releases
+    the GIL): the listeners do not wait for it, only a signature asked for before it is done."""
+    default: _Pair | Future[_Pair]
     if config.default is not None:
         default = _load(config.default, "identity")
+    elif generate and not (state_directory / KEY_FILE).exists():
+        default = Future()
+        threading.Thread(target=_generate_into, args=(default, state_directory),
+                         name="identity key", daemon=True).start()  # fmt: skip
     else:
         default = _generated(state_directory, generate=generate)
     regions = {r: _load(files, f"identity.regions.{r}") for r, files in config.regions.items()}
@@ -124,6 +139,13 @@ def _load(files: KeyFiles, where: str) -> _Pair:
         allowed = "an RSA key and the certificate of that key"
         raise ConfigError([Problem(f"{where}.key_file", str(files.key_file), allowed)])
     return _Pair(key, certificate)
+
+
+def _generate_into(future: Future[_Pair], directory: Path) -> None:
+    try:
+        future.set_result(_generated(directory, generate=True))
+    except BaseException as exc:  # surfaces at the first signature, as that request's 500
+        future.set_exception(exc)
 
 
 def _generated(directory: Path, *, generate: bool) -> _Pair:

@@ -80,3 +80,22 @@ def test_wrapping_is_76_characters() -> None:
     text = wrapped(bytes(200))
     assert [len(line) for line in text.split(b"\n")] == [76, 76, 76, 40]  # 268 characters
     assert base64.b64decode(text.replace(b"\n", b"")) == bytes(200)
+
+
+def test_a_first_start_generates_the_key_without_waiting(tmp_path: Path) -> None:
+    """Without [identity] files, a first start returns at once with the key being generated
+    in a thread; the first signature waits for it, verifies against the kept certificate,
+    and a second start loads the same key (0600) instead of making another."""
+    state = tmp_path / "state"
+    config = parse(config_text()).identity
+    signer = open_signer(config, state)
+    document = b'{"instanceId" : "i-0123456789abcdef0"}'
+    signed = signer.sign(document, "us-east-1")  # waits for the thread, if still running
+    certificate = x509.load_pem_x509_certificate(signer.certificates()[""])
+    public = certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    raw = base64.b64decode(signed.signature.replace(b"\n", b""))
+    public.verify(raw, document, padding.PKCS1v15(), hashes.SHA256())
+    again = open_signer(config, state)
+    assert again.certificates()[""] == signer.certificates()[""]
+    assert min(p.stat().st_mode & 0o777 for p in state.iterdir()) == 0o600
