@@ -25,6 +25,10 @@ from imdsd.model import InstanceProfile, Session
 
 _TOKEN_VERSION = b"\x01"
 _NONCE_BYTES = 12
+_SECRET_BYTES = 30
+_KEY_ID_CHARACTERS = 16
+# byte -> one of the 32 characters of an access key id (256 is a multiple of 32: uniform)
+_KEY_ID_ALPHABET = bytes(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[b % 32] for b in range(256))
 
 
 class LocalIssuer:
@@ -41,7 +45,9 @@ class LocalIssuer:
     async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session:
         issued = self._clock.now().replace(microsecond=0)
         expiration = issued + self._lifetime
-        access_key_id = "ASIA" + base64.b32encode(secrets.token_bytes(10)).decode()
+        raw = secrets.token_bytes(_KEY_ID_CHARACTERS + _SECRET_BYTES + _NONCE_BYTES)  # one read
+        key_id, secret = raw[:_KEY_ID_CHARACTERS], raw[_KEY_ID_CHARACTERS:-_NONCE_BYTES]
+        access_key_id = "ASIA" + key_id.translate(_KEY_ID_ALPHABET).decode()
         record = {
             "AccessKeyId": access_key_id,
             "RoleArn": profile.role.arn,
@@ -51,8 +57,8 @@ class LocalIssuer:
         }
         return Session(
             access_key_id=access_key_id,
-            secret_access_key=base64.b64encode(secrets.token_bytes(30)).decode(),
-            token=self._seal(record),
+            secret_access_key=base64.b64encode(secret).decode(),
+            token=self._seal(record, raw[-_NONCE_BYTES:]),
             expiration=expiration,
             issued_at=issued,
         )
@@ -69,8 +75,7 @@ class LocalIssuer:
             raise BackendError("InvalidToken", "the token was not issued by this key") from None
         return record
 
-    def _seal(self, record: dict[str, Any]) -> str:
-        nonce = secrets.token_bytes(_NONCE_BYTES)
+    def _seal(self, record: dict[str, Any], nonce: bytes) -> str:
         sealed = self._aead.encrypt(nonce, json.dumps(record).encode(), _TOKEN_VERSION)
         return base64.b64encode(_TOKEN_VERSION + nonce + sealed).decode()
 
