@@ -119,7 +119,7 @@ def start_daemon(directory: Path, count: int) -> tuple[subprocess.Popen[bytes], 
         if process.poll() is not None:
             raise SystemExit("the daemon did not start")
         time.sleep(0.002)
-        for line in log.read_bytes().splitlines():
+        for line in log.read_bytes().split(b"\n")[:-1]:  # complete lines only
             event = json.loads(line)
             if event.get("event") == "listening":
                 port = int(event["listening"][0].rsplit(":", 1)[1])

@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from imdsd.model import RotationPolicy
 from imdsd.vault import VAULT_SECONDS
 from tests.helpers import host_sections, http, token_for
 from tests.process import Proc
@@ -150,13 +151,15 @@ async def test_priming_stays_under_the_rate_cap(
     tmp_path: Path, host_env: dict[str, str], proxy: FaultySts
 ) -> None:
     """500 sts instances with rotation.max_rate = 100: the counting proxy sees priming take at
-    least 4 s, and no second holds more than 100 calls plus the one-second burst."""
+    least 4 s, and no second holds more than 100 calls plus the one-second burst (give or take
+    the calls in flight: the proxy sees arrivals, which trail the daemon's permits by up to
+    `rotation.concurrency` calls)."""
     daemon = await asyncio.to_thread(Proc, tmp_path, config(tmp_path, proxy.url, max_rate=100))
     try:
         times = sorted(proxy.times)
         assert len(times) == INSTANCES
         assert times[-1] - times[0] >= (INSTANCES - 100) / 100 - 0.1
         busiest = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
-        assert busiest <= 200, busiest
+        assert busiest <= 200 + RotationPolicy().concurrency, busiest
     finally:
         await asyncio.to_thread(daemon.stop)
