@@ -1,8 +1,9 @@
 """The composition root: the only place where imdsd's objects are created and wired.
 
-Reads top to bottom: open the backend, build the inventory and caches, open the listeners
-(guests are answered from the first second, invariant 8), then start rotation and prime every
-session up to the start-up deadline; on exit, everything closes in reverse order.
+Reads top to bottom: build the inventory and caches, open the listeners (guests are answered
+from the first second, invariant 8), then open the backend (which may wait on the network),
+start rotation and prime every session up to the start-up deadline; on exit, everything
+closes in reverse order.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from imdsd import __version__, systemd
 from imdsd.admin.app import make_admin_app
 from imdsd.backends import opener
 from imdsd.backends.base import Backend
+from imdsd.backends.deferred import Deferred
 from imdsd.backends.measured import Measured
 from imdsd.backends.shared import ProfileScoped
 from imdsd.budgets import Ledger, connection_ceiling
@@ -91,10 +93,12 @@ async def running(
 ) -> AsyncIterator[Daemon]:
     """Start everything; yield the running daemon; stop everything on exit."""
     async with AsyncExitStack() as stack:
-        opened = await stack.enter_async_context(opener(config.backend.kind)(config.backend, clock))
+        # The backend opens after the listeners (opening may wait on the network) but closes
+        # after them too, so requests in flight finish with it: its own stack, entered first.
+        backend_stack = await stack.enter_async_context(AsyncExitStack())
         metrics, ready = Metrics(), asyncio.Event()
-        wrapped = wrap_backend(opened) if wrap_backend else opened
-        backend = _scoped(Measured(wrapped, metrics), config, clock)
+        deferred = Deferred()
+        backend = _scoped(Measured(deferred, metrics), config, clock)
         state = StateFile(config.host.state_directory)
         vault = _vault(config)
         taken = vault.load() if vault else None  # a warm restart takes these over
@@ -153,6 +157,11 @@ async def running(
                                source=source)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
         log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
+        # Invariant 8: the backend opens only now (the sts backend resolves the host's
+        # credentials, maybe over the network); a backend that cannot open still exits 1.
+        opener_ = opener(config.backend.kind)
+        opened = await backend_stack.enter_async_context(opener_(config.backend, clock))
+        deferred.open(wrap_backend(opened) if wrap_backend else opened)
         if fleet:  # after the listeners: etcd is a dependency like the upstream (invariant 8)
             await stack.enter_async_context(fleet.following(inventory, daemon.sync))
         ready.set()  # /readyz: serving (an association without a session gets EC2's failure doc)

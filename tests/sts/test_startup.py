@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
+from aiohttp import web
 
 from imdsd.model import RotationPolicy
 from imdsd.vault import VAULT_SECONDS
@@ -163,3 +166,50 @@ async def test_priming_stays_under_the_rate_cap(
         assert busiest <= 200 + RotationPolicy().concurrency, busiest
     finally:
         await asyncio.to_thread(daemon.stop)
+
+
+async def test_listeners_answer_while_the_host_credentials_load(
+    tmp_path: Path, host_env: dict[str, str], proxy: FaultySts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant 8 when the host's own credentials are behind the network: botocore's chain
+    gets them from a container credentials endpoint (a small server on loopback) that answers
+    after 1.5 s. The daemon logs `listening` and a guest gets EC2's failure document
+    (CredentialsPending) before that endpoint has answered; then its credentials arrive."""
+    answered: list[float] = []
+    expires = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    async def slow_credentials(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        answered.append(time.time())
+        return web.json_response({  # the host user's keys; an empty token is sent as none
+            "AccessKeyId": host_env["AWS_ACCESS_KEY_ID"],
+            "SecretAccessKey": host_env["AWS_SECRET_ACCESS_KEY"],
+            "Token": "",
+            "Expiration": expires,
+        })  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/credentials", slow_credentials)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{port}/credentials")
+    daemon = await asyncio.to_thread(Proc, tmp_path, config(tmp_path, proxy.url), until="listening")
+    role_path = "/latest/meta-data/iam/security-credentials/" + ROLE_A.rsplit("/", 1)[1]
+    try:
+        reply = await http(daemon.url, role_path, source="127.0.1.1")
+        assert reply.status == 200 and json.loads(reply.body)["Code"] == "CredentialsPending"
+        assert not answered  # the guest was answered before the host had its credentials
+        for _ in range(100):
+            reply = await http(daemon.url, role_path, source="127.0.1.1")
+            if json.loads(reply.body)["Code"] == "Success":
+                break
+            await asyncio.sleep(0.1)
+        assert json.loads(reply.body)["Code"] == "Success" and answered
+    finally:
+        await asyncio.to_thread(daemon.stop)
+        await runner.cleanup()
