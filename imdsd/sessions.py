@@ -45,14 +45,6 @@ class Served:
     read: CredentialReader = field(repr=False, compare=False)
 
     @property
-    def document(self) -> Parts:
-        return self.fields, self.closing
-
-    @property
-    def extended(self) -> Parts:
-        return self.fields, self.extended_closing
-
-    @property
     def session(self) -> Session:
         """The session, read back from its document (to the second, as the document has it)."""
         return self.read(self.fields + self.closing)

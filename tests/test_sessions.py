@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from imdsd.imds import render
 from imdsd.model import Role, Session
-from imdsd.sessions import PENDING_CODE, SessionCache
+from imdsd.sessions import PENDING_CODE, Served, SessionCache
 from tests.fakes import START
 
 ROLE = Role.from_arn("arn:aws:iam::123456789012:role/app")
@@ -50,8 +50,8 @@ def test_a_session_keeps_its_bytes_once() -> None:
     cache, _ = counting_cache()
     one, other = cache.store("i-1", SESSION, ROLE), cache.store("i-2", SESSION, ROLE)
     assert one.extended_closing is other.extended_closing
-    legacy = json.loads(b"".join(one.document))
-    extended = json.loads(b"".join(one.extended))
+    legacy = json.loads(one.fields + one.closing)
+    extended = json.loads(one.fields + one.extended_closing)
     assert list(legacy) == ["Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey",
                             "Token", "Expiration"]  # fmt: skip
     assert extended == {**legacy, "AccountId": ROLE.account_id}
@@ -67,7 +67,7 @@ def test_the_session_is_read_back_from_its_document() -> None:
                       token="t" * 900, issued_at=issued, expiration=issued + timedelta(hours=1))  # fmt: skip
     served = cache.store("i-1", session, ROLE)
     assert served.session == session and served.expiration == session.expiration
-    assert not any(isinstance(v, Session) for v in (served.document, served.extended))
+    assert not any(isinstance(getattr(served, f), Session) for f in Served.__slots__)
 
 
 def test_expired_session_is_never_served() -> None:
