@@ -99,7 +99,7 @@ class Instance:
     @property
     def image_id(self) -> str:
         """ami_id, else a stable one derived from the instance id."""
-        return self.ami_id or "ami-" + hashlib.sha256(self.id.encode()).hexdigest()[:17]
+        return self.ami_id or "ami-" + self._digest()[:17]
 
     @property
     def private_dns_name(self) -> str:
@@ -114,8 +114,12 @@ class Instance:
         """mac, else a locally administered one (02:...) derived from the instance id."""
         if self.mac:
             return self.mac
-        digest = hashlib.sha256(self.id.encode()).hexdigest()
+        digest = self._digest()
         return "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
+
+    def _digest(self) -> str:
+        """What the derived ami id and mac are made of: SHA-256 of the instance id, in hex."""
+        return hashlib.sha256(self.id.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
