@@ -128,13 +128,13 @@ def start_daemon(directory: Path, count: int) -> tuple[subprocess.Popen[bytes], 
     headers = {} if count > 1 else {"X-aws-ec2-metadata-token": put_token(port)}
     request = get(path_, headers)
     while True:
-        status, body = blocking_one(port, request, last)
+        status, body = one(port, request, last)
         if status == 200 and json.loads(body)["Code"] == "Success":
             return process, port, time.perf_counter() - started
         time.sleep(0.005)
 
 
-def blocking_one(port: int, request: bytes, source: str) -> tuple[int, bytes]:
+def one(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]:
     """One request on its own connection from `source`, without an event loop."""
     with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as sock:
         sock.sendall(request)
@@ -153,19 +153,9 @@ def get(path: str, headers: dict[str, str] | None = None) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: b\r\n{extra}\r\n".encode()
 
 
-async def one(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    writer.write(request)
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    body = await reader.readexactly(length)
-    writer.close()
-    return int(head.split(b" ", 2)[1]), body
-
-
 def put_token(port: int) -> str:
     request = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
-    status, body = asyncio.run(one(port, request))
+    status, body = one(port, request)
     assert status == 200, status
     return body.decode()
 
@@ -241,11 +231,7 @@ def requests_table(directory: Path) -> list[str]:
     daemon, port, _ = start_daemon(directory / "requests", 1)
     try:
         token = {"X-aws-ec2-metadata-token": put_token(port)}
-        size = len(
-            asyncio.run(one(port, get("/latest/meta-data/iam/security-credentials/bench", token)))[
-                1
-            ]
-        )
+        size = len(one(port, get("/latest/meta-data/iam/security-credentials/bench", token))[1])
         baseline = subprocess.Popen([sys.executable, "-c", BASELINE, str(size)],
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert baseline.stdout is not None
