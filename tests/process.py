@@ -11,6 +11,13 @@ import time
 from pathlib import Path
 
 
+def log_events(log: Path) -> list[dict[str, object]]:
+    """A daemon's JSON log lines so far, complete ones only: a line the daemon is still writing
+    (a read can see part of a write to a regular file) is left for the next call."""
+    lines = log.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
 class Proc:
     """A daemon process with its config file, log and (optionally) a notify socket."""
 
@@ -43,10 +50,7 @@ class Proc:
         self.url = str(self.wait_for(until)["listening"][0])  # type: ignore[index]
 
     def events(self) -> list[dict[str, object]]:
-        """The log's complete lines so far: a line the daemon is still writing (a read can see
-        part of a write to a regular file) is left for the next call."""
-        lines = self.log.read_text().split("\n")[:-1]
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return log_events(self.log)
 
     def wait_for(self, event: str, after: int = 0) -> dict[str, object]:
         deadline = time.monotonic() + 20

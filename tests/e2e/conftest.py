@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import host_sections
+from tests.process import log_events
 
 DEMO = """
 [imds]
@@ -46,9 +46,7 @@ class Running:
     log: Path
 
     def lines(self) -> list[dict[str, object]]:
-        """Complete lines only (see tests.process.Proc.events)."""
-        lines = self.log.read_text().split("\n")[:-1]
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return log_events(self.log)
 
 
 @pytest.fixture
