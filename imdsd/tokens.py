@@ -5,8 +5,9 @@ characters without padding, and only that spelling verifies. The subject names o
 incarnation (its id and the inventory's incarnation number), so a token dies with its
 instance: an id removed and added again refuses tokens minted before. Nothing is stored per
 token, so a flood of PUTs cannot grow memory; verified tokens are remembered in a small bounded
-map so the request path does no cryptography for a token it has seen. The key comes from the
-OS CSPRNG at start and never leaves this object. Never imports aiohttp.
+map per instance so the request path does no cryptography for a token it has seen, and one
+guest minting tokens by the thousand evicts only its own. The key comes from the OS CSPRNG at
+start and never leaves this object. Never imports aiohttp.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ _HEADER = struct.Struct(">HQ")  # version, expiry (unix seconds): with the MAC, 
 _MAC_BYTES = 32
 _RAW_BYTES = _HEADER.size + _MAC_BYTES  # a multiple of 3: base64 without padding
 _TOKEN_CHARS = _RAW_BYTES // 3 * 4  # the base64 length; any other string is not a token
-_VERIFIED_MAX = 4096
+# Verified tokens remembered: a few per instance incarnation (an SDK holds one token for its
+# TTL; a guest with more only costs itself a MAC each), for this many incarnations at most.
+_VERIFIED_PER_SUBJECT = 4
+_VERIFIED_SUBJECTS = 4096
 
 
 def parse_ttl(header: str | None) -> int:
@@ -47,7 +51,8 @@ class TokenIssuer:
     def __init__(self, clock: Clock, key: bytes | None = None) -> None:
         self._clock = clock
         self._key = key or secrets.token_bytes(32)
-        self._verified: dict[tuple[str, bytes], int] = {}
+        self._verified: dict[bytes, dict[str, int]] = {}  # subject -> token -> expiry
+        self.macs = 0  # MACs computed (mints and verifications the map did not answer)
 
     def __repr__(self) -> str:
         return "TokenIssuer(key=<hidden>)"
@@ -67,16 +72,28 @@ class TokenIssuer:
     def verify(self, token: str, subject: bytes) -> bool:
         """True when the token was minted for this subject by this daemon and is unexpired."""
         now = self._clock.now().timestamp()
-        expiry = self._verified.get((token, subject))
+        known = self._verified.get(subject)
+        expiry = known.get(token) if known is not None else None
         if expiry is not None:
             return now < expiry
         expiry = self._check(token, subject)
         if expiry is None:
             return False
-        if len(self._verified) >= _VERIFIED_MAX:
-            self._verified.clear()
-        self._verified[(token, subject)] = expiry
+        self._remember(known, token, subject, expiry)
         return now < expiry
+
+    def _remember(
+        self, known: dict[str, int] | None, token: str, subject: bytes, expiry: int
+    ) -> None:
+        """Bounded twice, oldest out first: per subject (a guest's flood evicts only its own
+        tokens) and in subjects (which only the inventory's churn adds, never a guest)."""
+        if known is None:
+            if len(self._verified) >= _VERIFIED_SUBJECTS:
+                del self._verified[next(iter(self._verified))]
+            known = self._verified[subject] = {}
+        elif len(known) >= _VERIFIED_PER_SUBJECT:
+            del known[next(iter(known))]
+        known[token] = expiry
 
     def _check(self, token: str, subject: bytes) -> int | None:
         if len(token) != _TOKEN_CHARS or not token.isascii():
@@ -100,6 +117,7 @@ class TokenIssuer:
         return int(expiry)
 
     def _hmac(self, subject: bytes, header: bytes) -> hmac.HMAC:
+        self.macs += 1
         h = hmac.HMAC(self._key, hashes.SHA256())
         h.update(subject + b"\0" + header)
         return h

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from datetime import timedelta
 
 import pytest
 
-from imdsd.tokens import TokenIssuer, parse_ttl, subject
+from imdsd.tokens import TOKEN_TTL_MAX_SECONDS, TokenIssuer, parse_ttl, subject
 from tests.fakes import FakeClock
 
 
@@ -69,12 +70,53 @@ def test_tampered_tokens_are_invalid(mangle) -> None:  # type: ignore[no-untyped
     assert not issuer.verify(mangle(token), subject("i-aaaaaaaa", 1))
 
 
-def test_verified_cache_is_bounded() -> None:
-    """Remembered verifications never grow without bound (a PUT/GET flood cannot eat memory)."""
+def flood(issuer: TokenIssuer, who: bytes, count: int) -> None:
+    """`count` distinct tokens (one per expiry second) minted for `who` and each verified once."""
+    for ttl in range(TOKEN_TTL_MAX_SECONDS - count + 1, TOKEN_TTL_MAX_SECONDS + 1):
+        assert issuer.verify(issuer.mint(who, ttl), who)
+
+
+def test_one_guests_flood_keeps_anothers_verification() -> None:
+    """The verified-token map is bounded per instance: after A verifies 5,000 distinct tokens
+    (more than the whole map held when it was shared), B's token still verifies with no MAC
+    computed, while A's own first token costs a MAC again (A's flood evicts only A's)."""
     issuer = TokenIssuer(FakeClock())
-    for i in range(5000):
-        assert issuer.verify(issuer.mint(subject(f"i-{i:08x}", 1), 60), subject(f"i-{i:08x}", 1))
-    assert len(issuer._verified) <= 4096
+    a, b = subject("i-aaaaaaaa", 1), subject("i-bbbbbbbb", 1)
+    kept, first = issuer.mint(b, 600), issuer.mint(a, 600)
+    assert issuer.verify(kept, b) and issuer.verify(first, a)
+    flood(issuer, a, 5000)
+    macs = issuer.macs
+    assert issuer.verify(kept, b) and issuer.macs == macs
+    assert issuer.verify(first, a) and issuer.macs == macs + 1
+
+
+def test_cached_verification_computes_no_mac() -> None:
+    """The hot path: a token verified once verifies again from memory, no MAC computed."""
+    issuer = TokenIssuer(FakeClock())
+    who = subject("i-aaaaaaaa", 1)
+    token = issuer.mint(who, 600)
+    assert issuer.verify(token, who)
+    macs = issuer.macs
+    assert all(issuer.verify(token, who) for _ in range(100)) and issuer.macs == macs
+
+
+def test_verified_cache_is_bounded() -> None:
+    """Remembered verifications never grow without bound (a PUT/GET flood cannot eat memory):
+    once 6,000 incarnations have verified 6 tokens each, 6,000 more with as many tokens grow
+    the live allocations by no more than noise."""
+    issuer = TokenIssuer(FakeClock())
+
+    def flood_all(start: int) -> int:
+        for i in range(start, start + 6000):
+            flood(issuer, subject(f"i-{i:08x}", 1), 6)
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        settled = flood_all(0)
+        assert flood_all(6000) - settled < 64 * 1024
+    finally:
+        tracemalloc.stop()
 
 
 def test_token_has_one_spelling() -> None:
