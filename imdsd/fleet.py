@@ -3,6 +3,10 @@
 Each becomes model values with EC2-like defaults; cross-checks (duplicate ids, an address two
 instances claim, an association to an unknown profile) are reported like every other problem.
 `instance_from()` is the same parser for the admin API's `instances add`.
+
+Only the config file may name a file of the host (`user_data_file`): it is root's to write.
+Every other source of instances (the admin API, the state file, etcd records) is refused that
+key, or whoever can write one could make the daemon read a key of the host and serve it to a VM.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any, get_args
 
 from imdsd.errors import ConfigError
@@ -84,16 +89,17 @@ def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> I
         section = Section(reader, options, "metadata_options")
         result: Instance | None = replace(current, options=options_in(section))
     else:
-        result = instance_in(Section(reader, data, "instance"))
+        result = instance_in(Section(reader, data, "instance"))  # no host files
     if reader.problems or result is None:
         raise ConfigError(reader.problems)
     return result
 
 
-def instance_in(t: Section) -> Instance | None:
-    """One [[instances]]-shaped table (also a state file record); None after problems."""
+def instance_in(t: Section, *, host_files: bool = False) -> Instance | None:
+    """One [[instances]]-shaped table (an admin call, a state file or etcd record); None after
+    problems. `user_data_file` is refused unless `host_files` (the config file's tables)."""
     t.reject_unknown(INSTANCE_KEYS)
-    return _instance(t)
+    return _instance(t, host_files=host_files)
 
 
 def options_in(t: Section) -> MetadataOptions:
@@ -118,7 +124,7 @@ def instances(entries: list[Section]) -> tuple[Instance, ...]:
     out: dict[str, Instance] = {}
     owner: dict[str, str] = {}
     for t in entries:
-        instance = _instance(t)
+        instance = _instance(t, host_files=True)  # the config file: root's to write
         if instance is None:
             continue
         if instance.id in out:
@@ -148,7 +154,7 @@ def _zone(region: str) -> tuple[Callable[[Any], str], str, str]:
     return zone_of(region), sys.intern(f"{region}a"), f'a zone of the region, like "{region}a"'
 
 
-def _instance(t: Section) -> Instance | None:
+def _instance(t: Section, *, host_files: bool) -> Instance | None:
     iid = t.require("id", _ID_OK, '"i-" followed by 8 or 17 lowercase hex digits')
     addresses = t.require(
         "addresses", address_list, "a non-empty list of IPv4 or IPv6 addresses, each at most once"
@@ -165,7 +171,7 @@ def _instance(t: Section) -> Instance | None:
         "account_id": t.take("account_id", _ACCOUNT_OK, None, "12 digits"),
     }
     options = _options(t.table("metadata_options", OPTION_KEYS))
-    fields["user_data"] = _user_data(t)
+    fields["user_data"] = _user_data(t, host_files=host_files)
     no_tags: tuple[tuple[str, str], ...] = ()
     fields["tags"] = t.take("tags", _tags, no_tags, TAGS_ALLOWED)
     if iid is None or addresses is None:
@@ -173,11 +179,17 @@ def _instance(t: Section) -> Instance | None:
     return _filled_instance(iid, addresses, region, options, fields)
 
 
-_USER_DATA = {  # key -> (converter, what is allowed)
+_USER_DATA = {  # key -> (converter, what is allowed); user_data_file is _read_regular's
     "user_data": (lambda v: v.encode() if isinstance(v, str) else _no(v), "a string"),
     "user_data_base64": (lambda v: base64.b64decode(v, validate=True), "base64 of the bytes"),
-    "user_data_file": (lambda v: _read(v), "a readable file"),  # _read is defined below
 }
+USER_DATA_KEYS = (*_USER_DATA, "user_data_file")
+USER_DATA_FILE_ALLOWED = (
+    f"a regular file of at most {USER_DATA_MAX_BYTES} bytes that imdsd can read"
+)
+HOST_FILE_REFUSED = (
+    "user_data or user_data_base64 (only the config file may name a file of the host)"
+)
 TAGS_ALLOWED = (
     "a table of tag keys (1-128 of letters, digits and + - = . _ : @; not . .. or _index, as EC2"
     " requires for tags in instance metadata) to string values of at most 256 characters"
@@ -185,18 +197,21 @@ TAGS_ALLOWED = (
 _TAG_KEY = re.compile(r"[A-Za-z0-9+=._:@-]{1,128}")
 
 
-def _user_data(t: Section) -> bytes | None:
+def _user_data(t: Section, *, host_files: bool) -> bytes | None:
     """At most one of user_data (text), user_data_base64, user_data_file; EC2's 16 KB limit."""
-    given = [key for key in _USER_DATA if key in t.data]
+    if "user_data_file" in t.data and not host_files:
+        t.problem("user_data_file", show(t.data["user_data_file"]), HOST_FILE_REFUSED)
+        return None
+    given = [key for key in USER_DATA_KEYS if key in t.data]
     if len(given) > 1:
         t.problem(given[1], "a second source of user data", f"only one ({given[0]} is set)")
         return None
     if not given:
         return None
+    if given[0] == "user_data_file":
+        return _user_data_file(t, t.data["user_data_file"])
     convert, allowed = _USER_DATA[given[0]]
-    data: bytes | None = t.take(
-        given[0], convert, None, allowed, secret=given[0] != "user_data_file"
-    )
+    data: bytes | None = t.take(given[0], convert, None, allowed, secret=True)
     if data is not None and len(data) > USER_DATA_MAX_BYTES:
         t.problem(
             given[0], f"{len(data)} bytes", f"at most {USER_DATA_MAX_BYTES} bytes (EC2's limit)"
@@ -205,11 +220,48 @@ def _user_data(t: Section) -> bytes | None:
     return data
 
 
-def _read(value: Any) -> bytes:
+def _user_data_file(t: Section, path: Any) -> bytes | None:
     try:
-        return Path(value).read_bytes() if isinstance(value, str) and value else _no(value)
-    except OSError:
-        raise ValueError(value) from None
+        return read_regular(path, USER_DATA_MAX_BYTES)
+    except ValueError as exc:
+        t.problem("user_data_file", f"{show(path)} ({exc})", USER_DATA_FILE_ALLOWED)
+        return None
+
+
+def read_regular(path: Any, limit: int) -> bytes:
+    """A regular file's bytes; ValueError (saying why) for anything else, or for more than
+    `limit` bytes. Opened without blocking (a FIFO does not wait for a writer) and checked
+    with fstat before a byte is read (a device or directory is never read), then read with a
+    cap (a file that grows is not read to its end)."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError("not a path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(exc.strerror or "cannot be opened") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
+            raise ValueError(f"{kind}, not a regular file")
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise ValueError(exc.strerror or "cannot be read") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes")
+    return data
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def _no(value: Any) -> bytes:
@@ -227,7 +279,8 @@ def _tags(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(value.items()))
 
 
-_TOKENS, _ENDPOINT = get_args(HttpTokens), get_args(HttpEndpoint)
+_TOKENS: tuple[HttpTokens, ...] = get_args(HttpTokens)
+_ENDPOINT: tuple[HttpEndpoint, ...] = get_args(HttpEndpoint)
 _TOKENS_OK, _ENDPOINT_OK, _HOPS_OK = choice(_TOKENS), choice(_ENDPOINT), int_in(1, 64)
 _TOKENS_ALLOWED, _ENDPOINT_ALLOWED = one_of(_TOKENS), one_of(_ENDPOINT)
 
@@ -286,7 +339,7 @@ PLACEMENT_KEYS = (
     "mac",
     "account_id",
 )
-INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options", "tags", *_USER_DATA)
+INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options", "tags", *USER_DATA_KEYS)
 
 
 def _derived_profile_id(account: str, name: str) -> str:

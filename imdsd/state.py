@@ -4,10 +4,11 @@ The config file stays the baseline; this file says what changed since: instances
 removed, metadata options modified, associations set or removed. Records use the config's
 own shapes ([[instances]] tables, metadata_options) and are validated on load by the config's
 own parsers: a hand-edited `hop_limit = 0` is refused with its key path, like a bad config,
-never handed to setsockopt. Every write is crash-safe: a temporary file is written and
-fsynced, renamed over the old one, and the directory fsynced, so a SIGKILL at any instant
-leaves either the old state or the new one. File and folder modes are set explicitly, so
-they do not depend on the umask. Never imports aiohttp.
+never handed to setsockopt; a `user_data_file` is refused the same way (the admin API never
+reads a host file, so neither may a record of what it did). Every write is crash-safe: a
+temporary file is written and fsynced, renamed over the old one, and the directory fsynced,
+so a SIGKILL at any instant leaves either the old state or the new one. File and folder modes
+are set explicitly, so they do not depend on the umask. Never imports aiohttp.
 """
 
 from __future__ import annotations

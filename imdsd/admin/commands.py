@@ -19,7 +19,7 @@ from imdsd.admin.client import DaemonUnavailable, Refused, call
 from imdsd.config import load
 from imdsd.errors import ConfigError
 from imdsd.fleet import OPTION_KEYS, PLACEMENT_KEYS
-from imdsd.model import HttpEndpoint, HttpTokens
+from imdsd.model import USER_DATA_MAX_BYTES, HttpEndpoint, HttpTokens
 
 EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 4
 DEFAULT_SOCKET = Path("/run/imdsd/admin.sock")
@@ -112,7 +112,11 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute one admin verb; print the result; map refusals to exit codes."""
     socket = _socket(args)
-    method, path, body, show = _route(args)
+    try:
+        method, path, body, show = _route(args)
+    except OSError as exc:  # --user-data-file: the caller's own file
+        print(f"imdsd: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         result = call(socket, method, path, body)
     except DaemonUnavailable as exc:
@@ -176,11 +180,18 @@ def instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
     options = _options(args)
     if options:
         body["metadata_options"] = options
-    if args.user_data_file is not None:  # read here: the daemon may not see the caller's files
-        body["user_data_base64"] = base64.b64encode(args.user_data_file.read_bytes()).decode()
+    if args.user_data_file is not None:  # read here: the daemon reads no file for an API call
+        body["user_data_base64"] = base64.b64encode(_user_data(args.user_data_file)).decode()
     if args.tag:
         body["tags"] = dict(tag.partition("=")[::2] for tag in args.tag)
     return body
+
+
+def _user_data(path: Path) -> bytes:
+    """At most one byte over EC2's limit (the daemon names the limit when it refuses): a
+    pipe (`<(make-user-data)`) is read to its end, /dev/zero is not read forever."""
+    with path.open("rb") as file:
+        return file.read(USER_DATA_MAX_BYTES + 1)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

@@ -92,10 +92,7 @@ def parse(layout: Layout, key: str, value: bytes) -> Record:
     if what == "profile":
         section.reject_unknown(PROFILE_KEYS)
         record = _named(section, "name", name, lambda: _profile(section))
-    elif what == "instance":
-        if "user_data_file" in data:  # a record must not make the host read (and serve) its files
-            allowed = "user_data or user_data_base64 (a fleet record names no host file)"
-            section.problem("user_data_file", json.dumps(data.pop("user_data_file")), allowed)
+    elif what == "instance":  # instance_in refuses user_data_file: no record names a host file
         record = _named(section, "id", name, lambda: fleet.instance_in(section))
     else:
         section.reject_unknown(("profile",))

@@ -40,7 +40,7 @@ def test_records_parse_like_the_config_tables() -> None:
         parse(LAYOUT, LAYOUT.instance(VM1),
               b'{"addresses": ["10.0.0.5"], "metadata_options": {"hop_limit": 0}}')  # fmt: skip
     with pytest.raises(
-        RecordError, match=r"user_data_file: got .*a fleet record names no host file"
+        RecordError, match=r"user_data_file: got .*only the config file may name a file of the host"
     ):
         parse(LAYOUT, LAYOUT.instance(VM1),
               b'{"addresses": ["10.0.0.5"], "user_data_file": "/var/lib/imdsd/vault.key"}')  # fmt: skip
