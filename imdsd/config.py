@@ -267,7 +267,7 @@ def _rotation(t: Section) -> RotationPolicy:
 
 
 def _backend(t: Section) -> BackendConfig:
-    kinds = get_args(BackendKind)
+    kinds: tuple[BackendKind, ...] = get_args(BackendKind)  # typed: choice() then checks
     kind: BackendKind = t.take("kind", choice(kinds), "local", one_of(kinds))
     lt = t.table("local", ("lifetime", "key"))
     d = LocalBackendConfig()
@@ -302,7 +302,8 @@ def _sts(t: Section, *, required: bool) -> StsBackendConfig:
         if required
         else t.take("region", matching(REGION), d.region, allowed)
     )
-    scopes, tags = get_args(SessionScope), get_args(SessionTag)
+    scopes: tuple[SessionScope, ...] = get_args(SessionScope)
+    tags: tuple[SessionTag, ...] = get_args(SessionTag)
     return StsBackendConfig(
         region=region or d.region,
         endpoint_url=t.take("endpoint_url", http_url, "", "an http:// or https:// URL"),
@@ -395,7 +396,8 @@ def _host(doc: Section) -> HostConfig:
 
 
 def _log(t: Section) -> LogConfig:
-    levels, formats = get_args(LogLevel), get_args(LogFormat)
+    levels: tuple[LogLevel, ...] = get_args(LogLevel)
+    formats: tuple[LogFormat, ...] = get_args(LogFormat)
     return LogConfig(
         level=t.take("level", choice(levels), "info", one_of(levels)),
         format=t.take("format", choice(formats), "auto", one_of(formats)),

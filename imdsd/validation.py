@@ -22,6 +22,7 @@ from imdsd.errors import Problem
 from imdsd.model import Role
 
 T = TypeVar("T")
+S = TypeVar("S", bound=str)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
@@ -176,8 +177,11 @@ def listed(names: Iterable[str], what: str) -> str:
     return f"one of the configured {what}: " + (", ".join(sorted(names)) or "(none configured)")
 
 
-def choice(choices: tuple[str, ...]) -> Callable[[Any], Any]:
-    def convert(value: Any) -> Any:
+def choice(choices: tuple[S, ...]) -> Callable[[Any], S]:
+    """One of `choices`; typed as theirs, so a tuple of a Literal's values gives that Literal:
+    `kinds: tuple[BackendKind, ...] = get_args(BackendKind)` (get_args alone gives Any)."""
+
+    def convert(value: Any) -> S:
         if value not in choices:
             raise ValueError(value)
         return choices[choices.index(value)]  # the one shared string, not the parser's copy
@@ -291,8 +295,8 @@ def http_url(value: Any) -> str:
     return value.rstrip("/") + "/"
 
 
-def choices_list(allowed: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
-    def convert(value: Any) -> tuple[Any, ...]:
+def choices_list(allowed: tuple[S, ...]) -> Callable[[Any], tuple[S, ...]]:
+    def convert(value: Any) -> tuple[S, ...]:
         if not isinstance(value, list) or not all(v in allowed for v in value):
             raise ValueError(value)
         return tuple(dict.fromkeys(value))

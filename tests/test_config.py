@@ -6,6 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from mypy import api as mypy
 
 from imdsd.config import load, parse
 from imdsd.errors import ConfigError
@@ -247,3 +248,23 @@ def test_bad_durations(value: object) -> None:
     """Anything else is refused."""
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+def test_choice_is_typed_as_its_choices(tmp_path: Path) -> None:
+    """choice() returns the type of the values it is given, so mypy --strict checks the
+    Literal field it fills: a converter of one Literal's values cannot fill another's."""
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(
+        "from typing import Literal, get_args\n"
+        "from imdsd.validation import choice\n"
+        'Color = Literal["red", "blue"]\n'
+        'Size = Literal["s", "m"]\n'
+        "colors: tuple[Color, ...] = get_args(Color)\n"
+        'color: Color = choice(colors)("red")\n'
+        'size: Size = choice(colors)("red")\n'
+    )
+    out, _, status = mypy.run(["--strict", "--cache-dir", str(tmp_path / "cache"), str(snippet)])
+    assert status == 1 and out.splitlines()[:1] == [
+        f"{snippet}:7: error: Incompatible types in assignment (expression has type "
+        "\"Literal['red', 'blue']\", variable has type \"Literal['s', 'm']\")  [assignment]"
+    ], out
