@@ -3,8 +3,11 @@
 Sessions, the IMDSv2 token key, and each instance's token subject (its incarnation) and launch
 time, so that after an upgrade or a SIGKILL the sessions that are still good are served at once
 with no upstream call, guests' tokens still verify, and pendingTime does not move (DESIGN
-invariant 8). The key lives apart from the data: its own 0600 file (generated on first use) or
-a systemd credential. A file that is tampered with, truncated or sealed under another key is
+invariant 8). The sessions are sealed with a digest of the configuration that issued them
+(`issuing()`): a start under another one (another backend, endpoint, region, issuer key, tags
+...) takes over the token key and incarnations but not the sessions, which are issued anew.
+The vault's key lives apart from the data: its own 0600 file (generated on first use) or a
+systemd credential. A file that is tampered with, truncated or sealed under another key is
 ignored with one warning and the start is cold. Nothing is written in clear: the temporary
 file of a write holds ciphertext only. It is re-sealed in a worker thread, never on the loop
 that serves the guests. Never imports aiohttp.
@@ -15,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from imdsd.clock import Clock
+from imdsd.config import BackendConfig
 from imdsd.files import write_atomically
 from imdsd.inventory import Inventory
 from imdsd.model import Session
@@ -40,6 +45,7 @@ FILE_NAME = "sessions.sealed"
 KEY_NAME = "vault.key"
 _AAD = b"imdsd vault 1"
 _NONCE = 12
+_TRANSPORT = ("timeout",)  # backend settings that do not change what a session is
 log = structlog.get_logger("imdsd.vault")
 
 
@@ -54,17 +60,20 @@ class Snapshot:
 
 
 class Vault:
-    """One sealed file in the state directory."""
+    """One sealed file in the state directory, for the sessions of one issuing configuration."""
 
-    def __init__(self, directory: Path, key: bytes) -> None:
+    def __init__(self, directory: Path, key: bytes, backend: BackendConfig) -> None:
         self.path = directory / FILE_NAME
         self._aead = AESGCM(key)
+        self._issuing = issuing(backend)
 
     def __repr__(self) -> str:
         return f"Vault({self.path}, key=<hidden>)"
 
     def load(self) -> Snapshot | None:
-        """The last snapshot, or None (absent; or unusable: one warning, a cold start)."""
+        """The last snapshot, or None (absent; or unusable: one warning, a cold start). Its
+        sessions are dropped (one line) unless they were issued under this configuration; a
+        vault sealed before sessions carried that digest counts as another configuration."""
         try:
             sealed = self.path.read_bytes()
         except FileNotFoundError:
@@ -73,18 +82,23 @@ class Vault:
             log.warning("vault unreadable; starting cold", path=str(self.path), error=exc.strerror)
             return None
         try:
-            plain = self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], _AAD)
-            return _snapshot(json.loads(plain))
+            plain = json.loads(self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], _AAD))
+            taken = _snapshot(plain)
         except (InvalidTag, ValueError, KeyError, TypeError):
             log.warning("vault tampered with, truncated or sealed under another key; starting"
                         " cold", path=str(self.path))  # fmt: skip
             return None
+        if plain.get("issuing") != self._issuing:
+            log.info("sessions sealed under another issuing configuration dropped; they are"
+                     " issued anew", dropped=len(taken.sessions))  # fmt: skip
+            taken.sessions = {}
+        return taken
 
     def save(self, snapshot: Snapshot) -> None:
         """Seal and replace atomically (write, fsync, rename); 0600 whatever the umask."""
         nonce = secrets.token_bytes(_NONCE)
-        sealed = nonce + self._aead.encrypt(nonce, json.dumps(_plain(snapshot)).encode(), _AAD)
-        write_atomically(self.path, sealed, 0o600)
+        plain = json.dumps({**_plain(snapshot), "issuing": self._issuing}).encode()
+        write_atomically(self.path, nonce + self._aead.encrypt(nonce, plain, _AAD), 0o600)
 
 
 def restore(taken: Snapshot, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
@@ -100,10 +114,16 @@ def restore(taken: Snapshot, inventory: Inventory, sessions: SessionCache, clock
 
 @asynccontextmanager
 async def sealing(
-    vault: Vault, inventory: Inventory, sessions: SessionCache, tokens: TokenIssuer
+    vault: Vault,
+    inventory: Inventory,
+    sessions: SessionCache,
+    tokens: TokenIssuer,
+    *,
+    every: float = VAULT_SECONDS,
 ) -> AsyncIterator[None]:
     """Keep the vault current: re-sealed in a worker thread when something changed (at most
-    every VAULT_SECONDS, so a SIGKILL loses at most that much), and once more at the end."""
+    `every` seconds, so a SIGKILL loses at most that much), and once more at the end, after
+    the worker's seal in progress (if any) has finished, so the last seal is the newest."""
 
     def snapshot() -> tuple[Snapshot, dict[str, Served]]:
         """What to seal, taken on the event loop: references only (Served is immutable)."""
@@ -120,13 +140,18 @@ async def sealing(
         except OSError as exc:  # a full disk costs the next restart its warmth, nothing more
             log.warning("vault not written", path=str(vault.path), error=exc.strerror)
 
+    worker: asyncio.Task[None] | None = None  # the latest seal in a thread
+
     async def keep() -> None:
+        nonlocal worker
         sealed = None
         while True:
-            await asyncio.sleep(VAULT_SECONDS)
+            await asyncio.sleep(every)
             mark = (inventory.version, sessions.version)
             if mark != sealed:
-                await asyncio.to_thread(seal, *snapshot())
+                # Shielded: cancelling this loop must not abandon a thread that is still writing
+                worker = asyncio.create_task(asyncio.to_thread(seal, *snapshot()))
+                await asyncio.shield(worker)
                 sealed = mark
 
     task = asyncio.create_task(keep(), name="vault")
@@ -136,6 +161,8 @@ async def sealing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if worker is not None:
+            await worker  # else its older snapshot could land after the last one
         seal(*snapshot())
 
 
@@ -152,6 +179,29 @@ def vault_key(path: Path) -> bytes:
     if len(raw) != 32:
         raise ValueError("the vault key must be 32 bytes")
     return raw
+
+
+def issuing(backend: BackendConfig) -> str:
+    """A digest of what makes a session what it is: the backend's kind and its own section
+    (endpoint, region, host profile, lifetime, scope, tags, source identity ...), the local
+    issuer's key by a digest of it only; not transport settings (timeout). A local issuer
+    with no key configured generates one at each start: "none configured" is then the same
+    configuration from one start to the next, as before the digest existed."""
+    section = backend.local if backend.kind == "local" else backend.sts
+    values: dict[str, Any] = {"kind": backend.kind}
+    for f in fields(section):
+        if f.name not in _TRANSPORT:
+            values[f.name] = getattr(section, f.name)
+    if isinstance(values.get("key"), bytes):
+        values["key"] = hashlib.sha256(b"imdsd local issuer key\0" + values["key"]).hexdigest()
+    canonical = json.dumps(values, sort_keys=True, default=_canonical)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    raise TypeError(f"no canonical form for {type(value).__name__}")
 
 
 def _plain(s: Snapshot) -> dict[str, Any]:

@@ -3,25 +3,34 @@ vault holds secrets sealed, never in clear): the warm-restart vault."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from structlog.testing import capture_logs
 
 from imdsd.backends.base import Backend
+from imdsd.config import BackendConfig, LocalBackendConfig, StsBackendConfig
 from imdsd.daemon import running
+from imdsd.imds import render
+from imdsd.inventory import Inventory
 from imdsd.model import Session
-from imdsd.vault import FILE_NAME, KEY_NAME, Snapshot, Vault, vault_key
+from imdsd.sessions import SessionCache
+from imdsd.tokens import TokenIssuer
+from imdsd.vault import FILE_NAME, KEY_NAME, Snapshot, Vault, issuing, sealing, vault_key
 from tests.fakes import START, FakeClock, FlakyBackend
 from tests.helpers import VM_A, VM_B, http, make_config, token_for
 
 SESSION = Session(access_key_id="ASIAEXAMPLEEXAMPLE00", secret_access_key="s" * 40,
                   token="t0ken-sealed-not-in-clear", issued_at=START, expiration=START + timedelta(hours=6))  # fmt: skip
+LOCAL = BackendConfig()
 SNAPSHOT = Snapshot(token_key=b"k" * 32, subjects={VM_A: b"i-0a\x00x"}, launched={VM_A: START},
                     sessions={VM_A: ("arn:aws:iam::111111111111:role/role-a", SESSION)})  # fmt: skip
 
@@ -29,7 +38,7 @@ SNAPSHOT = Snapshot(token_key=b"k" * 32, subjects={VM_A: b"i-0a\x00x"}, launched
 def test_round_trip_and_nothing_in_clear(tmp_path: Path) -> None:
     """What is saved loads back equal; the file holds no secret in any form, and the file and
     its key are 0600."""
-    vault = Vault(tmp_path, vault_key(tmp_path / KEY_NAME))
+    vault = Vault(tmp_path, vault_key(tmp_path / KEY_NAME), LOCAL)
     vault.save(SNAPSHOT)
     assert vault.load() == SNAPSHOT
     sealed = (tmp_path / FILE_NAME).read_bytes()
@@ -44,7 +53,7 @@ def test_round_trip_and_nothing_in_clear(tmp_path: Path) -> None:
 def test_damaged_vault_is_ignored_with_one_warning(tmp_path: Path, damage: str) -> None:
     """Tampered with, truncated, sealed under another key, or not a vault at all: load() gives
     None (a cold start) and says so once, without the file's contents."""
-    Vault(tmp_path, b"a" * 32).save(SNAPSHOT)
+    Vault(tmp_path, b"a" * 32, LOCAL).save(SNAPSHOT)
     path = tmp_path / FILE_NAME
     sealed = bytearray(path.read_bytes())
     if damage == "flip":
@@ -56,7 +65,7 @@ def test_damaged_vault_is_ignored_with_one_warning(tmp_path: Path, damage: str) 
     path.write_bytes(bytes(sealed))
     key = b"b" * 32 if damage == "other-key" else b"a" * 32
     with capture_logs() as logs:
-        assert Vault(tmp_path, key).load() is None
+        assert Vault(tmp_path, key, LOCAL).load() is None
     assert [e["event"] for e in logs] == [
         "vault tampered with, truncated or sealed under another key; starting cold"
     ]
@@ -150,3 +159,140 @@ async def test_warm_restart_can_be_turned_off(clock: FakeClock) -> None:
     async with running(config, clock):
         pass
     assert not (config.host.state_directory / FILE_NAME).exists()
+
+
+STS = BackendConfig(kind="sts")
+DROPPED = "sessions sealed under another issuing configuration dropped; they are issued anew"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (LOCAL, STS),
+        (LOCAL, replace(LOCAL, local=LocalBackendConfig(key=b"1" * 32))),
+        (LOCAL, replace(LOCAL, local=LocalBackendConfig(lifetime=timedelta(hours=1)))),
+        (STS, replace(STS, sts=StsBackendConfig(region="eu-west-1"))),
+        (STS, replace(STS, sts=StsBackendConfig(endpoint_url="https://sts.example.test"))),
+        (STS, replace(STS, sts=StsBackendConfig(profile="other-account"))),
+        (STS, replace(STS, sts=StsBackendConfig(duration=timedelta(hours=1)))),
+        (STS, replace(STS, sts=StsBackendConfig(session_scope="profile"))),
+        (STS, replace(STS, sts=StsBackendConfig(session_tags=("instance_id",)))),
+        (STS, replace(STS, sts=StsBackendConfig(source_identity="imdsd"))),
+    ],
+)
+def test_issuing_digest_names_what_makes_a_session(
+    before: BackendConfig, after: BackendConfig
+) -> None:
+    """Another backend, issuer key, lifetime, endpoint, region, host profile, duration, scope,
+    session tags or source identity is another issuing configuration."""
+    assert issuing(before) != issuing(after)
+
+
+def test_issuing_digest_ignores_what_does_not_make_a_session() -> None:
+    """The same configuration gives the same digest (for a local issuer with no key too: it
+    has none to tell apart); the sts timeout, or the sts section of a local backend, does not
+    change it; another local key does, and the digest shows no form of either key."""
+    one, two = b"1" * 32, b"2" * 32
+    assert issuing(BackendConfig()) == issuing(LOCAL)
+    assert issuing(replace(STS, sts=StsBackendConfig(timeout=timedelta(seconds=3)))) == issuing(STS)
+    assert issuing(replace(LOCAL, sts=StsBackendConfig(region="eu-west-1"))) == issuing(LOCAL)
+    keyed = [issuing(replace(LOCAL, local=LocalBackendConfig(key=k))) for k in (one, two)]
+    assert keyed[0] != keyed[1]
+    for digest, key in zip(keyed, (one, two), strict=True):
+        assert key.hex() not in digest and base64.b64encode(key).decode() not in digest
+
+
+def test_sessions_of_another_issuing_configuration_are_dropped(tmp_path: Path) -> None:
+    """A vault sealed under another issuing configuration gives its token key, incarnations
+    and launch times but no session, and says so in one info line with the count."""
+    Vault(tmp_path, b"a" * 32, LOCAL).save(SNAPSHOT)
+    with capture_logs() as logs:
+        taken = Vault(tmp_path, b"a" * 32, STS).load()
+    assert taken == replace(SNAPSHOT, sessions={})
+    assert [(e["event"], e["log_level"], e["dropped"]) for e in logs] == [(DROPPED, "info", 1)]
+
+
+def test_a_vault_sealed_before_the_digest_drops_its_sessions(tmp_path: Path) -> None:
+    """A vault written before sessions carried the digest of their issuing configuration
+    cannot tell which one issued them: its sessions are dropped (issued anew), the rest kept."""
+    key = b"a" * 32
+    Vault(tmp_path, key, LOCAL).save(SNAPSHOT)
+    path, aead = tmp_path / FILE_NAME, AESGCM(key)
+    sealed = path.read_bytes()
+    plain = json.loads(aead.decrypt(sealed[:12], sealed[12:], b"imdsd vault 1"))
+    del plain["issuing"]
+    path.write_bytes(sealed[:12] + aead.encrypt(sealed[:12], json.dumps(plain).encode(),
+                                                b"imdsd vault 1"))  # fmt: skip
+    with capture_logs() as logs:
+        assert Vault(tmp_path, key, LOCAL).load() == replace(SNAPSHOT, sessions={})
+    assert [e["event"] for e in logs] == [DROPPED]
+
+
+async def test_restart_under_another_issuer_key_issues_sessions_anew(clock: FakeClock) -> None:
+    """A restart on the same state with another local issuer key serves none of the sessions
+    the previous key issued: A and B get new ones from the new issuer at start, while guests'
+    tokens (not the issuer's) still verify."""
+    config = make_config()
+    keyed = replace(
+        config, backend=replace(config.backend, local=LocalBackendConfig(key=b"1" * 32))
+    )
+    calls, counted = counting()
+    creds = "/latest/meta-data/iam/security-credentials/role-b"
+    async with running(config, clock, wrap_backend=counted) as daemon:
+        token = await token_for(daemon.urls[0], "127.0.0.3")
+        before = json.loads((await http(daemon.urls[0], creds, source="127.0.0.3",
+                                        headers={"X-aws-ec2-metadata-token": token})).body)  # fmt: skip
+    async with running(keyed, clock, wrap_backend=counted) as daemon:
+        after = await http(daemon.urls[0], creds, source="127.0.0.3",
+                           headers={"X-aws-ec2-metadata-token": token})  # fmt: skip
+        assert sorted(calls[-1].names) == sorted([VM_A, VM_B])
+        assert after.status == 200
+        assert json.loads(after.body)["AccessKeyId"] != before["AccessKeyId"]
+    async with running(keyed, clock, wrap_backend=counted) as daemon:
+        assert calls[-1].calls == 0  # the same configuration again: warm
+
+
+class SlowVault(Vault):
+    """A vault whose seals in a worker thread wait for `release` before writing: a seal still
+    running when the shutdown seal starts, which a real disk gives only by chance."""
+
+    def __init__(self, directory: Path, key: bytes) -> None:
+        super().__init__(directory, key, LOCAL)
+        self.waiting, self.release, self.written = (threading.Event() for _ in range(3))
+
+    def save(self, snapshot: Snapshot) -> None:
+        if threading.current_thread() is threading.main_thread():
+            super().save(snapshot)
+            return
+        self.waiting.set()
+        self.release.wait(10)
+        super().save(snapshot)
+        self.written.set()
+
+
+async def test_shutdown_seal_waits_for_a_seal_in_progress(tmp_path: Path, clock: FakeClock) -> None:
+    """The last seal at shutdown starts only once a worker thread's seal still in progress has
+    finished, so the vault left behind loads and holds the newest state, not the worker's
+    older snapshot (here: a session dropped after the worker took its snapshot stays gone)."""
+    config = make_config()
+    inventory = Inventory(config.instances, config.profiles, config.associations, clock)
+    sessions = SessionCache(render.credentials, render.failure, render.read_credentials)
+    for vm in (VM_A, VM_B):
+        association = inventory.association(vm)
+        assert association is not None
+        sessions.store(vm, SESSION, association.profile.role)
+    vault = SlowVault(tmp_path, b"a" * 32)
+
+    async def release_later() -> None:  # a shutdown that waits for the worker lets this run
+        await asyncio.sleep(0.3)
+        vault.release.set()
+
+    async with sealing(vault, inventory, sessions, TokenIssuer(clock), every=0.01):
+        assert await asyncio.to_thread(vault.waiting.wait, 10)
+        sessions.drop(VM_B)
+        releaser = asyncio.create_task(release_later())
+    vault.release.set()  # a shutdown that did not wait: the worker writes only now
+    assert await asyncio.to_thread(vault.written.wait, 10)
+    await releaser
+    taken = Vault(tmp_path, b"a" * 32, LOCAL).load()
+    assert taken is not None and sorted(taken.sessions) == [VM_A]
