@@ -17,7 +17,7 @@ import random
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
@@ -211,6 +211,15 @@ class Ledger:
         account.last_throttled = now
         wait = (1.0 - tokens) / budget.requests_per_second
         return min(THROTTLE_WAIT_MAX, max(THROTTLE_WAIT_MIN, wait)) * (1.0 + self._jitter())
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop the accounts of instances that left the inventory (a later instance reusing
+        the address starts with a full budget). One with a connection still open stays until
+        it closes; summaries() collects it then."""
+        for key in keys:
+            account = self._accounts.get(key)
+            if account is not None and account.connections == 0:
+                del self._accounts[key]
 
     def note(self, key: str, incident: Incident) -> None:
         """Count a guest-caused incident for the next summary."""

@@ -77,11 +77,21 @@ class Daemon:
     rotator: Rotator
     api: MetadataApi
 
-    async def sync(self, instance_ids: set[str]) -> None:
-        """Bring these instances' sessions in line with their associations, now; the trees of
-        instances that are gone are dropped (nothing of a removed instance stays behind)."""
-        self.api.trees.forget(i for i in instance_ids if self.inventory.instance(i) is None)
-        await asyncio.gather(*(self.rotator.follow(i) for i in instance_ids))
+    def apply(self, instance_ids: set[str]) -> None:
+        """Follow an inventory change that has just taken effect, at once (invariant 9): what
+        belonged to instances that left (tree, budget account, session) is dropped; new or
+        replaced associations are due for a session now, issued behind this call. Nothing here
+        waits: the next guest request already sees the change."""
+        gone = [i for i in instance_ids if self.inventory.instance(i) is None]
+        self.api.trees.forget(gone)
+        self.api.ledger.forget(gone)
+        for instance_id in instance_ids:
+            self.rotator.follow(instance_id)
+
+    async def settled(self, instance_ids: set[str]) -> None:
+        """Wait until these instances' sessions are issued or have failed (the admin verbs
+        that promise a session on return); the change itself was applied before."""
+        await asyncio.gather(*(self.rotator.settle(i) for i in instance_ids))
 
 
 @asynccontextmanager
@@ -126,7 +136,7 @@ async def running(
             metrics_urls = _serving(make_metrics_app(metrics, ready), (config.host.metrics,))
             metrics_url = (await stack.enter_async_context(metrics_urls))[0]
         rotator = Rotator(backend, inventory, sessions, config.rotation, clock)
-        stack.callback(rotator.shutdown)
+        stack.push_async_callback(rotator.aclose)
         if vault:
             await stack.enter_async_context(sealing(vault, inventory, sessions, tokens))
         ledger = Ledger(config.budgets, connection_ceiling())
@@ -152,9 +162,9 @@ async def running(
                         inventory=inventory, sessions=sessions, rotator=rotator,
                         api=api)  # fmt: skip
         source = fleet.status if fleet else lambda: {"source": "file"}
-        admin = make_admin_app(inventory, sessions, clock, ledger, sync=daemon.sync,
-                               rotate=rotator.refresh, due=rotator.due, info=info,
-                               source=source)  # fmt: skip
+        admin = make_admin_app(inventory, sessions, clock, ledger, apply=daemon.apply,
+                               settled=daemon.settled, rotate=rotator.refresh, due=rotator.due,
+                               info=info, source=source)  # fmt: skip
         await stack.enter_async_context(_unix_site(admin, config.host.admin_socket))
         log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
         # Invariant 8: the backend opens only now (the sts backend resolves the host's
@@ -163,7 +173,7 @@ async def running(
         opened = await backend_stack.enter_async_context(opener_(config.backend, clock))
         deferred.open(wrap_backend(opened) if wrap_backend else opened)
         if fleet:  # after the listeners: etcd is a dependency like the upstream (invariant 8)
-            await stack.enter_async_context(fleet.following(inventory, daemon.sync))
+            await stack.enter_async_context(fleet.following(inventory, daemon.apply))
         ready.set()  # /readyz: serving (an association without a session gets EC2's failure doc)
         # Invariant 8: nothing above awaited the upstream. Priming now fills the sessions, up
         # to the start-up deadline; what is still waiting then carries on in the background.
@@ -177,7 +187,7 @@ def _vault(config: Config) -> Vault | None:
         return None
     path = config.host.vault_key or config.host.state_directory / VAULT_KEY
     try:
-        return Vault(config.host.state_directory, vault_key(path))
+        return Vault(config.host.state_directory, vault_key(path), config.backend)
     except ValueError:
         allowed = "32 random bytes, or their base64 (generated when the file does not exist)"
         raise ConfigError([Problem("state.key_file", str(path), allowed)]) from None
@@ -240,36 +250,63 @@ async def serve(
 ) -> None:
     """Run until SIGTERM or SIGINT (in-flight requests get a grace period, then exit 0);
     SIGHUP reloads `config_path` (through `adjust`, the command line's overrides), refusing a
-    bad file and keeping the running config."""
-    stop, reload = asyncio.Event(), asyncio.Event()
+    bad file and keeping the running config. A stop during start-up (etcd's first load, the
+    backend opening, priming) ends start-up at once and shuts down the same way."""
+    stop, reload, started = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    starting = asyncio.current_task()
+
+    def on_stop() -> None:
+        if starting is not None and not stop.is_set() and not started.is_set():
+            starting.cancel()  # what start-up awaits is abandoned; the exit stack unwinds
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     loop.set_exception_handler(LoopErrors())
-    async with running(config, clock) as daemon:
-        systemd.notify("READY=1", f"STATUS=serving {len(daemon.inventory.instances())} instances")
-        log.info(
-            "ready",
-            listening=list(daemon.urls),
-            admin_socket=str(daemon.admin_socket),
-            instances=len(daemon.inventory.instances()),
-            associations=len(daemon.inventory.associations()),
-            backend=config.backend.kind,
-            curl=_curl_hint(daemon.urls[0]),
-        )
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_summaries(daemon.api.ledger, stop), name="guest summaries")
-            interval = systemd.watchdog_interval()
-            if interval:
-                tasks.create_task(_watchdog(interval, stop), name="watchdog")
-            while not stop.is_set():
-                await _first(stop, reload)
-                if reload.is_set() and not stop.is_set():
-                    reload.clear()
-                    config = await _reload(daemon, config, config_path, adjust)
-        systemd.notify("STOPPING=1")
-        log.info("stopping")
+    try:
+        async with running(config, clock) as daemon:
+            started.set()
+            await _serving_until(stop, reload, daemon, config, config_path, adjust)
+            systemd.notify("STOPPING=1")
+            log.info("stopping")
+    except asyncio.CancelledError:
+        if not stop.is_set() or started.is_set() or starting is None:
+            raise
+        starting.uncancel()
+        log.info("stopped during start-up")
+
+
+async def _serving_until(
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    daemon: Daemon,
+    config: Config,
+    config_path: Path | None,
+    adjust: Callable[[Config], Config],
+) -> None:
+    """READY, then serve: reload on SIGHUP until stopped."""
+    systemd.notify("READY=1", f"STATUS=serving {len(daemon.inventory.instances())} instances")
+    log.info(
+        "ready",
+        listening=list(daemon.urls),
+        admin_socket=str(daemon.admin_socket),
+        instances=len(daemon.inventory.instances()),
+        associations=len(daemon.inventory.associations()),
+        backend=config.backend.kind,
+        curl=_curl_hint(daemon.urls[0]),
+    )
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(_summaries(daemon.api.ledger, stop), name="guest summaries")
+        interval = systemd.watchdog_interval()
+        if interval:
+            tasks.create_task(_watchdog(interval, stop), name="watchdog")
+        while not stop.is_set():
+            await _first(stop, reload)
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                config = await _reload(daemon, config, config_path, adjust)
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -311,8 +348,8 @@ async def _reload(
     if path is None:
         return current
     systemd.reloading()
-    try:
-        return await _apply(daemon, current, adjust(load(path)))
+    try:  # reading and validating the file (user data included) is off the guest loop
+        return _apply(daemon, current, adjust(await asyncio.to_thread(load, path)))
     except ConfigError as exc:
         log.error("reload refused: the config is invalid; keeping the running one",
                   problems=[str(p) for p in exc.problems])  # fmt: skip
@@ -324,7 +361,7 @@ async def _reload(
     return current
 
 
-async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
+def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
     changed: set[str] = set()
     if not daemon.inventory.managed_by:  # an etcd-sourced inventory follows etcd, not the file
         changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
@@ -332,7 +369,7 @@ async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
     if new.log != current.log:
         configure_logging(new.log.level, new.log.format)
         daemon.api.log_requests = new.log.level == "debug"
-    await daemon.sync(changed)
+    daemon.apply(changed)
     restart_only = [
         k
         for k in ("imds", "rotation", "backend", "host", "identity", "inventory")

@@ -245,7 +245,8 @@ class Inventory:
         return self._rebuild()
 
     def _rebuild(self) -> set[str]:
-        """Recompute the effective view; returns the ids whose association changed or went."""
+        """Recompute the effective view; returns the ids whose association changed or went,
+        and those that left the inventory (what was kept for them must go too)."""
         self.version += 1
         self._profiles = {p.name: p for p in self._baseline.profiles}
         instances = self._effective_instances()
@@ -261,7 +262,8 @@ class Inventory:
         associations = self._effective_associations(instances, now)
         gone = set(self._associations) | set(self._instances)
         changed = {iid for iid in gone | set(associations)
-                   if self._associations.get(iid) is not associations.get(iid)}  # fmt: skip
+                   if self._associations.get(iid) is not associations.get(iid)
+                   or iid not in instances}  # fmt: skip
         self._instances, self._by_address, self._associations = instances, by_address, associations
         return changed
 

@@ -16,6 +16,7 @@ import functools
 import heapq
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -70,6 +71,15 @@ def too_short(session: Session, policy: RotationPolicy) -> bool:
     return session.expiration - policy.min_remaining < session.issued_at + lifetime / 8
 
 
+def _expired_answer(session: Session) -> BackendError:
+    lifetime = round((session.expiration - session.issued_at).total_seconds())
+    return BackendError(
+        "InvalidCredentials",
+        "The credential issuer returned credentials that have already expired; retrying.",
+        detail=f"issued with {lifetime} s of lifetime, expiring {session.expiration.isoformat()}",
+    )
+
+
 def retry_after(attempt: int, policy: RotationPolicy, u: float) -> timedelta:
     """Exponential backoff with equal jitter: half the capped step, plus up to another half."""
     step = min(policy.retry_max, policy.retry_initial * (1 << min(attempt, 20)))
@@ -106,7 +116,10 @@ class Rotator:
         self._wake_at: datetime | None = None  # when the APScheduler job is set to run
         self._priming: asyncio.Future[list[None]] | None = None
         self._attempts: dict[str, int] = {}
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        # key -> (the association it issues for, the task): single-flight per association, so
+        # a replaced association's successor never waits on (or inherits) its refresh.
+        self._inflight: dict[str, tuple[Association, asyncio.Task[None]]] = {}
+        self._started = False
         self._shares: dict[str, float] = {}  # a cold start's wave: key -> its first-refresh share
 
     async def prime(self, deadline: float | None = None) -> bool:
@@ -119,7 +132,11 @@ class Rotator:
         for association in self._inventory.associations():
             key = association.instance_id
             served = self._sessions.current(key, now)
-            if served is not None and served.expiration - now > self._policy.min_remaining:
+            if (
+                served is not None
+                and served.role_arn == association.profile.role.arn
+                and served.expiration - now > self._policy.min_remaining
+            ):
                 # taken over from the previous process (warm restart): no upstream call now
                 self._schedule(key, refresh_at(served.session, self._policy, self._rng.random()))
             else:
@@ -157,16 +174,21 @@ class Rotator:
 
     def start(self) -> None:
         """Start APScheduler (needs a running loop) with its job set at the earliest due time."""
+        self._started = True
         self._scheduler.start()
         self._arm_head()
 
-    def shutdown(self) -> None:
+    async def aclose(self) -> None:
+        """Stop: no more wake-ups; priming and every issuer call in flight are cancelled and
+        awaited, so nothing is left running (or unretrieved) when the backend closes."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        tasks: list[asyncio.Future[Any]] = [task for _, task in self._inflight.values()]
         if self._priming is not None:
-            self._priming.cancel()
-        for task in list(self._inflight.values()):
+            tasks.append(self._priming)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def due(self, key: str) -> datetime | None:
         """When the association's next refresh (or retry) is due, on the injected clock."""
@@ -194,12 +216,27 @@ class Rotator:
         self._arm_head()
         return [self._launch(k) for k in keys]
 
-    async def follow(self, key: str) -> None:
-        """Bring one instance's session in line with its association, now: a new association
-        gets its session before this returns; a removed one loses its session and job."""
-        if self._inventory.association(key) is None:
-            self._forget(key)
-        else:
+    def follow(self, key: str) -> None:
+        """Bring one instance's rotation in line with its association, at once and without
+        waiting on anything (invariant 9): a removed association loses its session, failure and
+        schedule; a new or replaced one starts afresh (no failure, attempts or session of its
+        predecessor carried over) with its refresh due now, run behind this call. Before
+        start(), priming picks it up instead."""
+        association = self._inventory.association(key)
+        self._forget(key, keep_session=association is not None)
+        if association is not None and self._started:
+            self._schedule(key, self._clock.now())
+
+    async def settle(self, key: str) -> None:
+        """Wait until the association's current refresh (started now if due) has finished:
+        issued or failed. For the admin verbs that promise a session on return."""
+        flight = self._inflight.get(key)
+        association = self._inventory.association(key)
+        if association is None:
+            return
+        if flight is not None and flight[0] is association and not flight[1].done():
+            await asyncio.shield(flight[1])
+        elif self._sessions.failure(key) is None and not self._served_for(key, association):
             await self.refresh(key)
 
     async def refresh(self, key: str) -> None:
@@ -207,43 +244,53 @@ class Rotator:
         await asyncio.shield(self._launch(key))
 
     def _launch(self, key: str) -> asyncio.Task[None]:
-        """The association's refresh in flight, started if there is none."""
-        task = self._inflight.get(key)
+        """The current association's refresh in flight, started if there is none."""
+        association = self._inventory.association(key)
+        flight = self._inflight.get(key)
         # A finished task lingers until its done-callback runs: it must not absorb a new refresh.
-        if task is None or task.done():
-            task = asyncio.create_task(self._refresh(key), name=f"refresh {key}")
-            self._inflight[key] = task
+        if flight is not None and flight[0] is association and not flight[1].done():
+            return flight[1]
+        task = asyncio.create_task(self._refresh(key, association), name=f"refresh {key}")
+        if association is not None:
+            self._inflight[key] = (association, task)
             task.add_done_callback(functools.partial(self._settled, key))
         return task
 
     def _settled(self, key: str, task: asyncio.Task[None]) -> None:
         """Forget a finished refresh, but only if it is still the one on record: a successor
         started after it finished must stay single-flight."""
-        if self._inflight.get(key) is task:
+        flight = self._inflight.get(key)
+        if flight is not None and flight[1] is task:
             del self._inflight[key]
 
-    async def _refresh(self, key: str) -> None:
-        association = self._inventory.association(key)
-        while association is not None:
-            try:
-                async with self._limit:
-                    await self._rate.acquire()
-                    session = await self._backend.issue(association.profile, session_name=key)
-            except BackendError as exc:
-                if exc.throttling:
-                    self._rate.throttled()
-                return self._failed(key, association, exc)
-            except Exception as exc:  # any other backend fault: keep serving, retry later
-                log.error("issuer bug", instance=key, error=exc.__class__.__name__)
-                internal = BackendError("InternalError", "The credential issuer failed; retrying.")
-                return self._failed(key, association, internal)
-            current = self._inventory.association(key)
-            if current is association:
-                return self._stored(key, association, session)
-            association = current  # replaced while we waited: issue for the new profile
-        self._forget(key)
+    def _served_for(self, key: str, association: Association) -> bool:
+        served = self._sessions.current(key, self._clock.now())
+        return served is not None and served.role_arn == association.profile.role.arn
+
+    async def _refresh(self, key: str, association: Association | None) -> None:
+        if association is None:
+            return self._forget(key)
+        try:
+            async with self._limit:
+                await self._rate.acquire()
+                session = await self._backend.issue(association.profile, session_name=key)
+        except BackendError as exc:
+            if exc.throttling:
+                self._rate.throttled()
+            return self._failed(key, association, exc)
+        except Exception as exc:  # any other backend fault: keep serving, retry later
+            log.error("issuer bug", instance=key, error=exc.__class__.__name__)
+            internal = BackendError("InternalError", "The credential issuer failed; retrying.")
+            return self._failed(key, association, internal)
+        if session.expiration <= max(session.issued_at, self._clock.now()):
+            # Already expired (or granted nothing): serving it is impossible and re-issuing
+            # at once would loop at max_rate. A failed attempt, with backoff.
+            return self._failed(key, association, _expired_answer(session))
+        self._stored(key, association, session)
 
     def _stored(self, key: str, association: Association, session: Session) -> None:
+        if self._inventory.association(key) is not association:
+            return  # replaced or removed while the issuer worked: follow() saw to its successor
         self._sessions.store(key, session, association.profile.role)
         self._attempts.pop(key, None)
         share = self._shares.pop(key, None)
@@ -272,6 +319,8 @@ class Rotator:
         )
 
     def _failed(self, key: str, association: Association, exc: BackendError) -> None:
+        if self._inventory.association(key) is not association:
+            return  # the old association's failure is not its successor's (nor a removed one's)
         attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
         now = self._clock.now()
@@ -295,8 +344,13 @@ class Rotator:
             serving_until=served.expiration.isoformat() if served else None,
         )
 
-    def _forget(self, key: str) -> None:
-        self._sessions.drop(key)
+    def _forget(self, key: str, *, keep_session: bool = False) -> None:
+        """Drop what belongs to the key's association: its session (unless a successor may
+        serve it until replaced: answers check the role), failure, schedule and attempts."""
+        if keep_session:
+            self._sessions.clear_failure(key)
+        else:
+            self._sessions.drop(key)
         self._due.pop(key, None)  # its heap entry is stale now and falls out when reached
         self._attempts.pop(key, None)
         self._shares.pop(key, None)

@@ -129,6 +129,10 @@ class SessionCache:
     def failure(self, key: str) -> Failure | None:
         return self._failures.get(key)
 
+    def clear_failure(self, key: str) -> None:
+        """Forget the last failure (it was the previous association's, not the new one's)."""
+        self._failures.pop(key, None)
+
     def drop(self, key: str) -> None:
         """Forget an association's session and failure (disassociated or removed)."""
         self._served.pop(key, None)

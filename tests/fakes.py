@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from aiohttp import web
+
 from imdsd.backends.base import Backend
 from imdsd.errors import BackendError
 from imdsd.model import InstanceProfile, Session
@@ -58,3 +60,40 @@ class FlakyBackend:
             return await self.inner.issue(profile, session_name=session_name)
         finally:
             self.in_flight -= 1
+
+
+class StalledUpstream:
+    """A real HTTP server that accepts every request and never answers it (an STS endpoint
+    hung behind a load balancer): each call costs the caller its whole timeout."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.calls = 0
+        self._released = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._hang)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/"
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        await self._released.wait()
+        return web.Response(status=503)
+
+    async def close(self) -> None:
+        self._released.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def sts_backend(endpoint: str, *, timeout: str = "10s") -> str:
+    """The [backend] tables of an sts daemon whose upstream is `endpoint`."""
+    return (
+        f'[backend]\nkind = "sts"\n[backend.sts]\nregion = "us-east-1"\n'
+        f'endpoint_url = "{endpoint}"\ntimeout = "{timeout}"\n'
+    )

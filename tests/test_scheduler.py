@@ -251,7 +251,9 @@ async def test_refresh_right_after_another_is_not_swallowed() -> None:
     first = rig.key_id()
     finished = asyncio.get_running_loop().create_future()
     finished.set_result(None)
-    rig.rotator._inflight[VM_A] = finished  # type: ignore[assignment]  # the lingering window
+    association = rig.inventory.association(VM_A)
+    assert association is not None
+    rig.rotator._inflight[VM_A] = (association, finished)  # type: ignore[assignment]  # lingering
     await rig.rotator.refresh(VM_A)
     assert rig.key_id() != first and rig.backend.calls == 2
 
@@ -274,26 +276,72 @@ async def test_follow_replaced_and_removed_association() -> None:
     rig = Rig()
     await rig.rotator.prime()
     rig.inventory.replace_association(VM_A, "profile-b")
-    await rig.rotator.follow(VM_A)
+    rig.rotator.follow(VM_A)
+    await rig.rotator.settle(VM_A)
     entry = rig.sessions.get(VM_A)
     assert entry is not None and entry.role_arn != ROLE_A
     rig.inventory.disassociate(VM_A)
-    await rig.rotator.follow(VM_A)
+    rig.rotator.follow(VM_A)
     assert rig.sessions.get(VM_A) is None and rig.rotator.due(VM_A) is None
 
 
-async def test_replaced_while_issuing_gets_new_role() -> None:
-    """A profile replaced during an issuer call ends with the new role's session, not the old."""
+async def test_replaced_while_issuing_gets_new_role_at_once() -> None:
+    """A profile replaced during the old role's issuer call: the new role's session is issued
+    at once, beside the hanging call (single-flight per association, not per instance), and
+    the old call's answer, when it comes, is never stored over it."""
     rig = Rig()
     rig.backend.gate = asyncio.Event()
-    task = asyncio.create_task(rig.rotator.refresh(VM_A))
+    old = asyncio.create_task(rig.rotator.refresh(VM_A))
     while rig.backend.in_flight == 0:
         await asyncio.sleep(0)
     rig.inventory.replace_association(VM_A, "profile-b")
+    rig.rotator.follow(VM_A)
+    new = asyncio.create_task(rig.rotator.settle(VM_A))
+    while rig.backend.in_flight < 2:
+        await asyncio.sleep(0)
     rig.backend.gate.set()
-    await task
+    await asyncio.gather(old, new)
     entry = rig.sessions.get(VM_A)
     assert entry is not None and entry.role_arn.endswith("role-b") and rig.backend.calls == 2
+
+
+async def test_old_roles_failure_never_shows_at_the_new_roles_path() -> None:
+    """Replace-association while the old role's refreshes fail: the old failure is cleared,
+    the new role gets its own attempt count, and a failure of the old role's call arriving
+    after the replacement is not recorded against the new association."""
+    rig = Rig()
+    rig.backend.failing = BackendError("AccessDenied", "old role refused", retryable=False)
+    await rig.rotator.prime()
+    assert rig.sessions.failure(VM_A) is not None
+    rig.backend.gate = asyncio.Event()
+    old = asyncio.create_task(rig.rotator.refresh(VM_A))  # the old role's retry, in flight
+    while rig.backend.in_flight == 0:
+        await asyncio.sleep(0)
+    rig.inventory.replace_association(VM_A, "profile-b")
+    rig.rotator.follow(VM_A)
+    assert rig.sessions.failure(VM_A) is None and rig.rotator._attempts.get(VM_A) is None
+    rig.backend.gate.set()
+    await old  # fails, for the old association: dropped
+    assert rig.sessions.failure(VM_A) is None
+    rig.backend.failing = None
+    await rig.rotator.settle(VM_A)
+    entry = rig.sessions.get(VM_A)
+    assert entry is not None and entry.role_arn.endswith("role-b")
+
+
+async def test_an_already_expired_answer_is_a_failure_with_backoff() -> None:
+    """An upstream answer whose session has already expired (or grants nothing) is a failed
+    issue retried with backoff, never stored and never re-issued in a loop."""
+    rig = Rig(lifetime=timedelta(0))
+    await rig.rotator.prime()
+    failure = rig.sessions.failure(VM_A)
+    assert failure is not None and failure.code == "InvalidCredentials"
+    assert rig.sessions.get(VM_A) is None
+    due = rig.rotator.due(VM_A)
+    assert due is not None and due - rig.clock.now() >= DEFAULT.retry_initial / 2
+    calls = rig.backend.calls
+    await rig.rotator.run_due()
+    assert rig.backend.calls == calls  # nothing is due before the backoff
 
 
 async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
@@ -318,14 +366,14 @@ async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
 
         assert abs(job_at() - wall(dues[first])) < timedelta(seconds=5)
         rig.inventory.disassociate(first)
-        await rig.rotator.follow(first)
+        rig.rotator.follow(first)
         await rig.rotator.run_due()  # what the job does when it wakes: nothing due yet
         assert abs(job_at() - wall(dues[second])) < timedelta(seconds=5)
         soon = rig.clock.now() + M
         rig.rotator._schedule(second, soon)
         assert abs(job_at() - wall(soon)) < timedelta(seconds=5)
     finally:
-        rig.rotator.shutdown()
+        await rig.rotator.aclose()
 
 
 async def test_apscheduler_runs_a_due_job() -> None:
@@ -342,7 +390,7 @@ async def test_apscheduler_runs_a_due_job() -> None:
             await asyncio.sleep(0.01)
         assert rig.key_id() != first
     finally:
-        rig.rotator.shutdown()
+        await rig.rotator.aclose()
 
 
 async def test_a_slow_refresh_does_not_hold_up_the_next_wake() -> None:
@@ -367,7 +415,7 @@ async def test_a_slow_refresh_does_not_hold_up_the_next_wake() -> None:
         assert rig.backend.in_flight == 2
         rig.backend.gate.set()
     finally:
-        rig.rotator.shutdown()
+        await rig.rotator.aclose()
 
 
 async def test_stale_heap_entries_do_not_refresh_or_pile_up() -> None:
@@ -447,15 +495,15 @@ async def test_single_flight_survives_a_late_done_callback() -> None:
     rig.backend.gate = asyncio.Event()
     first = asyncio.create_task(rig.rotator.refresh(VM_A))
     await asyncio.sleep(0)
-    finished = rig.rotator._inflight[VM_A]
+    finished = rig.rotator._inflight[VM_A][1]
     rig.backend.gate.set()
     await first
     rig.backend.gate.clear()
     second = asyncio.create_task(rig.rotator.refresh(VM_A))
     await asyncio.sleep(0)
-    successor = rig.rotator._inflight[VM_A]
+    successor = rig.rotator._inflight[VM_A][1]
     rig.rotator._settled(VM_A, finished)  # the predecessor's callback, arriving late
-    assert rig.rotator._inflight[VM_A] is successor
+    assert rig.rotator._inflight[VM_A][1] is successor
     third = asyncio.create_task(rig.rotator.refresh(VM_A))
     await asyncio.sleep(0)
     assert rig.backend.in_flight == 1

@@ -2,14 +2,16 @@
 
 Mirrors EC2's API: instances (add, remove, modify metadata options), associations
 (associate, replace, disassociate), profiles, sessions (list, rotate now), status. Every
-change is persisted before it is acknowledged, and the affected sessions are brought in line
-before the call returns (after `associate`, the instance's iam/ tree serves a session).
+change is persisted before it is acknowledged and takes effect before the call returns;
+the verbs that promise a session (associate, replace, rotate) also wait for its issue (after
+`associate`, the instance's iam/ tree serves a session, or its failure document).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import structlog
@@ -17,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from imdsd.admin.keys import (
+    APPLY,
     CLOCK,
     DUE,
     INFO,
@@ -24,12 +27,13 @@ from imdsd.admin.keys import (
     LEDGER,
     ROTATE,
     SESSIONS,
+    SETTLED,
     SOURCE,
-    SYNC,
+    Apply,
     Due,
     Rotate,
+    Settled,
     Source,
-    Sync,
 )
 from imdsd.admin.views import instance_view, profile_view, session_view
 from imdsd.budgets import Ledger
@@ -65,6 +69,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _error(500, "InternalError", str(exc))
     except web.HTTPException as exc:
         return _error(exc.status, exc.reason.replace(" ", ""), exc.reason)
+    except Exception as exc:  # imdsd's own bug: its class logged, a JSON 500, never a traceback
+        log.error("admin request failed: internal error", error=exc.__class__.__name__,
+                  path=request.path, exc_info=exc)  # fmt: skip
+        return _error(500, "InternalError", "imdsd failed to handle the request; see its log")
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
@@ -133,7 +141,7 @@ async def show_instance(request: web.Request) -> web.Response:
 async def add_instance(request: web.Request) -> web.Response:
     inventory = request.app[INVENTORY]
     instance = instance_from(await _body(request))
-    await request.app[SYNC](await inventory.commit(lambda: inventory.add_instance(instance)))
+    request.app[APPLY](await inventory.commit(lambda: inventory.add_instance(instance)))
     log.info("instance added", instance=instance.id, addresses=list(instance.addresses))
     effective = inventory.instance(instance.id)  # what is now served: the reply shows that
     assert effective is not None  # noqa: S101 -- just added
@@ -143,7 +151,7 @@ async def add_instance(request: web.Request) -> web.Response:
 @routes.delete("/v1/instances/{id}")
 async def remove_instance(request: web.Request) -> web.Response:
     iid, inventory = request.match_info["id"], request.app[INVENTORY]
-    await request.app[SYNC](await inventory.commit(lambda: inventory.remove_instance(iid)))
+    request.app[APPLY](await inventory.commit(lambda: inventory.remove_instance(iid)))
     log.info("instance removed", instance=iid)
     return web.json_response({"removed": iid})
 
@@ -155,7 +163,7 @@ async def modify_options(request: web.Request) -> web.Response:
     assert current is not None  # noqa: S101 -- checked just above
     changed = instance_from(await _body(request), current=current)
     await inventory.commit(lambda: inventory.set_options(current.id, changed.options))
-    log.info("metadata options modified", instance=current.id, options=str(changed.options))
+    log.info("metadata options modified", instance=current.id, **asdict(changed.options))
     effective = inventory.instance(current.id)
     assert effective is not None  # noqa: S101 -- checked above; only this call changes it
     return web.json_response(instance_view(inventory, effective))
@@ -189,7 +197,7 @@ async def replace_association(request: web.Request) -> web.Response:
 @routes.delete("/v1/associations/{id}")
 async def disassociate(request: web.Request) -> web.Response:
     iid, inventory = request.match_info["id"], request.app[INVENTORY]
-    await request.app[SYNC](await inventory.commit(lambda: inventory.disassociate(iid)))
+    request.app[APPLY](await inventory.commit(lambda: inventory.disassociate(iid)))
     log.info("instance disassociated", instance=iid)
     return web.json_response({"disassociated": iid})
 
@@ -197,7 +205,8 @@ async def disassociate(request: web.Request) -> web.Response:
 async def _associated(
     request: web.Request, iid: str, changed: set[str], status: int
 ) -> web.Response:
-    await request.app[SYNC](changed)  # the session exists (or has failed) before we answer
+    request.app[APPLY](changed)  # in effect now, whatever the upstream does
+    await request.app[SETTLED](changed)  # the session exists (or has failed) before we answer
     view = _session(request, iid)
     log.info("instance associated", instance=iid, profile=view["profile"], session=view["state"])
     return web.json_response(view, status=status)
@@ -230,11 +239,12 @@ def _session(request: web.Request, iid: str) -> dict[str, Any]:
 
 
 def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, ledger: Ledger,
-                   *, sync: Sync, rotate: Rotate, due: Due,
+                   *, apply: Apply, settled: Settled, rotate: Rotate, due: Due,
                    info: dict[str, Any], source: Source) -> web.Application:  # fmt: skip
     """The admin API over the daemon's inventory, sessions and guest budgets."""
     app = web.Application(middlewares=[json_errors], client_max_size=256 * 1024)
     app[INVENTORY], app[SESSIONS], app[CLOCK], app[LEDGER] = inventory, sessions, clock, ledger
-    app[SYNC], app[ROTATE], app[DUE], app[INFO], app[SOURCE] = sync, rotate, due, info, source
+    app[APPLY], app[SETTLED], app[ROTATE], app[DUE] = apply, settled, rotate, due
+    app[INFO], app[SOURCE] = info, source
     app.add_routes(routes)
     return app

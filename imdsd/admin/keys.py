@@ -14,7 +14,8 @@ from imdsd.clock import Clock
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache
 
-Sync = Callable[[set[str]], Awaitable[None]]  # bring these instances' sessions in line, now
+Apply = Callable[[set[str]], None]  # follow a change that took effect (never waits)
+Settled = Callable[[set[str]], Awaitable[None]]  # wait until these sessions are issued or failed
 Rotate = Callable[[str], Awaitable[None]]  # issue a new session for this instance, now
 Due = Callable[[str], datetime | None]  # when this instance's next refresh is due
 Source = Callable[[], dict[str, Any]]  # where the inventory comes from, and how fresh it is
@@ -22,7 +23,8 @@ Source = Callable[[], dict[str, Any]]  # where the inventory comes from, and how
 INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", SessionCache)
 CLOCK = web.AppKey("clock", Clock)
-SYNC: web.AppKey[Sync] = web.AppKey("sync")
+APPLY: web.AppKey[Apply] = web.AppKey("apply")
+SETTLED: web.AppKey[Settled] = web.AppKey("settled")
 ROTATE: web.AppKey[Rotate] = web.AppKey("rotate")
 DUE: web.AppKey[Due] = web.AppKey("due")
 LEDGER = web.AppKey("ledger", Ledger)  # guests' budgets: who was throttled recently

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ log = structlog.get_logger("imdsd.etcd")
 CACHE_NAME = "fleet-inventory.json"
 CACHE_MODE, DIRECTORY_MODE = 0o640, 0o750
 CACHED_START_SECONDS = 1.0  # with a cache to serve, start-up waits this long for etcd at most
-Sync = Callable[[set[str]], Awaitable[None]]
+Apply = Callable[[set[str]], None]  # follow an applied change at once, never waiting
 
 
 class Cache:
@@ -86,13 +86,15 @@ class FleetSource:
         return self._follower.status()
 
     @asynccontextmanager
-    async def following(self, inventory: Inventory, sync: Sync) -> AsyncIterator[None]:
+    async def following(self, inventory: Inventory, applied: Apply) -> AsyncIterator[None]:
         """Follow etcd in the background until exit. Waits for the first load up to the
-        start-up deadline (a second when a cached inventory is already being served)."""
+        start-up deadline (a second when a cached inventory is already being served). A batch
+        takes effect before the next guest request is read: nothing in it awaits the upstream
+        (the sessions it needs are issued behind it), so no batch waits on another's issues."""
         from imdsd.etcd.follower import Follower
 
         async def apply() -> None:
-            await sync(inventory.reload(*self.mirror.baseline()))
+            applied(inventory.reload(*self.mirror.baseline()))
 
         started = self._clock.now()
         self._follower = follower = Follower(self._config.inventory.etcd, self.mirror, self.cache,

@@ -127,7 +127,8 @@ async def test_instance_without_association_has_no_iam(daemon: Daemon, url: str)
 async def test_replaced_association_serves_new_role(daemon: Daemon, url: str) -> None:
     """After replacing A's profile, A's tree shows the new role; the old role's path is 404."""
     daemon.inventory.replace_association(VM_A, "profile-b")
-    await daemon.rotator.follow(VM_A)
+    daemon.apply({VM_A})
+    await daemon.settled({VM_A})
     assert (await http(url, CREDS, source=A)).text == "role-b"
     assert (await http(url, CREDS + "role-a", source=A)).status == 404
     doc = json.loads((await http(url, CREDS + "role-b", source=A)).body)

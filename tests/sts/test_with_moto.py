@@ -57,7 +57,8 @@ async def test_replaced_profile_serves_the_new_role(sts_daemon: StartDaemon, mot
     async with sts_daemon() as daemon:
         assert (await run_guest(daemon.urls[0], moto, A))["arn"].endswith(f"role-a/{VM_A}")
         daemon.inventory.replace_association(VM_A, "profile-b")
-        await daemon.rotator.follow(VM_A)
+        daemon.apply({VM_A})
+        await daemon.settled({VM_A})
         guest = await run_guest(daemon.urls[0], moto, A)
     assert guest["arn"] == f"arn:aws:sts::123456789012:assumed-role/role-b/{VM_A}"
     assert (guest["bucket-a"], guest["bucket-b"]) == ("AccessDenied", "from b")
@@ -315,7 +316,8 @@ async def test_profile_scope_follows_a_changed_role(
         ]
         config = sts_config(proxy.url)
         changed = daemon.inventory.reload(config.instances, profiles, config.associations)
-        await daemon.sync(changed)
+        daemon.apply(changed)
+        await daemon.settled(changed)
         new = daemon.sessions.get(VM_A)
         reply = await http(daemon.urls[0], CREDS + "role-b", source=A)
     assert old is not None and new is not None
