@@ -22,6 +22,7 @@ from imdsd.clock import SystemClock
 from imdsd.config import Config, LogFormat, LogLevel, load
 from imdsd.errors import ConfigError, ImdsdError
 from imdsd.etcd import commands as fleet
+from imdsd.etcd.settings import read_client_files
 from imdsd.state import StateError, StateFile
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3
@@ -65,11 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(config: Config, path: Path) -> int:
-    """check-config: the file (already loaded), and the [identity] key files it names."""
+    """check-config: the file (already loaded), and the [identity] key files and the etcd
+    client's TLS and password files it names (each must be readable)."""
     from imdsd.signatures import check_files  # cryptography only when it is needed
 
     try:
         check_files(config.identity)
+        if config.inventory.source == "etcd":
+            read_client_files(config.inventory.etcd)
     except ConfigError as exc:
         return _bad_config(exc)
     print(f"{path}: ok ({_summary(config)})")

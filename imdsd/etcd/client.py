@@ -7,13 +7,11 @@ aetcd's. Keepalive pings make a vanished etcd a broken stream within seconds, no
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import aetcd
 import grpc
 from aetcd import rpc
 
-from imdsd.etcd.settings import Endpoint, EtcdConfig
+from imdsd.etcd.settings import Endpoint, EtcdConfig, read_client_files
 
 # etcd's default --grpc-keepalive-min-time is 5 s: ping no more often than that.
 CHANNEL_OPTIONS = {
@@ -50,20 +48,13 @@ class Client(aetcd.Client):  # type: ignore[misc]
 
 
 def open_client(config: EtcdConfig, attempt: int = 0) -> Client:
-    """A client for the endpoint this attempt should try (the list in turn)."""
+    """A client for the endpoint this attempt should try (the list in turn). Reads the TLS and
+    password files now: UnreadableFiles (naming each key) when one cannot be read."""
     endpoint = config.endpoints[attempt % len(config.endpoints)]
+    files = read_client_files(config)
     credentials = None
     if endpoint.tls:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(config.ca_file),
-            private_key=_read(config.key_file),
-            certificate_chain=_read(config.cert_file),
+            root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
         )
-    password = None
-    if config.password_file is not None:
-        password = config.password_file.read_text(encoding="utf-8").strip()
-    return Client(endpoint, credentials=credentials, user=config.user, password=password)
-
-
-def _read(path: Path | None) -> bytes | None:
-    return path.read_bytes() if path is not None else None
+    return Client(endpoint, credentials=credentials, user=config.user, password=files.password)

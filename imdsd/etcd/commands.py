@@ -29,7 +29,7 @@ from imdsd.admin.views import profile_view
 from imdsd.config import load
 from imdsd.errors import ConfigError, ImdsdError
 from imdsd.etcd.records import Layout, RecordError, parse
-from imdsd.etcd.settings import EtcdConfig, endpoint
+from imdsd.etcd.settings import EtcdConfig, endpoint, read_client_files
 from imdsd.fleet import instance_table
 from imdsd.model import Instance, InstanceProfile
 
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute one fleet verb against etcd; print the result; map failures to exit codes."""
     try:
         config = _etcd_config(args)
+        read_client_files(config)  # an unreadable TLS or password file is bad config, not etcd's
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"imdsd: {problem}", file=sys.stderr)

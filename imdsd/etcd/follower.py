@@ -1,10 +1,11 @@
 """Keeps this host's inventory in step with etcd, and serving through etcd's outages.
 
 Load (profiles and this host's records), then watch both prefixes from the loaded revision;
-each batch of events is applied as one change. A compacted watch reloads; a lost stream
-reconnects with backoff, trying each endpoint in turn. Every applied state is written to the
-state directory, so a host restarted while etcd is down serves its last known inventory. No
-etcd call is ever on the guest path: guests read the inventory the last change left.
+each batch of events is applied as one change. A compacted watch reloads; a lost
+stream, or a TLS or password file that cannot be read, retries with backoff, trying each endpoint
+in turn. Every applied state is written to the state directory, so a host restarted while etcd
+is down serves its last known inventory. No etcd call is ever on the guest path: guests read the
+inventory the last change left.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aetcd.rtypes import EventKind
 from imdsd.clock import Clock
 from imdsd.etcd.client import Client, open_client
 from imdsd.etcd.records import Mirror
-from imdsd.etcd.settings import EtcdConfig
+from imdsd.etcd.settings import EtcdConfig, UnreadableFiles
 from imdsd.etcd.source import Cache
 
 log = structlog.get_logger("imdsd.etcd")
@@ -32,15 +33,18 @@ Apply = Callable[[], Awaitable[None]]
 
 
 class Follower:
-    """The watch loop, its connection state, and how stale the inventory may be."""
+    """The watch loop, its connection state, and how stale the inventory may be. `backoff` is
+    the first and the longest pause between attempts, in seconds (doubled per failed one)."""
 
     def __init__(self, config: EtcdConfig, mirror: Mirror, cache: Cache, apply: Apply,
-                 clock: Clock, *, stale_since: datetime) -> None:  # fmt: skip
+                 clock: Clock, *, stale_since: datetime,
+                 backoff: tuple[float, float] = (BACKOFF_FIRST, BACKOFF_MAX)) -> None:  # fmt: skip
         self._config, self._mirror, self._cache = config, mirror, cache
-        self._apply, self._clock = apply, clock
+        self._apply, self._clock, self._backoff = apply, clock, backoff
         self.synced = asyncio.Event()  # the first full load from etcd has been applied
         self.connected = False
         self.stale_since: datetime | None = stale_since  # None while watching
+        self._unreadable: set[tuple[str, str]] = set()  # (key, errno) of client files failing
 
     def status(self) -> dict[str, Any]:
         """For `imdsd status` and the metrics: where the inventory comes from, how fresh."""
@@ -56,18 +60,44 @@ class Follower:
         """Forever: connect, follow; on any failure keep what is served and try again."""
         failures = 0
         while True:
-            client = open_client(self._config, failures)
-            try:
-                await self._follow(client)
-            except Exception as exc:
-                self._lost(exc, failures)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.close(), 2)
+            client = self._client(failures)
+            if client is not None:
+                try:
+                    await self._follow(client)
+                except Exception as exc:
+                    self._lost(exc, failures)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.close(), 2)
             failures = 0 if self.connected else failures + 1
             self.connected = False
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(failures, 8))
+            first, most = self._backoff
+            delay = min(most, first * 2 ** min(failures, 8))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 -- jitter
+
+    def _client(self, attempt: int) -> Client | None:
+        """This attempt's client; None (backing off as from a lost etcd) while a TLS or password
+        file cannot be read. Logged once per change: a warning per newly failing key and errno,
+        one info when all are readable again. Never the files' contents."""
+        try:
+            client = open_client(self._config, attempt)
+        except UnreadableFiles as exc:
+            new = set(exc.failures) - self._unreadable
+            if not new:
+                log.debug("fleet inventory: etcd client files still unreadable", attempt=attempt)
+            for key, error in sorted(new):
+                log.warning("fleet inventory: an etcd client file is unreadable; serving the last"
+                            " known inventory until it is", key=key, errno=error,
+                            revision=self._mirror.revision)  # fmt: skip
+            self._unreadable = set(exc.failures)
+            if self.stale_since is None:
+                self.stale_since = self._clock.now()
+            return None
+        if self._unreadable:
+            log.info("fleet inventory: the etcd client files are readable again",
+                     keys=sorted({key for key, _ in self._unreadable}))  # fmt: skip
+            self._unreadable = set()
+        return client
 
     def _lost(self, exc: Exception, failures: int) -> None:
         if self.stale_since is None:

@@ -7,6 +7,7 @@ their validation live here; nothing imports the etcd client.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 from dataclasses import dataclass, field
@@ -14,12 +15,19 @@ from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
+from imdsd.errors import ConfigError, Problem
 from imdsd.validation import Section, choice, file_path, matching, one_of, show
 
 InventorySource = Literal["file", "etcd"]
 INVENTORY_KEYS = ("source", "etcd")
 ETCD_KEYS = ("endpoints", "prefix", "host", "ca_file", "cert_file", "key_file", "user",
              "password_file")  # fmt: skip
+CLIENT_FILES = {  # the files the etcd client reads at each connect, and what each must hold
+    "ca_file": "a file imdsd can read: the PEM CA of etcd's server certificate",
+    "cert_file": "a file imdsd can read: the PEM client certificate",
+    "key_file": "a file imdsd can read: the PEM private key of the client certificate",
+    "password_file": "a file imdsd can read: the etcd user's password, UTF-8",
+}
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 PREFIX = re.compile(r"(?:/[A-Za-z0-9._-]+)+")
 
@@ -121,3 +129,58 @@ def parse_inventory(t: Section) -> InventoryConfig:
         e.problem("endpoints", show([str(x) for x in etcd.endpoints]),
                   "https:// URLs when ca_file is set")  # fmt: skip
     return InventoryConfig(source=source, etcd=etcd)
+
+
+class UnreadableFiles(ConfigError):
+    """Files the etcd client needs cannot be read. Each problem names the key, the path and the
+    errno; `failures` is (key path, errno name) each, for the log. Never a file's contents."""
+
+    def __init__(self, failures: list[tuple[str, Path, OSError | ValueError]]) -> None:
+        self.failures = tuple((f"inventory.etcd.{key}", _reason(exc)) for key, _, exc in failures)
+        super().__init__([Problem(f"inventory.etcd.{key}", f"{path} ({_reason(exc, full=True)})",
+                                  CLIENT_FILES[key]) for key, path, exc in failures])  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFiles:
+    """What the etcd client reads from files, read at once; secrets stay out of any repr."""
+
+    ca: bytes | None = field(default=None, repr=False)
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+
+def read_client_files(config: EtcdConfig) -> ClientFiles:
+    """The TLS files (for https:// endpoints) and the password file, read now (check-config, and
+    the follower at each connect); UnreadableFiles naming every one that cannot be read."""
+    tls = any(e.tls for e in config.endpoints)
+    read: dict[str, bytes] = {}
+    failures: list[tuple[str, Path, OSError | ValueError]] = []
+    for key in CLIENT_FILES:
+        path: Path | None = getattr(config, key)
+        if path is None or (key != "password_file" and not tls):
+            continue
+        try:
+            read[key] = data = path.read_bytes()
+            if key == "password_file":
+                data.decode("utf-8")
+        except (OSError, ValueError) as exc:
+            failures.append((key, path, exc))
+    if failures:
+        raise UnreadableFiles(failures)
+    password = read.get("password_file")
+    return ClientFiles(
+        ca=read.get("ca_file"),
+        cert=read.get("cert_file"),
+        key=read.get("key_file"),
+        password=password.decode().strip() if password is not None else None,
+    )
+
+
+def _reason(exc: OSError | ValueError, *, full: bool = False) -> str:
+    """ENOENT (or "ENOENT: No such file or directory"); "not UTF-8" for a password that is not."""
+    if not isinstance(exc, OSError):
+        return "not UTF-8"
+    name = errno.errorcode.get(exc.errno or 0, exc.__class__.__name__)
+    return f"{name}: {exc.strerror}" if full and exc.strerror else name
