@@ -2,14 +2,17 @@
 
 aetcd (asyncio, gRPC) opens only plaintext channels; `connect()` is overridden to open a TLS
 channel (and present a client certificate) with grpc's own credentials. Everything else is
-aetcd's. Keepalive pings make a vanished etcd a broken stream within seconds, not hours.
+aetcd's, but for `snapshot()`: several prefixes read at one revision. Keepalive pings make a
+vanished etcd a broken stream within seconds, not hours.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import aetcd
 import grpc
-from aetcd import rpc
+from aetcd import exceptions, rpc, utils
 
 from imdsd.etcd.settings import Endpoint, EtcdConfig, read_client_files
 
@@ -45,6 +48,21 @@ class Client(aetcd.Client):  # type: ignore[misc]
             await super().connect()
         finally:
             rpc.insecure_channel = plain
+
+    async def snapshot(self, *prefixes: str) -> tuple[int, list[Any]]:
+        """Every key-value under each prefix, all as of one revision: (that revision, the kvs).
+        One Txn of Range requests, so no write lands between the reads (aetcd's get_prefix
+        cannot read at a given revision, and its transaction() drops the header revision)."""
+        await self.connect()
+        keys = [p.encode() for p in prefixes]
+        ranges = [self._build_get_range_request(k, utils.prefix_range_end(k)) for k in keys]
+        request = rpc.TxnRequest(success=[rpc.RequestOp(request_range=r) for r in ranges])
+        try:
+            response = await self.kvstub.Txn(request, timeout=self._timeout, metadata=self.metadata)
+        except rpc.AioRpcError as exc:
+            exceptions._handle_exception(exc)  # aetcd's own mapping to its errors; always raises
+        kvs = [kv for r in response.responses for kv in r.response_range.kvs]
+        return int(response.header.revision), kvs
 
 
 def open_client(config: EtcdConfig, attempt: int = 0) -> Client:

@@ -1,7 +1,7 @@
 """Keeps this host's inventory in step with etcd, and serving through etcd's outages.
 
-Load (profiles and this host's records), then watch both prefixes from the loaded revision;
-each batch of events is applied as one change. A compacted watch reloads; a lost
+Load (profiles and this host's records, at one revision), then watch both prefixes from the
+next revision; each batch of events is applied as one change. A compacted watch reloads; a lost
 stream, or a TLS or password file that cannot be read, retries with backoff, trying each endpoint
 in turn. Every applied state is written to the state directory, so a host restarted while etcd
 is down serves its last known inventory. No etcd call is ever on the guest path: guests read the
@@ -118,13 +118,11 @@ class Follower:
                 log.info("fleet inventory: watch revision compacted; reloading", revision=revision)
 
     async def _load(self, client: Client) -> int:
+        """Profiles and this host's records, both as of one revision (the watch goes on from
+        the next, so no event is missed and none replayed over a newer state)."""
         layout = self._mirror.layout
-        profiles = await client.get_prefix(layout.profiles.encode())
-        mine = await client.get_prefix(layout.mine().encode())
-        records = {kv.key.decode(errors="replace"): (kv.create_revision, kv.value)
-                   for kv in (*profiles, *mine)}  # fmt: skip
-        # The watch starts after the earlier read: replaying a few events converges.
-        revision = int(profiles.header.revision)
+        revision, kvs = await client.snapshot(layout.profiles, layout.mine())
+        records = {kv.key.decode(errors="replace"): (kv.create_revision, kv.value) for kv in kvs}
         self._mirror.reset(records, revision)
         await self._changed()
         if self.stale_since is not None:
