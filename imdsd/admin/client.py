@@ -59,7 +59,10 @@ def call(path: Path, method: str, url: str, body: dict[str, Any] | None = None) 
         raise DaemonUnavailable(f"no imdsd daemon answers on {path} ({reason})") from None
     finally:
         connection.close()
-    data = json.loads(raw) if raw else None
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:  # not the admin API's JSON (a proxy, a crash page): one line, no trace
+        raise Refused(status, f"HTTP{status}", "the daemon's answer is not JSON", []) from None
     if status >= 400:
         error = data.get("error", {}) if isinstance(data, dict) else {}
         raise Refused(status, error.get("code", str(status)), error.get("message", "refused"),
