@@ -86,7 +86,7 @@ def endpoints(value: object) -> tuple[Endpoint, ...]:
 
 def parse_inventory(t: Section) -> InventoryConfig:
     """The [inventory] table (unknown keys already reported by the caller)."""
-    sources = get_args(InventorySource)
+    sources: tuple[InventorySource, ...] = get_args(InventorySource)
     source: InventorySource = t.take("source", choice(sources), "file", one_of(sources))
     e = t.table("etcd", ETCD_KEYS)
     path = "a path to a readable file"
