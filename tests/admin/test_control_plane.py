@@ -16,7 +16,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from imdsd.admin.app import make_admin_app
-from imdsd.admin.client import request
+from imdsd.cli.client import request
 from imdsd.daemon import Daemon
 from tests.helpers import VM_D, http
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imdsd.admin.client import Refused, request
+from imdsd.cli.client import Refused, request
 from imdsd.model import USER_DATA_MAX_BYTES
 from tests.helpers import host_sections, http
 from tests.process import Proc

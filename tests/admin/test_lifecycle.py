@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imdsd.admin.client import DaemonUnavailable, request
+from imdsd.cli.client import DaemonUnavailable, request
 from imdsd.backends.base import Backend
 from imdsd.daemon import running
 from tests.fakes import FakeClock, FlakyBackend

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from imdsd.admin.client import DaemonUnavailable, Refused, call
+from imdsd.cli.client import DaemonUnavailable, Refused, call
 from imdsd.config import load
 from imdsd.errors import ConfigError
 from imdsd.fleet import OPTION_KEYS, PLACEMENT_KEYS

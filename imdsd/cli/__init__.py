@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import get_args
 
 from imdsd import __version__, log
-from imdsd.admin import commands
+from imdsd.cli import admin, fleet
 from imdsd.clock import SystemClock
 from imdsd.config import Config, LogFormat, LogLevel, load
 from imdsd.errors import ConfigError, ImdsdError
-from imdsd.etcd import commands as fleet
 from imdsd.etcd.settings import read_client_files
 from imdsd.state import StateError, StateFile
 
@@ -31,8 +30,8 @@ DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in commands.VERBS:
-        return commands.run(args)
+    if args.command in admin.VERBS:
+        return admin.run(args)
     if args.command == "fleet":
         return fleet.run(args)
     try:
@@ -124,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
     run.add_argument("--log-format", choices=get_args(LogFormat), help="overrides [log] format")
     run.add_argument("--log-level", choices=get_args(LogLevel), help="overrides [log] level")
-    commands.add_commands(subcommands)
+    admin.add_commands(subcommands)
     fleet.add_commands(subcommands)
     return parser
 
