@@ -19,13 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from imdsd.admin.views import profile_view
-from imdsd.cli.admin import (
-    instance_body,
-    instance_flags,
-    instances_table,
-    profiles_table,
-    record,
-)
+from imdsd.cli.admin import instance_body, instance_flags
+from imdsd.cli.tables import instances_table, profiles_table, record
 from imdsd.config import load
 from imdsd.errors import ConfigError, ImdsdError
 from imdsd.etcd.records import Layout, RecordError, parse
