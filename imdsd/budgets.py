@@ -7,8 +7,8 @@ never runs out of descriptors. Guest-caused incidents (throttling, refused conne
 timeouts, malformed requests) are counted here and reported as one summary line per guest per
 interval, never one line per event, and never with the guest's bytes.
 
-The [budgets] section of the config is parsed here too, next to its types. Never imports
-aiohttp or asyncio: the arithmetic is tested without sockets or a loop.
+Its types are what [budgets] parses into (config/budgets.py). Never imports aiohttp, asyncio
+or the config reader: the arithmetic is tested without sockets or a loop.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
-
-from imdsd.model import INSTANCE_ID
-from imdsd.validation import Section, duration_in, int_in
 
 STRANGERS = "strangers"  # the shared account of every address that is no known instance
 Refusal = Literal["instance", "strangers", "global"]
@@ -70,66 +67,6 @@ class BudgetPolicy:
         if key == STRANGERS:
             return self.strangers
         return self.overrides.get(key, self.instance)
-
-
-_BUDGET = ("connections", "requests_per_second", "burst")
-BUDGET_KEYS = (*_BUDGET, *(f"strangers_{k}" for k in _BUDGET), "idle_timeout", "head_timeout",
-                "max_body", "instances")  # fmt: skip
-
-
-def _budget(t: Section, default: Budget, prefix: str = "") -> Budget:
-    """connections (1..4096), requests_per_second (1..100000) and burst (1..100000)."""
-    return Budget(
-        connections=t.take(
-            f"{prefix}connections",
-            int_in(1, 4096),
-            default.connections,
-            "an integer from 1 to 4096",
-        ),
-        requests_per_second=t.take(
-            f"{prefix}requests_per_second",
-            int_in(1, 100_000),
-            default.requests_per_second,
-            "an integer from 1 to 100000",
-        ),
-        burst=t.take(
-            f"{prefix}burst", int_in(1, 100_000), default.burst, "an integer from 1 to 100000"
-        ),
-    )
-
-
-def parse_budgets(t: Section) -> BudgetPolicy:
-    """[budgets]: what each guest may consume, strangers' shared allowance, per-instance
-    overrides in [budgets.instances.<instance id>], and the connection timeouts."""
-    d = BudgetPolicy()
-    instance = _budget(t, d.instance)
-    overrides: dict[str, Budget] = {}
-    for iid, section in t.keyed("instances", _BUDGET).items():
-        if INSTANCE_ID.fullmatch(iid):
-            overrides[iid] = _budget(section, instance)
-        else:
-            allowed = '"i-" + 8 or 17 lowercase hex digits'
-            t.child("instances").problem(iid, "a name that is no instance id", allowed)
-    return BudgetPolicy(
-        instance=instance,
-        strangers=_budget(t, d.strangers, "strangers_"),
-        overrides=overrides,
-        idle_timeout=t.take(
-            "idle_timeout",
-            duration_in(timedelta(seconds=1), timedelta(hours=1)),
-            d.idle_timeout,
-            "a duration from 1s to 1h",
-        ),
-        head_timeout=t.take(
-            "head_timeout",
-            duration_in(timedelta(seconds=1), timedelta(minutes=1)),
-            d.head_timeout,
-            "a duration from 1s to 1m",
-        ),
-        max_body=t.take(
-            "max_body", int_in(0, 65536), d.max_body, "an integer from 0 to 65536 (bytes)"
-        ),
-    )
 
 
 def connection_ceiling() -> int:

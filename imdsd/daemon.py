@@ -33,8 +33,9 @@ from imdsd.backends.shared import ProfileScoped
 from imdsd.budgets import Ledger, connection_ceiling
 from imdsd.clock import Clock
 from imdsd.config import Config, load
+from imdsd.config.reader import Listener
 from imdsd.errors import ConfigError, Problem
-from imdsd.etcd.source import FleetSource
+from imdsd.fleet.source import FleetSource
 from imdsd.imds import render
 from imdsd.imds.app import MetadataApi
 from imdsd.imds.listener import serving_guests
@@ -49,7 +50,6 @@ from imdsd.sessions import SessionCache
 from imdsd.signatures import open_signer
 from imdsd.state import StateFile
 from imdsd.tokens import TokenIssuer
-from imdsd.validation import Listener
 from imdsd.vault import KEY_NAME as VAULT_KEY
 from imdsd.vault import Vault, restore, sealing, vault_key
 

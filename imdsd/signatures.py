@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
+from imdsd.config.signing import IdentityConfig, KeyFiles
 from imdsd.errors import ConfigError, Problem
 from imdsd.files import write_atomically
-from imdsd.identity import IdentityConfig, KeyFiles
 
 KEY_FILE, CERTIFICATE_FILE = "identity-key.pem", "identity-certificate.pem"
 KEY_BITS = 2048

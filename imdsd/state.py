@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imdsd.config.instances import instance_in, instance_table, options_in
+from imdsd.config.reader import Reader, Section, show
 from imdsd.errors import ConfigError, ImdsdError, Problem
 from imdsd.files import write_atomically
-from imdsd.fleet import instance_in, instance_table, options_in
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, MetadataOptions
-from imdsd.validation import Reader, Section, show
 
 FORMAT_VERSION = 2  # 1: instances as dataclass dicts ("options", "local_ipv4"); read as well
 FILE_NAME = "state.json"

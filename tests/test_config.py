@@ -9,8 +9,8 @@ import pytest
 from mypy import api as mypy
 
 from imdsd.config import load, parse
+from imdsd.config.reader import format_duration, parse_duration
 from imdsd.errors import ConfigError
-from imdsd.validation import format_duration, parse_duration
 from tests.helpers import ROLE_A, config_text
 
 INSTANCE = '[[instances]]\nid = "i-0123456789abcdef0"\naddresses = ["127.0.0.9"]\n'
@@ -256,7 +256,7 @@ def test_choice_is_typed_as_its_choices(tmp_path: Path) -> None:
     snippet = tmp_path / "snippet.py"
     snippet.write_text(
         "from typing import Literal, get_args\n"
-        "from imdsd.validation import choice\n"
+        "from imdsd.config.reader import choice\n"
         'Color = Literal["red", "blue"]\n'
         'Size = Literal["s", "m"]\n'
         "colors: tuple[Color, ...] = get_args(Color)\n"

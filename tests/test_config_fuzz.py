@@ -9,10 +9,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imdsd.budgets import BUDGET_KEYS
 from imdsd.config import validate
+from imdsd.config.budgets import BUDGET_KEYS
+from imdsd.config.instances import INSTANCE_KEYS, OPTION_KEYS
 from imdsd.errors import ConfigError
-from imdsd.fleet import INSTANCE_KEYS, OPTION_KEYS
 
 TABLES: dict[str, tuple[str, ...]] = {
     "imds": ("listeners",),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from imdsd.config.instances import instance_from, instance_table
 from imdsd.errors import ConfigError, InventoryError  # the base of NotFoundError and ConflictError
-from imdsd.fleet import instance_from, instance_table
 from imdsd.inventory import Inventory
 from imdsd.model import MetadataOptions
 from imdsd.state import StateError, StateFile

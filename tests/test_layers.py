@@ -46,7 +46,7 @@ def reachable(start: str) -> set[str]:
 
 def test_guest_api_cannot_reach_backends_or_scheduler() -> None:
     """Rule 1, transitively, for every module of imdsd.imds."""
-    forbidden = ("imdsd.backends", "imdsd.scheduler", "imdsd.daemon", "imdsd.cli", "imdsd.etcd")
+    forbidden = ("imdsd.backends", "imdsd.scheduler", "imdsd.daemon", "imdsd.cli", "imdsd.fleet")
     for module in (m for m in GRAPH if m.startswith("imdsd.imds")):
         bad = {m for m in reachable(module) if m.startswith(forbidden)}
         assert not bad, f"{module} reaches {sorted(bad)}"

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from imdsd.backends.base import Backend
+from imdsd.config.reader import Listener
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
-from imdsd.validation import Listener
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import VM_A, VM_B, http, make_config, token_for
 

@@ -38,8 +38,8 @@ from imdsd.admin.keys import (
 from imdsd.admin.views import instance_view, profile_view, session_view
 from imdsd.budgets import Ledger
 from imdsd.clock import Clock
+from imdsd.config.instances import instance_from
 from imdsd.errors import ConfigError, ConflictError, ImdsdError, NotFoundError
-from imdsd.fleet import instance_from
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache
 

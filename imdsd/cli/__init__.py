@@ -20,8 +20,8 @@ from imdsd import __version__, log
 from imdsd.cli import admin, fleet
 from imdsd.clock import SystemClock
 from imdsd.config import Config, LogFormat, LogLevel, load
+from imdsd.config.inventory import read_client_files
 from imdsd.errors import ConfigError, ImdsdError
-from imdsd.etcd.settings import read_client_files
 from imdsd.state import StateError, StateFile
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3

@@ -22,10 +22,10 @@ from imdsd.admin.views import profile_view
 from imdsd.cli.admin import instance_body, instance_flags
 from imdsd.cli.tables import instances_table, profiles_table, record
 from imdsd.config import load
+from imdsd.config.instances import instance_table
+from imdsd.config.inventory import EtcdConfig, endpoint, read_client_files
 from imdsd.errors import ConfigError, ImdsdError
-from imdsd.etcd.records import Layout, RecordError, parse
-from imdsd.etcd.settings import EtcdConfig, endpoint, read_client_files
-from imdsd.fleet import instance_table
+from imdsd.fleet.records import Layout, RecordError, parse
 from imdsd.model import Instance, InstanceProfile
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 3, 4
@@ -117,7 +117,7 @@ def _etcd_config(args: argparse.Namespace) -> EtcdConfig:
 
 
 async def _execute(config: EtcdConfig, args: argparse.Namespace) -> tuple[Any, Any]:
-    from imdsd.etcd.client import open_client
+    from imdsd.fleet.client import open_client
 
     client = open_client(config)
     await client.connect()

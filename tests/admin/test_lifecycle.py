@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imdsd.cli.client import DaemonUnavailable, request
 from imdsd.backends.base import Backend
+from imdsd.cli.client import DaemonUnavailable, request
 from imdsd.daemon import running
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import VM_D, host_sections, http, make_config

@@ -188,8 +188,8 @@ async def test_a_malformed_record_is_skipped_with_one_warning(
     host's other instances are served; the admin socket refuses changes with a pointer to
     `imdsd fleet`; a reload of the file leaves etcd's inventory in place; a state file left from
     a file-sourced past is ignored with one warning."""
-    from imdsd.etcd.client import open_client
-    from imdsd.etcd.settings import EtcdConfig, endpoint
+    from imdsd.config.inventory import EtcdConfig, endpoint
+    from imdsd.fleet.client import open_client
 
     profiles(etcd, prefix)
     add_vm(etcd, prefix, "host-a", VM1, GUEST1)

@@ -11,11 +11,11 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from imdsd.clock import SystemClock
-from imdsd.etcd.client import open_client
-from imdsd.etcd.follower import Follower
-from imdsd.etcd.records import Layout, Mirror
-from imdsd.etcd.settings import EtcdConfig, endpoint
-from imdsd.etcd.source import Cache
+from imdsd.config.inventory import EtcdConfig, endpoint
+from imdsd.fleet.client import open_client
+from imdsd.fleet.follower import Follower
+from imdsd.fleet.records import Layout, Mirror
+from imdsd.fleet.source import Cache
 from tests.fleet.etcd import Etcd
 
 VM1 = "i-0c0aac7000000001a"

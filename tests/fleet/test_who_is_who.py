@@ -11,9 +11,9 @@ from typing import Any
 
 import aiohttp
 
-from imdsd.etcd.client import open_client
-from imdsd.etcd.records import Layout
-from imdsd.etcd.settings import EtcdConfig, endpoint
+from imdsd.config.inventory import EtcdConfig, endpoint
+from imdsd.fleet.client import open_client
+from imdsd.fleet.records import Layout
 from tests.fakes import StalledUpstream, sts_backend
 from tests.fleet.etcd import Etcd
 from tests.fleet.test_fleet import POLLING, add_vm, fleet, ok, profiles, role, within

@@ -14,10 +14,10 @@ from datetime import timedelta
 import pytest
 
 from imdsd.config import ImdsConfig
+from imdsd.config.reader import Listener
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
 from imdsd.imds.render import ERROR_PAGES
-from imdsd.validation import Listener
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import VM_B, http, make_config, token_for
 

@@ -16,14 +16,12 @@ from typing import Any, Literal, get_args
 
 import tomli
 
-from imdsd import fleet
-from imdsd.budgets import BUDGET_KEYS, BudgetPolicy, parse_budgets
-from imdsd.errors import ConfigError, Problem
-from imdsd.etcd.settings import INVENTORY_KEYS, InventoryConfig, parse_inventory
-from imdsd.fleet import REGION
-from imdsd.identity import IDENTITY_KEYS, IdentityConfig, parse_identity
-from imdsd.model import Instance, InstanceProfile, RotationPolicy
-from imdsd.validation import (
+from imdsd.budgets import BudgetPolicy
+from imdsd.config import instances as tables
+from imdsd.config.budgets import BUDGET_KEYS, parse_budgets
+from imdsd.config.instances import REGION
+from imdsd.config.inventory import INVENTORY_KEYS, InventoryConfig, parse_inventory
+from imdsd.config.reader import (
     DURATION,
     Listener,
     Reader,
@@ -45,6 +43,9 @@ from imdsd.validation import (
     optional_listener,
     show,
 )
+from imdsd.config.signing import IDENTITY_KEYS, IdentityConfig, parse_identity
+from imdsd.errors import ConfigError, Problem
+from imdsd.model import Instance, InstanceProfile, RotationPolicy
 
 BackendKind = Literal["local", "sts"]
 SessionScope = Literal["instance", "profile"]
@@ -191,10 +192,10 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
     _check_lifetime(reader, rotation, backend)
     imds, host = _imds(doc.table("imds", ("listeners",))), _host(doc)
     _check_listeners(reader, imds, host)
-    profiles = fleet.profiles(
+    profiles = tables.profiles(
         doc.tables("instance_profiles", ("name", "path", "id", "role_arn", "external_id"))
     )
-    instances = fleet.instances(doc.tables("instances", fleet.INSTANCE_KEYS))
+    instances = tables.instances(doc.tables("instances", tables.INSTANCE_KEYS))
     inventory = parse_inventory(doc.table("inventory", INVENTORY_KEYS))
     if inventory.source == "etcd":
         for key in ("instances", "instance_profiles", "associations"):
@@ -211,7 +212,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         identity=parse_identity(doc.table("identity", IDENTITY_KEYS)),
         instances=instances,
         profiles=profiles,
-        associations=fleet.associations(
+        associations=tables.associations(
             doc.tables("associations", ("instance", "profile")), instances, profiles
         ),
         inventory=inventory,

@@ -14,7 +14,7 @@ import aetcd
 import grpc
 from aetcd import exceptions, rpc, utils
 
-from imdsd.etcd.settings import Endpoint, EtcdConfig, read_client_files
+from imdsd.config.inventory import Endpoint, EtcdConfig, read_client_files
 
 # etcd's default --grpc-keepalive-min-time is 5 s: ping no more often than that.
 CHANNEL_OPTIONS = {

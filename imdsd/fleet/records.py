@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import structlog
 
-from imdsd import fleet
+from imdsd.config import instances as tables
+from imdsd.config.reader import Reader, Section
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
-from imdsd.validation import Reader, Section
 
 log = structlog.get_logger("imdsd.etcd")
 PROFILE_KEYS = ("name", "path", "id", "role_arn", "external_id")
@@ -93,7 +93,7 @@ def parse(layout: Layout, key: str, value: bytes) -> Record:
         section.reject_unknown(PROFILE_KEYS)
         record = _named(section, "name", name, lambda: _profile(section))
     elif what == "instance":  # instance_in refuses user_data_file: no record names a host file
-        record = _named(section, "id", name, lambda: fleet.instance_in(section))
+        record = _named(section, "id", name, lambda: tables.instance_in(section))
     else:
         section.reject_unknown(("profile",))
         record = section.require("profile", str, "the name of an instance profile")
@@ -112,7 +112,7 @@ def _named(section: Section, field: str, name: str, build: Any) -> Any:
 
 
 def _profile(section: Section) -> InstanceProfile | None:
-    found = fleet.profiles([section])  # problems go to the section's reader
+    found = tables.profiles([section])  # problems go to the section's reader
     return found[0] if found else None
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
+from imdsd.config.reader import Section, choice, file_path, matching, one_of, show
 from imdsd.errors import ConfigError, Problem
-from imdsd.validation import Section, choice, file_path, matching, one_of, show
 
 InventorySource = Literal["file", "etcd"]
 INVENTORY_KEYS = ("source", "etcd")

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from imdsd.clock import Clock
-from imdsd.etcd.records import Layout, Mirror
 from imdsd.files import write_atomically
+from imdsd.fleet.records import Layout, Mirror
 
 if TYPE_CHECKING:
     from imdsd.config import Config
-    from imdsd.etcd.follower import Follower
+    from imdsd.fleet.follower import Follower
     from imdsd.inventory import Inventory
 
 log = structlog.get_logger("imdsd.etcd")
@@ -91,7 +91,7 @@ class FleetSource:
         start-up deadline (a second when a cached inventory is already being served). A batch
         takes effect before the next guest request is read: nothing in it awaits the upstream
         (the sessions it needs are issued behind it), so no batch waits on another's issues."""
-        from imdsd.etcd.follower import Follower
+        from imdsd.fleet.follower import Follower
 
         async def apply() -> None:
             applied(inventory.reload(*self.mirror.baseline()))

@@ -22,20 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, get_args
 
-from imdsd.errors import ConfigError
-from imdsd.model import (
-    IAM_NAME,
-    IAM_PATH,
-    INSTANCE_ID,
-    PROFILE_ID,
-    USER_DATA_MAX_BYTES,
-    HttpEndpoint,
-    HttpTokens,
-    Instance,
-    InstanceProfile,
-    MetadataOptions,
-)
-from imdsd.validation import (
+from imdsd.config.reader import (
     Reader,
     Section,
     address_list,
@@ -48,6 +35,19 @@ from imdsd.validation import (
     role_arn,
     show,
     zone_of,
+)
+from imdsd.errors import ConfigError
+from imdsd.model import (
+    IAM_NAME,
+    IAM_PATH,
+    INSTANCE_ID,
+    PROFILE_ID,
+    USER_DATA_MAX_BYTES,
+    HttpEndpoint,
+    HttpTokens,
+    Instance,
+    InstanceProfile,
+    MetadataOptions,
 )
 
 REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
