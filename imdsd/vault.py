@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from imdsd.clock import Clock
-from imdsd.config import BackendConfig
+from imdsd.config.backend import BackendConfig
 from imdsd.files import write_atomically
 from imdsd.inventory import Inventory
 from imdsd.model import Session

@@ -256,7 +256,7 @@ def test_choice_is_typed_as_its_choices(tmp_path: Path) -> None:
     snippet = tmp_path / "snippet.py"
     snippet.write_text(
         "from typing import Literal, get_args\n"
-        "from imdsd.config.reader import choice\n"
+        "from imdsd.config.converters import choice\n"
         'Color = Literal["red", "blue"]\n'
         'Size = Literal["s", "m"]\n'
         "colors: tuple[Color, ...] = get_args(Color)\n"

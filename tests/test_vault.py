@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from structlog.testing import capture_logs
 
 from imdsd.backends.base import Backend
-from imdsd.config import BackendConfig, LocalBackendConfig, StsBackendConfig
+from imdsd.config.backend import BackendConfig, LocalBackendConfig, StsBackendConfig
 from imdsd.daemon import running
 from imdsd.imds import render
 from imdsd.inventory import Inventory

@@ -13,7 +13,7 @@ from typing import cast
 
 from imdsd.backends.base import Backend
 from imdsd.clock import Clock
-from imdsd.config import BackendConfig, BackendKind
+from imdsd.config.backend import BackendConfig, BackendKind
 
 Opener = Callable[[BackendConfig, Clock], AbstractAsyncContextManager[Backend]]
 

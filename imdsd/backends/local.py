@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from imdsd.clock import Clock
-from imdsd.config import BackendConfig
+from imdsd.config.backend import BackendConfig
 from imdsd.errors import BackendError
 from imdsd.model import InstanceProfile, Session
 

@@ -34,7 +34,7 @@ from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import BotoCoreError
 
 from imdsd.clock import Clock
-from imdsd.config import BackendConfig, StsBackendConfig
+from imdsd.config.backend import BackendConfig, StsBackendConfig
 from imdsd.errors import BackendError
 from imdsd.model import InstanceProfile, Session
 

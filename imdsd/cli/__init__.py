@@ -19,7 +19,8 @@ from typing import get_args
 from imdsd import __version__, log
 from imdsd.cli import admin, fleet
 from imdsd.clock import SystemClock
-from imdsd.config import Config, LogFormat, LogLevel, load
+from imdsd.config import Config, load
+from imdsd.config.host import LogFormat, LogLevel
 from imdsd.config.inventory import read_client_files
 from imdsd.errors import ConfigError, ImdsdError
 from imdsd.state import StateError, StateFile

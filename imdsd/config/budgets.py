@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from imdsd.budgets import Budget, BudgetPolicy
-from imdsd.config.reader import Section, duration_in, int_in
+from imdsd.config.converters import duration_in, int_in
+from imdsd.config.reader import Section
 from imdsd.model import INSTANCE_ID
 
 _BUDGET = ("connections", "requests_per_second", "burst")

@@ -1,7 +1,6 @@
-"""The inventory tables of the config: [[instances]], [[instance_profiles]], [[associations]].
-
-Each becomes model values with EC2-like defaults; cross-checks (duplicate ids, an address two
-instances claim, an association to an unknown profile) are reported like every other problem.
+"""[[instances]]: the VMs this host serves ([[instance_profiles]] and [[associations]] are in
+profiles.py). Each becomes a model value with EC2-like defaults; cross-checks (duplicate ids,
+an address two instances claim) are reported like every other problem.
 `instance_from()` is the same parser for the admin API's `instances add`.
 
 Only the config file may name a file of the host (`user_data_file`): it is root's to write.
@@ -13,71 +12,38 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
-import os
 import re
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, get_args
 
-from imdsd.config.reader import (
-    Reader,
-    Section,
+from imdsd.config.converters import (
     address_list,
     choice,
     int_in,
-    listed,
     matching,
     nonempty,
     one_of,
-    role_arn,
-    show,
     zone_of,
 )
+from imdsd.config.reader import Reader, Section, show
 from imdsd.errors import ConfigError
+from imdsd.files import read_regular
 from imdsd.model import (
-    IAM_NAME,
-    IAM_PATH,
     INSTANCE_ID,
-    PROFILE_ID,
     USER_DATA_MAX_BYTES,
     HttpEndpoint,
     HttpTokens,
     Instance,
-    InstanceProfile,
     MetadataOptions,
 )
 
 REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d+")
-EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
 _MAC = re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}")
 _ACCOUNT = re.compile(r"\d{12}")
 _AMI = re.compile(r"ami-[0-9a-f]{8,17}")
 _INSTANCE_TYPE = re.compile(r"[a-z0-9-]+\.[a-z0-9]+")
-
-
-def profiles(entries: list[Section]) -> tuple[InstanceProfile, ...]:
-    out: dict[str, InstanceProfile] = {}
-    for t in entries:
-        name = t.require("name", matching(IAM_NAME), "an IAM name: 1-128 of A-Z a-z 0-9 +=,.@_-")
-        role = t.require("role_arn", role_arn, "a role ARN: arn:aws:iam::123456789012:role/NAME")
-        iam_path = t.take("path", matching(IAM_PATH), "/", 'an IAM path: "/" or "/a/b/"')
-        given_id = t.take("id", matching(PROFILE_ID), None, '"AIPA" followed by 17 of A-Z 0-9')
-        external_id = t.take(
-            "external_id", matching(EXTERNAL_ID), None, "2-1224 of A-Z a-z 0-9 +=,.@:/-"
-        )
-        if name is None or role is None:
-            continue
-        if name in out:
-            t.problem("name", show(name), "a name no other instance profile has")
-            continue
-        profile_id = given_id or _derived_profile_id(role.account_id, name)
-        out[name] = InstanceProfile(
-            name=name, path=iam_path, role=role, id=profile_id, external_id=external_id
-        )
-    return tuple(out.values())
 
 
 def instance_from(data: dict[str, Any], *, current: Instance | None = None) -> Instance:
@@ -179,7 +145,7 @@ def _instance(t: Section, *, host_files: bool) -> Instance | None:
     return _filled_instance(iid, addresses, region, options, fields)
 
 
-_USER_DATA = {  # key -> (converter, what is allowed); user_data_file is _read_regular's
+_USER_DATA = {  # key -> (converter, what is allowed); user_data_file is files.read_regular's
     "user_data": (lambda v: v.encode() if isinstance(v, str) else _no(v), "a string"),
     "user_data_base64": (lambda v: base64.b64decode(v, validate=True), "base64 of the bytes"),
 }
@@ -228,42 +194,6 @@ def _user_data_file(t: Section, path: Any) -> bytes | None:
         return None
 
 
-def read_regular(path: Any, limit: int) -> bytes:
-    """A regular file's bytes; ValueError (saying why) for anything else, or for more than
-    `limit` bytes. Opened without blocking (a FIFO does not wait for a writer) and checked
-    with fstat before a byte is read (a device or directory is never read), then read with a
-    cap (a file that grows is not read to its end)."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise ValueError("not a path")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ValueError(exc.strerror or "cannot be opened") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
-            raise ValueError(f"{kind}, not a regular file")
-        with open(fd, "rb", closefd=False) as file:
-            data = file.read(limit + 1)
-    except OSError as exc:
-        raise ValueError(exc.strerror or "cannot be read") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"more than {limit} bytes")
-    return data
-
-
-_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
 def _no(value: Any) -> bytes:
     raise ValueError(value)
 
@@ -306,29 +236,6 @@ def _shared_options(**fields: Any) -> MetadataOptions:
     return _OPTIONS.setdefault(options, options)
 
 
-def associations(
-    entries: list[Section], instances: tuple[Instance, ...], profiles: tuple[InstanceProfile, ...]
-) -> tuple[tuple[str, str], ...]:
-    # the records' own strings, so an association keeps no second copy of either
-    known_instances = {i.id: i.id for i in instances}
-    known_profiles = {p.name: p.name for p in profiles}
-    out: dict[str, str] = {}
-    for t in entries:
-        iid = t.require("instance", str, "the id of an instance in [[instances]]")
-        name = t.require("profile", str, "the name of a profile in [[instance_profiles]]")
-        if iid is not None and iid not in known_instances:
-            t.problem("instance", show(iid), listed(known_instances, "instance ids"))
-        elif iid in out:
-            t.problem(
-                "instance", show(iid), f"an instance without an association (it has {out[iid]!r})"
-            )
-        if name is not None and name not in known_profiles:
-            t.problem("profile", show(name), listed(known_profiles, "instance profile names"))
-        elif iid in known_instances and iid not in out and name is not None:
-            out[known_instances[iid]] = known_profiles[name]
-    return tuple(out.items())
-
-
 OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint", "instance_metadata_tags")
 PLACEMENT_KEYS = (
     "region",
@@ -340,12 +247,6 @@ PLACEMENT_KEYS = (
     "account_id",
 )
 INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options", "tags", *USER_DATA_KEYS)
-
-
-def _derived_profile_id(account: str, name: str) -> str:
-    """A stable AIPA id for a profile configured without one (IAM ids are opaque)."""
-    digest = base64.b32encode(hashlib.sha256(f"{account}/{name}".encode()).digest()).decode()
-    return "AIPA" + digest[:17]
 
 
 def _filled_instance(

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
-from imdsd.config.reader import Section, choice, file_path, matching, one_of, show
+from imdsd.config.converters import choice, file_path, matching, one_of
+from imdsd.config.reader import Section, show
 from imdsd.errors import ConfigError, Problem
 
 InventorySource = Literal["file", "etcd"]

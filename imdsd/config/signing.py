@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imdsd.config.reader import Section, file_path
+from imdsd.config.converters import file_path
+from imdsd.config.reader import Section
 
 IDENTITY_KEYS = ("key_file", "certificate_file", "regions")
 _FILES = ("key_file", "certificate_file")

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import structlog
 
 from imdsd.config import instances as tables
+from imdsd.config import profiles as profile_tables
 from imdsd.config.reader import Reader, Section
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
 
@@ -112,7 +113,7 @@ def _named(section: Section, field: str, name: str, build: Any) -> Any:
 
 
 def _profile(section: Section) -> InstanceProfile | None:
-    found = tables.profiles([section])  # problems go to the section's reader
+    found = profile_tables.profiles([section])  # problems go to the section's reader
     return found[0] if found else None
 
 

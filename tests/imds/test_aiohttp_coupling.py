@@ -131,11 +131,14 @@ async def _drive(seen: Seen) -> None:
     Connection 2: a request the parser refuses."""
     server = seen.server
 
-    def connection() -> RequestHandler:  # as GuestServer.connection() builds GuestConnection
-        handler = Spy(server, seen, loop=server._loop, **server._kwargs)
-        seen.handlers.append(handler)
-        return handler
+    def build() -> RequestHandler:  # as GuestServer.connection() builds GuestConnection
+        return Spy(server, seen, loop=server._loop, **server._kwargs)
 
+    def connection() -> RequestHandler:
+        seen.handlers.append(build())
+        return seen.handlers[-1]
+
+    build()  # here, so a name it lacks fails by name, not as a connection asyncio dropped
     listening = await seen.loop.create_server(connection, "127.0.0.1", 0)
     port = listening.sockets[0].getsockname()[1]
     try:

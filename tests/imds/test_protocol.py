@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import pytest
 
-from imdsd.config import ImdsConfig
+from imdsd.config.host import ImdsConfig
 from imdsd.config.reader import Listener
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
