@@ -63,6 +63,9 @@ GUEST_SUMMARY_SECONDS = 60.0  # at most one incident summary line per guest per 
 LISTEN_BACKLOG = 4096
 ADMIN_SOCKET_MODE = 0o660
 REUSE_MARGIN = timedelta(minutes=1)
+# Config attributes a reload cannot change -> the config file's name for them
+RESTART_ONLY = {"imds": "imds", "rotation": "rotation", "backend": "backend", "host": "host",
+                "signing": "identity", "inventory": "inventory"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,7 +89,7 @@ class Daemon:
         self.api.trees.forget(gone)
         self.api.ledger.forget(gone)
         for instance_id in instance_ids:
-            self.rotator.follow(instance_id)
+            self.rotator.reconcile(instance_id)
 
     async def settled(self, instance_ids: set[str]) -> None:
         """Wait until these instances' sessions are issued or have failed (the admin verbs
@@ -140,7 +143,7 @@ async def running(
         if vault:
             await stack.enter_async_context(sealing(vault, inventory, sessions, tokens))
         ledger = Ledger(config.budgets, connection_ceiling())
-        signer = open_signer(config.identity, config.host.state_directory)
+        signer = open_signer(config.signing, config.host.state_directory)
         api = MetadataApi(inventory=inventory, sessions=sessions, tokens=tokens,
                           clock=clock, metrics=metrics, ledger=ledger,
                           trees=TreeCache(signer.sign),
@@ -370,13 +373,10 @@ def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
         configure_logging(new.log.level, new.log.format)
         daemon.api.log_requests = new.log.level == "debug"
     daemon.apply(changed)
-    restart_only = [
-        k
-        for k in ("imds", "rotation", "backend", "host", "identity", "inventory")
-        if getattr(new, k) != getattr(current, k)
-    ]
+    restart_only = [k for k in RESTART_ONLY if getattr(new, k) != getattr(current, k)]
     if restart_only:
-        log.warning("reload: these sections change only at restart", sections=restart_only)
+        log.warning("reload: these sections change only at restart",
+                    sections=[RESTART_ONLY[k] for k in restart_only])  # fmt: skip
     log.info(
         "reloaded",
         changed_associations=sorted(changed),

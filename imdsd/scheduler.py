@@ -216,7 +216,7 @@ class Rotator:
         self._arm_head()
         return [self._launch(k) for k in keys]
 
-    def follow(self, key: str) -> None:
+    def reconcile(self, key: str) -> None:
         """Bring one instance's rotation in line with its association, at once and without
         waiting on anything (invariant 9): a removed association loses its session, failure and
         schedule; a new or replaced one starts afresh (no failure, attempts or session of its
@@ -290,7 +290,7 @@ class Rotator:
 
     def _stored(self, key: str, association: Association, session: Session) -> None:
         if self._inventory.association(key) is not association:
-            return  # replaced or removed while the issuer worked: follow() saw to its successor
+            return  # replaced or removed while the issuer worked: reconcile() saw to its successor
         self._sessions.store(key, session, association.profile.role)
         self._attempts.pop(key, None)
         share = self._shares.pop(key, None)

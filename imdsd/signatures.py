@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import NameOID
 
-from imdsd.config.signing import IdentityConfig, KeyFiles
+from imdsd.config.signing import KeyFiles, SigningConfig
 from imdsd.errors import ConfigError, Problem
 from imdsd.files import write_atomically
 
@@ -98,7 +98,7 @@ def wrapped(raw: bytes) -> bytes:
     return b"\n".join(text[i : i + WRAP] for i in range(0, len(text), WRAP))
 
 
-def open_signer(config: IdentityConfig, state_directory: Path, *, generate: bool = True) -> Signer:
+def open_signer(config: SigningConfig, state_directory: Path, *, generate: bool = True) -> Signer:
     """The operator's keys from files; without [identity] files, the host's own key and
     self-signed certificate in the state directory, generated on first start (key 0600) and
     kept across restarts. ConfigError (exit 3) for files that are missing or not RSA/PEM.
@@ -117,7 +117,7 @@ def open_signer(config: IdentityConfig, state_directory: Path, *, generate: bool
     return Signer(default, regions)
 
 
-def check_files(config: IdentityConfig) -> None:
+def check_files(config: SigningConfig) -> None:
     """Every configured key and certificate loads and matches (check-config); ConfigError."""
     if config.default is not None:
         _load(config.default, "identity")

@@ -271,17 +271,17 @@ async def test_concurrency_is_bounded() -> None:
     assert rig.backend.max_in_flight == 1 and rig.backend.calls == 2
 
 
-async def test_follow_replaced_and_removed_association() -> None:
+async def test_reconcile_replaced_and_removed_association() -> None:
     """Replacing a profile serves the new role's session at once; disassociating drops it."""
     rig = Rig()
     await rig.rotator.prime()
     rig.inventory.replace_association(VM_A, "profile-b")
-    rig.rotator.follow(VM_A)
+    rig.rotator.reconcile(VM_A)
     await rig.rotator.settle(VM_A)
     entry = rig.sessions.get(VM_A)
     assert entry is not None and entry.role_arn != ROLE_A
     rig.inventory.disassociate(VM_A)
-    rig.rotator.follow(VM_A)
+    rig.rotator.reconcile(VM_A)
     assert rig.sessions.get(VM_A) is None and rig.rotator.due(VM_A) is None
 
 
@@ -295,7 +295,7 @@ async def test_replaced_while_issuing_gets_new_role_at_once() -> None:
     while rig.backend.in_flight == 0:
         await asyncio.sleep(0)
     rig.inventory.replace_association(VM_A, "profile-b")
-    rig.rotator.follow(VM_A)
+    rig.rotator.reconcile(VM_A)
     new = asyncio.create_task(rig.rotator.settle(VM_A))
     while rig.backend.in_flight < 2:
         await asyncio.sleep(0)
@@ -318,7 +318,7 @@ async def test_old_roles_failure_never_shows_at_the_new_roles_path() -> None:
     while rig.backend.in_flight == 0:
         await asyncio.sleep(0)
     rig.inventory.replace_association(VM_A, "profile-b")
-    rig.rotator.follow(VM_A)
+    rig.rotator.reconcile(VM_A)
     assert rig.sessions.failure(VM_A) is None and rig.rotator._attempts.get(VM_A) is None
     rig.backend.gate.set()
     await old  # fails, for the old association: dropped
@@ -366,7 +366,7 @@ async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
 
         assert abs(job_at() - wall(dues[first])) < timedelta(seconds=5)
         rig.inventory.disassociate(first)
-        rig.rotator.follow(first)
+        rig.rotator.reconcile(first)
         await rig.rotator.run_due()  # what the job does when it wakes: nothing due yet
         assert abs(job_at() - wall(dues[second])) < timedelta(seconds=5)
         soon = rig.clock.now() + M

@@ -44,9 +44,7 @@ def test_each_region_signs_with_its_own_key(tmp_path: Path) -> None:
     certificates() lists both for publishing."""
     dk, dc, default_key = pair(tmp_path, "default")
     rk, rc, region_key = pair(tmp_path, "eu")
-    signer = open_signer(
-        parse(config_text(identity(dk, dc, (rk, rc)))).identity, tmp_path / "state"
-    )
+    signer = open_signer(parse(config_text(identity(dk, dc, (rk, rc)))).signing, tmp_path / "state")
     document = b'{\n  "region" : "eu-west-1"\n}'
     for region, key in (("eu-west-1", region_key), ("us-east-1", default_key)):
         raw = base64.b64decode(signer.sign(document, region).signature.replace(b"\n", b""))
@@ -63,7 +61,7 @@ def test_a_certificate_of_another_key_is_refused(tmp_path: Path) -> None:
         ConfigError,
         match=r"identity\.key_file: got .*one\.key; allowed: an RSA key and the certificate of that key",
     ):
-        open_signer(parse(config_text(identity(key, cert))).identity, tmp_path)
+        open_signer(parse(config_text(identity(key, cert))).signing, tmp_path)
 
 
 def test_a_region_needs_both_files() -> None:
@@ -87,7 +85,7 @@ def test_a_first_start_generates_the_key_without_waiting(tmp_path: Path) -> None
     in a thread; the first signature waits for it, verifies against the kept certificate,
     and a second start loads the same key (0600) instead of making another."""
     state = tmp_path / "state"
-    config = parse(config_text()).identity
+    config = parse(config_text()).signing
     signer = open_signer(config, state)
     document = b'{"instanceId" : "i-0123456789abcdef0"}'
     signed = signer.sign(document, "us-east-1")  # waits for the thread, if still running

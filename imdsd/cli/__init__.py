@@ -71,7 +71,7 @@ def _check_config(config: Config, path: Path) -> int:
     from imdsd.signatures import check_files  # cryptography only when it is needed
 
     try:
-        check_files(config.identity)
+        check_files(config.signing)
         if config.inventory.source == "etcd":
             read_client_files(config.inventory.etcd)
     except ConfigError as exc:
@@ -86,7 +86,7 @@ def _print_certificates(config: Config) -> int:
     from imdsd.signatures import open_signer  # cryptography only when it is needed
 
     try:
-        signer = open_signer(config.identity, config.host.state_directory, generate=False)
+        signer = open_signer(config.signing, config.host.state_directory, generate=False)
     except ConfigError as exc:
         return _bad_config(exc)
     except FileNotFoundError:

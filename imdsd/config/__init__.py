@@ -31,7 +31,7 @@ from imdsd.config.host import (
 from imdsd.config.inventory import INVENTORY_KEYS, InventoryConfig, parse_inventory
 from imdsd.config.reader import Reader, keys_of
 from imdsd.config.rotation import check_lifetime, parse_rotation
-from imdsd.config.signing import IDENTITY_KEYS, IdentityConfig, parse_identity
+from imdsd.config.signing import SIGNING_KEYS, SigningConfig, parse_signing
 from imdsd.errors import ConfigError, Problem
 from imdsd.model import Instance, InstanceProfile, RotationPolicy
 
@@ -46,7 +46,7 @@ class Config:
     log: LogConfig
     host: HostConfig
     budgets: BudgetPolicy
-    identity: IdentityConfig
+    signing: SigningConfig  # [identity]: the key that signs identity documents
     instances: tuple[Instance, ...]
     profiles: tuple[InstanceProfile, ...]
     associations: tuple[tuple[str, str], ...]  # (instance id, profile name)
@@ -109,7 +109,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         log=parse_log(doc.table("log", keys_of(LogConfig))),
         host=host,
         budgets=parse_budgets(doc.table("budgets", BUDGET_KEYS)),
-        identity=parse_identity(doc.table("identity", IDENTITY_KEYS)),
+        signing=parse_signing(doc.table("identity", SIGNING_KEYS)),
         instances=instances,
         profiles=profiles,
         associations=profile_tables.associations(

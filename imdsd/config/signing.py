@@ -1,4 +1,5 @@
-"""[identity]: which key signs the instance identity documents (the config side only).
+"""[identity], read into SigningConfig: which key signs the instance identity documents (the
+config side only; "identity" alone means who is who).
 
 Without files, the host generates its own key on first start (signatures.py); with them, the
 operator's key and certificate sign, per region where `[identity.regions.<region>]` says so.
@@ -14,7 +15,7 @@ from pathlib import Path
 from imdsd.config.converters import file_path
 from imdsd.config.reader import Section
 
-IDENTITY_KEYS = ("key_file", "certificate_file", "regions")
+SIGNING_KEYS = ("key_file", "certificate_file", "regions")
 _FILES = ("key_file", "certificate_file")
 _PATH = "an absolute path, or one relative to the directory imdsd runs in"
 
@@ -28,14 +29,14 @@ class KeyFiles:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class IdentityConfig:
+class SigningConfig:
     """The default key pair (None: generated in the state directory) and per-region ones."""
 
     default: KeyFiles | None = None
     regions: dict[str, KeyFiles] = field(default_factory=dict)
 
 
-def parse_identity(t: Section) -> IdentityConfig:
+def parse_signing(t: Section) -> SigningConfig:
     regions = {}
     for region, section in t.keyed("regions", _FILES).items():
         files = _files(section)
@@ -43,7 +44,7 @@ def parse_identity(t: Section) -> IdentityConfig:
             section.problem("key_file", "nothing", "both key_file and certificate_file")
         else:
             regions[region] = files
-    return IdentityConfig(default=_files(t), regions=regions)
+    return SigningConfig(default=_files(t), regions=regions)
 
 
 def _files(t: Section) -> KeyFiles | None:
