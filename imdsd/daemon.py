@@ -106,6 +106,7 @@ async def running(
 ) -> AsyncIterator[Daemon]:
     """Start everything; yield the running daemon; stop everything on exit."""
     async with AsyncExitStack() as stack:
+        deadline = config.rotation.startup_deadline.total_seconds()
         # The backend opens after the listeners (opening may wait on the network) but closes
         # after them too, so requests in flight finish with it: its own stack, entered first.
         backend_stack = await stack.enter_async_context(AsyncExitStack())
@@ -118,7 +119,9 @@ async def running(
         kept = taken.token_key if taken and config.host.keep_tokens else None
         tokens = TokenIssuer(clock, kept)  # a new key: every guest token minted before dies
         remembered = (taken.subjects, taken.launched) if taken else None
-        fleet = FleetSource(config, clock) if config.inventory.source == "etcd" else None
+        fleet = None
+        if config.inventory.source == "etcd":
+            fleet = FleetSource(config.inventory.etcd, config.host.state_directory, clock)
         if fleet and state.path.exists():
             log.warning("state file ignored: this host's inventory comes from etcd",
                         state_file=str(state.path), inventory=fleet.name)  # fmt: skip
@@ -176,12 +179,14 @@ async def running(
         opened = await backend_stack.enter_async_context(opener_(config.backend, clock))
         deferred.open(wrap_backend(opened) if wrap_backend else opened)
         if fleet:  # after the listeners: etcd is a dependency like the upstream (invariant 8)
-            await stack.enter_async_context(fleet.following(inventory, daemon.apply))
+            await stack.enter_async_context(
+                fleet.following(inventory, daemon.apply, deadline=deadline)
+            )
         ready.set()  # /readyz: serving (an association without a session gets EC2's failure doc)
         # Invariant 8: nothing above awaited the upstream. Priming now fills the sessions, up
         # to the start-up deadline; what is still waiting then carries on in the background.
         rotator.start()
-        await rotator.prime(config.rotation.startup_deadline.total_seconds())
+        await rotator.prime(deadline)
         yield daemon
 
 

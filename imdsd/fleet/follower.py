@@ -23,9 +23,9 @@ from aetcd.rtypes import EventKind
 
 from imdsd.clock import Clock
 from imdsd.config.inventory import EtcdConfig, UnreadableFiles
+from imdsd.fleet.cache import Cache
 from imdsd.fleet.client import Client, open_client
 from imdsd.fleet.records import Mirror
-from imdsd.fleet.source import Cache
 
 log = structlog.get_logger("imdsd.etcd")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 10.0  # seconds; doubled per failed attempt, jittered

@@ -8,72 +8,37 @@ never loads it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from imdsd.clock import Clock
-from imdsd.files import write_atomically
+from imdsd.config.inventory import EtcdConfig
+from imdsd.fleet.cache import Cache
 from imdsd.fleet.records import Layout, Mirror
 
 if TYPE_CHECKING:
-    from imdsd.config import Config
     from imdsd.fleet.follower import Follower
     from imdsd.inventory import Inventory
 
 log = structlog.get_logger("imdsd.etcd")
-CACHE_NAME = "fleet-inventory.json"
-CACHE_MODE, DIRECTORY_MODE = 0o640, 0o750
 CACHED_START_SECONDS = 1.0  # with a cache to serve, start-up waits this long for etcd at most
 Apply = Callable[[set[str]], None]  # follow an applied change at once, never waiting
-
-
-class Cache:
-    """The last applied records, in the state directory (kept for this prefix and host only)."""
-
-    def __init__(self, directory: Path, layout: Layout) -> None:
-        self.path, self.layout = directory / CACHE_NAME, layout
-
-    def load(self) -> tuple[dict[str, tuple[int, bytes]], int, datetime] | None:
-        """(records, revision, when saved), or None when there is none for this layout."""
-        try:
-            data = json.loads(self.path.read_bytes())
-            if data["prefix"] != self.layout.prefix or data["host"] != self.layout.host:
-                return None
-            records = {k: (int(c), base64.b64decode(v)) for k, (c, v) in data["records"].items()}
-            return records, int(data["revision"]), datetime.fromisoformat(data["saved_at"])
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            log.warning("fleet inventory cache unreadable; ignored", path=str(self.path),
-                        error=exc.__class__.__name__)  # fmt: skip
-            return None
-
-    def save(self, mirror: Mirror, now: datetime) -> None:
-        self.path.parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
-        records = {k: [c, base64.b64encode(v).decode()] for k, (c, v) in mirror.raw.items()}
-        data = {"prefix": self.layout.prefix, "host": self.layout.host, "saved_at": now.isoformat(),
-                "revision": mirror.revision, "records": records}  # fmt: skip
-        write_atomically(self.path, json.dumps(data).encode(), CACHE_MODE)
 
 
 class FleetSource:
     """This host's part of the fleet: what it serves before etcd answers, and the follower."""
 
-    def __init__(self, config: Config, clock: Clock) -> None:
-        etcd = config.inventory.etcd
+    def __init__(self, etcd: EtcdConfig, state_directory: Path, clock: Clock) -> None:
         self.layout = Layout(etcd.prefix, etcd.host)
         self.mirror = Mirror(self.layout)
-        self.cache = Cache(config.host.state_directory, self.layout)
+        self.cache = Cache(state_directory, self.layout)
         self.name = f"etcd ({self.layout.mine()})"
-        self._config, self._clock = config, clock
+        self._etcd, self._clock = etcd, clock
         self._follower: Follower | None = None
         cached = self.cache.load()
         self.cached_at = cached[2] if cached else None
@@ -86,7 +51,9 @@ class FleetSource:
         return self._follower.status()
 
     @asynccontextmanager
-    async def following(self, inventory: Inventory, applied: Apply) -> AsyncIterator[None]:
+    async def following(
+        self, inventory: Inventory, applied: Apply, *, deadline: float
+    ) -> AsyncIterator[None]:
         """Follow etcd in the background until exit. Waits for the first load up to the
         start-up deadline (a second when a cached inventory is already being served). A batch
         takes effect before the next guest request is read: nothing in it awaits the upstream
@@ -97,11 +64,10 @@ class FleetSource:
             applied(inventory.reload(*self.mirror.baseline()))
 
         started = self._clock.now()
-        self._follower = follower = Follower(self._config.inventory.etcd, self.mirror, self.cache,
+        self._follower = follower = Follower(self._etcd, self.mirror, self.cache,
                                              apply, self._clock,
                                              stale_since=self.cached_at or started)  # fmt: skip
         task = asyncio.create_task(follower.run(), name="fleet inventory")
-        deadline = self._config.rotation.startup_deadline.total_seconds()
         try:
             try:
                 await asyncio.wait_for(

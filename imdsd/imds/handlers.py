@@ -7,17 +7,29 @@ everything else was rendered at rotation or association time.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 
+from imdsd.clock import Clock
 from imdsd.imds.prepared import SERVER, TEXT, Prepared
-from imdsd.imds.tree import CredentialLeaf
+from imdsd.imds.tree import CredentialLeaf, TreeCache
+from imdsd.inventory import Inventory
 from imdsd.model import Instance
-from imdsd.tokens import parse_ttl
+from imdsd.sessions import SessionCache
+from imdsd.tokens import TokenIssuer, parse_ttl
 
-if TYPE_CHECKING:
-    from imdsd.imds.app import MetadataApi
+
+class Reads(Protocol):
+    """What an answer reads (the pipeline, imds.app.MetadataApi, has it): the handlers take
+    no more than this, so they need nothing of the pipeline's own module."""
+
+    inventory: Inventory
+    sessions: SessionCache
+    tokens: TokenIssuer
+    clock: Clock
+    trees: TreeCache
+
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -34,9 +46,7 @@ class Ec2Error(Exception):
         self.close = close
 
 
-def answer(
-    api: MetadataApi, request: web.BaseRequest, instance: Instance
-) -> web.Response | Prepared:
+def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response | Prepared:
     """The token endpoint takes PUT, the tree takes GET and HEAD."""
     if request.path == TOKEN_PATH:
         if request.method != "PUT":
@@ -47,9 +57,7 @@ def answer(
     return metadata(api, request, instance)
 
 
-def metadata(
-    api: MetadataApi, request: web.BaseRequest, instance: Instance
-) -> web.Response | Prepared:
+def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response | Prepared:
     """GET of any tree path: a leaf, a listing, or the role's credential document."""
     inventory = api.inventory
     association = inventory.association(instance.id)
@@ -68,7 +76,7 @@ def metadata(
     return web.Response(body=body + closing, content_type=TEXT, headers=_HEADERS)  # HEAD
 
 
-def token(api: MetadataApi, request: web.BaseRequest, instance: Instance) -> web.Response:
+def token(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response:
     """PUT /latest/api/token: a session token for the calling instance."""
     if "X-Forwarded-For" in request.headers:
         # EC2 refuses tokens to requests that went through a proxy.

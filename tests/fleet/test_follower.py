@@ -12,10 +12,10 @@ from structlog.testing import capture_logs
 
 from imdsd.clock import SystemClock
 from imdsd.config.inventory import EtcdConfig, endpoint
+from imdsd.fleet.cache import Cache
 from imdsd.fleet.client import open_client
 from imdsd.fleet.follower import Follower
 from imdsd.fleet.records import Layout, Mirror
-from imdsd.fleet.source import Cache
 from tests.fleet.etcd import Etcd
 
 VM1 = "i-0c0aac7000000001a"
