@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "imdsd.vault",
         "imdsd.metrics",
         "imdsd.signatures",
-    ),  # fmt: skip
+    ),
     ("imdsd.inventory", "imdsd.state"),
     ("imdsd.config",),
     (
@@ -44,7 +44,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "imdsd.log",
         "imdsd.files",
         "imdsd.systemd",
-    ),  # fmt: skip
+    ),
     ("imdsd.model", "imdsd.errors", "imdsd.clock", "imdsd"),
 )
 
