@@ -172,6 +172,7 @@ def _error_placeholder(seen: Seen) -> None:
 
 def _replace(seen: Seen) -> None:
     # GuestServer._request answers every version as HTTP/1.1: message._replace(version=...).
+    # The live class is the C parser's RawRequestMessage (its own _replace), not the NamedTuple.
     parsed = seen.calls[1].message
     assert isinstance(parsed, RawRequestMessage) and parsed.version == HttpVersion10
     moved = parsed._replace(version=HttpVersion11)
