@@ -4,9 +4,10 @@
 association's next refresh (refresh_at() of its session, or a backoff after a failure) in one
 heap of due times, a timer wheel that a single APScheduler job wakes at the earliest of them:
 one job per association would cost ~1 KB and ~0.1 ms to add each, a tenth of a 10,000-instance
-host's memory budget and most of its start-up. It bounds concurrent issuer calls and makes
-concurrent refreshes of one association share a single call. An issuer failure never removes
-a session: the current one is served until its own expiry (invariant 3).
+host's memory budget and most of its start-up. Tests drive that job's own function, `wake()`,
+after moving a fake clock. The Rotator bounds concurrent issuer calls and makes concurrent
+refreshes of one association share a single call. An issuer failure never removes a session:
+the current one is served until its own expiry (invariant 3).
 """
 
 from __future__ import annotations
@@ -194,25 +195,18 @@ class Rotator:
         """When the association's next refresh (or retry) is due, on the injected clock."""
         return self._due.get(key)
 
-    async def run_due(self) -> None:
-        """Run every refresh that is due on the injected clock, and wait for them (what tests
-        call after moving the clock)."""
-        await asyncio.gather(*map(asyncio.shield, self._start_due()))
-
-    async def _wake(self) -> None:
-        """The APScheduler job: start the refreshes that are due and return at once. It must
-        not wait for them: APScheduler skips a job's run while its previous one is running,
-        and a skipped wake-up would leave every later refresh unscheduled."""
-        self._start_due()
-
-    def _start_due(self) -> list[asyncio.Task[None]]:
-        """Start (or join) every refresh due on the injected clock; set the job at the next."""
+    async def wake(self) -> list[asyncio.Task[None]]:
+        """The APScheduler job (and tests' one way in after moving the fake clock): start (or
+        join) every refresh due on the injected clock, set the job at the next due time, and
+        return the refreshes started without waiting for them. It must not wait: APScheduler
+        skips a job's run while its previous one is running, and a skipped wake-up would leave
+        every later refresh unscheduled. APScheduler drops the tasks; a test awaits them."""
         now, keys = self._clock.now(), []
         while self._queue and self._queue[0][0] <= now:
             due, key = heapq.heappop(self._queue)
             if self._due.get(key) is due:
                 keys.append(key)
-        self._wake_at = None  # the job that ran is spent; a test's call replaces it
+        self._wake_at = None  # the job that was set is spent (or replaced by this earlier wake)
         self._arm_head()
         return [self._launch(k) for k in keys]
 
@@ -379,7 +373,7 @@ class Rotator:
         # APScheduler runs on the wall clock; the decision was made on the injected one.
         wall = datetime.now(UTC) + (due - self._clock.now())
         self._scheduler.add_job(
-            self._wake,
+            self.wake,
             DateTrigger(run_date=wall),
             id="rotation",
             name="rotation: run the refreshes that are due",

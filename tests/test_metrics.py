@@ -46,7 +46,7 @@ async def test_metrics_count_what_happened(
     await http(url, "/nope", source="127.0.0.2")
     flaky[0].failing = BackendError("Throttling", "slow down")
     clock.advance(timedelta(hours=4))
-    await daemon.rotator.run_due()
+    await asyncio.gather(*await daemon.rotator.wake())
     m = await scrape(daemon)
     assert m[("imdsd_requests_total", (("path", "token"), ("status", "200")))] == 1
     assert m[("imdsd_requests_total", (("path", "token"), ("status", "400")))] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -59,7 +60,7 @@ async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
             await http(url, f"/latest/meta-data/iam/security-credentials/{role}", source=source,
                        headers={"X-aws-ec2-metadata-token": imds_tokens[0]})  # fmt: skip
         clock.advance(timedelta(hours=3, minutes=1))
-        await daemon.rotator.run_due()  # rotate
+        await asyncio.gather(*await daemon.rotator.wake())  # rotate
         entry = daemon.sessions.get(VM_A)
         assert entry is not None and entry.session not in sessions
         sessions.append(entry.session)
@@ -67,7 +68,7 @@ async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
             "AccessDenied", "The issuer refused the role.", retryable=False
         )
         clock.advance(timedelta(hours=3, minutes=1))
-        await daemon.rotator.run_due()  # fail
+        await asyncio.gather(*await daemon.rotator.wake())  # fail
         clock.advance(timedelta(hours=6))
         await http(url, "/latest/meta-data/iam/security-credentials/role-a", source="127.0.0.2")
         # A token in a request the parser refuses, and in one from a stranger, stays out too.

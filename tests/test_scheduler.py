@@ -112,11 +112,12 @@ class Rig:
         return entry.session.access_key_id
 
     async def advance(self, delta: timedelta, step: timedelta = M) -> None:
-        """Move the clock in steps, running whatever falls due, as the scheduler would."""
+        """Move the clock in steps, waking the rotator's job after each step and awaiting the
+        refreshes it starts."""
         end = self.clock.now() + delta
         while self.clock.now() < end:
             self.clock.advance(min(step, end - self.clock.now()))
-            await self.rotator.run_due()
+            await asyncio.gather(*await self.rotator.wake())
 
 
 async def test_prime_gives_every_association_a_session() -> None:
@@ -135,10 +136,10 @@ async def test_rotation_happens_at_refresh_at() -> None:
     first, due = rig.key_id(), rig.rotator.due(VM_A)
     assert due is not None and due == START + 3 * H - DEFAULT.jitter * random.Random(1).random()
     rig.clock.set(due - S)
-    await rig.rotator.run_due()
+    await asyncio.gather(*await rig.rotator.wake())
     assert rig.key_id() == first
     rig.clock.set(due)
-    await rig.rotator.run_due()
+    await asyncio.gather(*await rig.rotator.wake())
     assert rig.key_id() != first
     next_due = rig.rotator.due(VM_A)
     assert next_due is not None and next_due > due
@@ -200,7 +201,7 @@ async def test_backoff_grows_then_caps() -> None:
     gaps = []
     for _ in range(12):
         before = rig.clock.now()
-        await rig.rotator.run_due()
+        await asyncio.gather(*await rig.rotator.wake())
         due = rig.rotator.due(VM_A)
         assert due is not None
         gaps.append(due - before)
@@ -215,7 +216,7 @@ async def test_non_retryable_failure_waits_retry_max() -> None:
     await rig.rotator.prime()
     rig.backend.failing = BackendError("AccessDenied", "not allowed", retryable=False)
     rig.clock.set(START + 4 * H)
-    await rig.rotator.run_due()
+    await asyncio.gather(*await rig.rotator.wake())
     assert rig.rotator.due(VM_A) == rig.clock.now() + DEFAULT.retry_max
 
 
@@ -226,7 +227,7 @@ async def test_unexpected_backend_exception_is_contained() -> None:
     good = rig.served()
     rig.backend.failing = RuntimeError("bug")  # type: ignore[assignment]
     rig.clock.set(START + 4 * H)
-    await rig.rotator.run_due()
+    await asyncio.gather(*await rig.rotator.wake())
     assert rig.served() == good
     failure = rig.sessions.failure(VM_A)
     assert failure is not None and failure.code == "InternalError"
@@ -340,7 +341,7 @@ async def test_an_already_expired_answer_is_a_failure_with_backoff() -> None:
     due = rig.rotator.due(VM_A)
     assert due is not None and due - rig.clock.now() >= DEFAULT.retry_initial / 2
     calls = rig.backend.calls
-    await rig.rotator.run_due()
+    await asyncio.gather(*await rig.rotator.wake())
     assert rig.backend.calls == calls  # nothing is due before the backoff
 
 
@@ -367,7 +368,7 @@ async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
         assert abs(job_at() - wall(dues[first])) < timedelta(seconds=5)
         rig.inventory.disassociate(first)
         rig.rotator.reconcile(first)
-        await rig.rotator.run_due()  # what the job does when it wakes: nothing due yet
+        await asyncio.gather(*await rig.rotator.wake())  # the job, woken early: nothing due
         assert abs(job_at() - wall(dues[second])) < timedelta(seconds=5)
         soon = rig.clock.now() + M
         rig.rotator._schedule(second, soon)
@@ -430,7 +431,7 @@ async def test_stale_heap_entries_do_not_refresh_or_pile_up() -> None:
     assert rig.backend.calls == calls + 200
     assert len(rig.rotator._queue) <= 2 * 2 + 64
     rig.clock.set(START + 4 * H)
-    await rig.rotator.run_due()
+    await asyncio.gather(*await rig.rotator.wake())
     assert rig.backend.calls == calls + 200 + 2  # VM_A once, VM_B once
 
 

@@ -120,7 +120,7 @@ async def test_failure_document_once_no_valid_session(daemon: Daemon, url: str, 
     before = json.loads((await http(url, path, source=A)).body)
     flaky[0].failing = BackendError("ServiceUnavailable", "The issuer is unavailable.")
     clock.advance(timedelta(hours=4))
-    await daemon.rotator.run_due()
+    await asyncio.gather(*await daemon.rotator.wake())
     assert json.loads((await http(url, path, source=A)).body) == before
     clock.advance(timedelta(hours=2))
     reply = await http(url, path, source=A)

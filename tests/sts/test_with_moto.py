@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -115,7 +116,7 @@ async def test_thirty_percent_failures_still_rotate_in_time(sts_daemon: StartDae
         keys = set()
         for _ in range(24 * 60):
             clock.advance(timedelta(minutes=1))
-            await daemon.rotator.run_due()
+            await asyncio.gather(*await daemon.rotator.wake())
             for vm in (VM_A, VM_B):
                 entry = daemon.sessions.get(vm)
                 assert entry is not None and entry.session.expiration - clock.now() >= timedelta(
@@ -136,7 +137,7 @@ async def test_outage_serves_until_expiry_then_recovers(sts_daemon: StartDaemon,
         proxy.mode = "outage"
         for _ in range(6 * 60 - 1):
             clock.advance(timedelta(minutes=1))
-            await daemon.rotator.run_due()
+            await asyncio.gather(*await daemon.rotator.wake())
         assert json.loads((await http(url, CREDS + "role-a", source=A)).body) == first
         clock.advance(timedelta(minutes=1))
         down = json.loads((await http(url, CREDS + "role-a", source=A)).body)
@@ -144,7 +145,7 @@ async def test_outage_serves_until_expiry_then_recovers(sts_daemon: StartDaemon,
         proxy.mode = "pass"
         for _ in range(6):
             clock.advance(timedelta(minutes=1))
-            await daemon.rotator.run_due()
+            await asyncio.gather(*await daemon.rotator.wake())
         back = json.loads((await http(url, CREDS + "role-a", source=A)).body)
     assert back["Code"] == "Success" and back["AccessKeyId"] != first["AccessKeyId"]
 
@@ -245,7 +246,7 @@ async def test_no_upstream_or_session_secret_in_logs(
         guest = await run_guest(daemon.urls[0], moto, A)
         sessions.append(daemon.sessions.get(VM_A))
         clock.advance(timedelta(hours=3, minutes=5))
-        await daemon.rotator.run_due()
+        await asyncio.gather(*await daemon.rotator.wake())
         sessions += [daemon.sessions.get(VM_A), daemon.sessions.get(VM_B)]
         await http(daemon.urls[0], CREDS + "role-denied", source=D)
     text = buffer.getvalue()
