@@ -21,7 +21,7 @@ from typing import Any
 
 from imdsd.config.instances import instance_in, instance_table, options_in
 from imdsd.config.reader import Reader, Section, show
-from imdsd.errors import ConfigError, ImdsdError, Problem
+from imdsd.errors import ConfigError, Problem, StateError
 from imdsd.files import write_atomically
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, MetadataOptions
 
@@ -137,10 +137,6 @@ def _upgrade(data: dict[str, Any]) -> None:
                 record["tags"] = dict(record["tags"])
             for key in [k for k, v in record.items() if v is None]:
                 del record[key]
-
-
-class StateError(ImdsdError):
-    """The state file exists but cannot be read or written."""
 
 
 class StateFile:

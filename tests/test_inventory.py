@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 
 from imdsd.config.instances import instance_from, instance_table
-from imdsd.errors import ConfigError, InventoryError  # the base of NotFoundError and ConflictError
+from imdsd.errors import (  # the base of NotFoundError and ConflictError
+    ConfigError,
+    InventoryError,
+    StateError,
+)
 from imdsd.inventory import Inventory
 from imdsd.model import MetadataOptions
-from imdsd.state import StateError, StateFile
+from imdsd.state import StateFile
 from tests.fakes import START, FakeClock
 from tests.helpers import VM_A, VM_B, VM_D, make_config
 

@@ -149,3 +149,19 @@ def test_the_graph_is_whole() -> None:
     example = PACKAGE / "imds" / "handlers.py"
     assert imports_of(example) >= {"imdsd.imds.tree"}
     assert module_name(PACKAGE / "config" / "__init__.py") == "imdsd.config"
+
+
+def test_every_exception_class_is_in_errors() -> None:
+    """Every exception class imdsd defines lives in imdsd.errors, where its code and status
+    are declared (one mechanism maps classes to EC2 and admin codes)."""
+    import importlib
+    import inspect
+
+    elsewhere = [
+        f"{name}.{cls.__name__}"
+        for name in GRAPH
+        if name not in ("imdsd.errors", "imdsd.__main__")
+        for cls in vars(importlib.import_module(name)).values()
+        if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == name
+    ]
+    assert not elsewhere, elsewhere

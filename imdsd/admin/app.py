@@ -39,7 +39,7 @@ from imdsd.admin.views import instance_view, profile_view, session_view
 from imdsd.budgets import Ledger
 from imdsd.clock import Clock
 from imdsd.config.instances import instance_from
-from imdsd.errors import ConfigError, ConflictError, ImdsdError, NotFoundError
+from imdsd.errors import BadRequest, ConfigError, ConflictError, ImdsdError, NotFoundError
 from imdsd.inventory import Inventory
 from imdsd.sessions import SessionCache
 
@@ -47,26 +47,16 @@ log = structlog.get_logger("imdsd.admin")
 routes = web.RouteTableDef()
 
 
-class BadRequest(ImdsdError):
-    """The request body is not what the endpoint takes."""
-
-
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal is JSON with a code and a message the CLI prints as it is."""
     try:
         return await handler(request)
-    except NotFoundError as exc:
-        return _error(404, "NotFound", str(exc))
-    except ConflictError as exc:
-        return _error(409, "Conflict", str(exc))
-    except ConfigError as exc:
-        return _error(400, "InvalidParameter", str(exc), problems=[str(p) for p in exc.problems])
-    except BadRequest as exc:
-        return _error(400, "BadRequest", str(exc))
-    except ImdsdError as exc:  # e.g. the state file cannot be written: nothing was changed
-        log.error("admin request failed", error=exc.__class__.__name__, path=request.path)
-        return _error(500, "InternalError", str(exc))
+    except ImdsdError as exc:  # a refusal names itself (errors.py); the rest is a 500
+        if exc.http_status >= 500:  # e.g. the state file cannot be written: nothing was changed
+            log.error("admin request failed", error=exc.__class__.__name__, path=request.path)
+        extra = {"problems": [str(p) for p in exc.problems]} if isinstance(exc, ConfigError) else {}
+        return _error(exc.http_status, exc.code, str(exc), **extra)
     except web.HTTPException as exc:
         return _error(exc.status, exc.reason.replace(" ", ""), exc.reason)
     except Exception as exc:  # imdsd's own bug: its class logged, a JSON 500, never a traceback

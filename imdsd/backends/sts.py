@@ -35,7 +35,7 @@ from botocore.exceptions import BotoCoreError
 
 from imdsd.clock import Clock
 from imdsd.config.backend import BackendConfig, StsBackendConfig
-from imdsd.errors import BackendError
+from imdsd.errors import RETRYABLE_CODES, BackendError, DurationTooLong
 from imdsd.model import InstanceProfile, Session
 
 API_VERSION = "2011-06-15"
@@ -44,18 +44,9 @@ FORM = "application/x-www-form-urlencoded; charset=utf-8"
 # the configured duration exceeds the role's MaxSessionDuration.
 FALLBACK_DURATION_SECONDS = 3600
 RESPONSE_LIMIT_BYTES = 1 << 20
-RETRYABLE_CODES = frozenset({
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-    "ServiceUnavailable", "InternalFailure", "InternalError", "IDPCommunicationError",
-    "RequestTimeout", "SlowDown",
-})  # fmt: skip
 
 HostCredentials = Callable[[], Awaitable[ReadOnlyCredentials]]
 log = structlog.get_logger("imdsd.sts")
-
-
-class DurationTooLong(BackendError):
-    """STS refused DurationSeconds: more than the role's MaxSessionDuration (or chaining's 1 h)."""
 
 
 class StsIssuer:

@@ -22,8 +22,8 @@ from imdsd.clock import SystemClock
 from imdsd.config import Config, load
 from imdsd.config.host import LogFormat, LogLevel
 from imdsd.config.inventory import read_client_files
-from imdsd.errors import ConfigError, ImdsdError
-from imdsd.state import StateError, StateFile
+from imdsd.errors import ConfigError, ImdsdError, StateError
+from imdsd.state import StateFile
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 3
 DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
-from imdsd.cli.client import DaemonUnavailable, Refused, call
+from imdsd.cli.client import call
 from imdsd.cli.tables import instances_table, profiles_table, record, sessions_table
 from imdsd.config import load
 from imdsd.config.instances import OPTION_KEYS, PLACEMENT_KEYS
-from imdsd.errors import ConfigError
+from imdsd.errors import ConfigError, DaemonUnavailable, Refused
 from imdsd.model import USER_DATA_MAX_BYTES, HttpEndpoint, HttpTokens
 
 EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 4

@@ -13,21 +13,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from imdsd.errors import ImdsdError
+from imdsd.errors import DaemonUnavailable, Refused
 
 TIMEOUT_SECONDS = 120  # an associate waits for the upstream's first session
-
-
-class DaemonUnavailable(ImdsdError):
-    """Nothing answers on the admin socket."""
-
-
-class Refused(ImdsdError):
-    """The daemon refused the call (unknown id, a conflict, invalid values)."""
-
-    def __init__(self, status: int, code: str, message: str, problems: list[str]) -> None:
-        super().__init__(message)
-        self.status, self.code, self.problems = status, code, problems
 
 
 class _UnixConnection(http.client.HTTPConnection):

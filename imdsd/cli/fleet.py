@@ -24,16 +24,19 @@ from imdsd.cli.tables import instances_table, profiles_table, record
 from imdsd.config import load
 from imdsd.config.instances import instance_table
 from imdsd.config.inventory import EtcdConfig, endpoint, read_client_files
-from imdsd.errors import ConfigError, ImdsdError
-from imdsd.fleet.records import Layout, RecordError, parse
+from imdsd.errors import (
+    ConfigError,
+    ConflictError,
+    ImdsdError,
+    InventoryError,
+    NotFoundError,
+    RecordError,
+)
+from imdsd.fleet.records import Layout, parse
 from imdsd.model import Instance, InstanceProfile
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 3, 4
 DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
-
-
-class FleetRefused(ImdsdError):
-    """The change contradicts the fleet's records (unknown id, a second association, ...)."""
 
 
 def add_commands(commands: Any) -> None:
@@ -91,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         result, show = asyncio.run(_execute(config, args))
-    except FleetRefused as exc:
-        print(f"imdsd: {exc}", file=sys.stderr)
+    except (NotFoundError, ConflictError) as exc:  # the same codes as the admin API's
+        print(f"imdsd: {exc.code}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except ImdsdError as exc:  # includes a ConfigError of the record (each line its key)
         for line in str(exc).splitlines():
@@ -197,20 +200,20 @@ class Fleet:
     async def locate(self, iid: str) -> dict[str, Any]:
         found = (await self.records()).get(iid)
         if found is None:
-            raise FleetRefused(f"NotFound: instance {iid} is on no host of the fleet")
+            raise NotFoundError(f"instance {iid} is on no host of the fleet")
         return found
 
     # -- changing ----------------------------------------------------------------------------
 
     async def put_if(
         self, compare: list[Any], puts: dict[str, bytes], deletes: tuple[str, ...] = (),
-        *, refusal: str,
+        *, refusal: InventoryError,
     ) -> None:  # fmt: skip
         ops = [self.t.put(k.encode(), v) for k, v in puts.items()]
         ops += [self.t.delete(k.encode()) for k in deletes]
         succeeded, _ = await self.client.transaction(compare=compare, success=ops, failure=[])
         if not succeeded:
-            raise FleetRefused(refusal)
+            raise refusal
 
     async def add_profile(self, args: argparse.Namespace) -> dict[str, Any]:
         table = {"name": args.name, "role_arn": args.role_arn, "path": args.path, "id": args.id,
@@ -218,17 +221,17 @@ class Fleet:
         table = {k: v for k, v in table.items() if v is not None}
         key = self.layout.profile(args.name)
         profile = _validated(self.layout, key, table)
-        refusal = f"Conflict: instance profile {args.name!r} already exists"
+        refusal = ConflictError(f"instance profile {args.name!r} already exists")
         await self.put_if([self.t.version(key.encode()) == 0], {key: _json(table)}, refusal=refusal)
         return profile_view(profile)
 
     async def remove_profile(self, name: str) -> None:
         users = [i for i, row in (await self.records()).items() if row["profile"] == name]
         if users:
-            raise FleetRefused(f"Conflict: instance profile {name!r} is associated with "
+            raise ConflictError(f"instance profile {name!r} is associated with "
                                f"{', '.join(sorted(users))}")  # fmt: skip
         key = self.layout.profile(name)
-        refusal = f"NotFound: instance profile {name!r} does not exist"
+        refusal = NotFoundError(f"instance profile {name!r} does not exist")
         await self.put_if([self.t.version(key.encode()) > 0], {}, (key,), refusal=refusal)
 
     async def add_instance(self, args: argparse.Namespace) -> dict[str, Any]:
@@ -237,14 +240,14 @@ class Fleet:
         instance = _validated(Layout(self.layout.prefix, args.host), key, table)
         fleet = await self.records()
         if args.id in fleet:
-            raise FleetRefused(f"Conflict: instance {args.id} already exists (on host "
+            raise ConflictError(f"instance {args.id} already exists (on host "
                                f"{fleet[args.id]['host']}; remove it there first)")  # fmt: skip
         for iid, row in fleet.items():
             taken = set(row["instance"].addresses) & set(instance.addresses)
             if row["host"] == args.host and taken:
-                raise FleetRefused(f"Conflict: address {taken.pop()} already belongs to {iid}")
+                raise ConflictError(f"address {taken.pop()} already belongs to {iid}")
         await self.put_if([self.t.version(key.encode()) == 0], {key: _json(table)},
-                          refusal=f"Conflict: instance {args.id} already exists")  # fmt: skip
+                          refusal=ConflictError(f"instance {args.id} already exists"))  # fmt: skip
         return _instance_view(instance, args.host, None)
 
     async def show(self, iid: str) -> dict[str, Any]:
@@ -256,20 +259,20 @@ class Fleet:
         key = self.layout.instance(iid, host)
         await self.put_if([self.t.version(key.encode()) > 0], {},
                           (key, self.layout.association(iid, host)),
-                          refusal=f"NotFound: instance {iid} does not exist")  # fmt: skip
+                          refusal=NotFoundError(f"instance {iid} does not exist"))  # fmt: skip
 
     async def associate(self, iid: str, profile: str, new: bool) -> dict[str, Any]:
         row = await self.locate(iid)
         found = {p.name: p for p in await self.profiles()}.get(profile)
         if found is None:
-            raise FleetRefused(f"NotFound: instance profile {profile!r} does not exist")
+            raise NotFoundError(f"instance profile {profile!r} does not exist")
         host = row["host"]
         key, instance = self.layout.association(iid, host), self.layout.instance(iid, host)
         has = self.t.version(key.encode()) == 0 if new else self.t.version(key.encode()) > 0
-        refusal = (
-            f"Conflict: instance {iid} already has an association ({row['profile']})"
+        refusal = ConflictError(
+            f"instance {iid} already has an association ({row['profile']})"
             if new
-            else f"Conflict: instance {iid} has no association to replace"
+            else f"instance {iid} has no association to replace"
         )
         await self.put_if([self.t.version(instance.encode()) > 0, has],
                           {key: _json({"profile": profile})}, refusal=refusal)  # fmt: skip
@@ -279,7 +282,7 @@ class Fleet:
         host = (await self.locate(iid))["host"]
         key = self.layout.association(iid, host)
         await self.put_if([self.t.version(key.encode()) > 0], {}, (key,),
-                          refusal=f"Conflict: instance {iid} has no association")  # fmt: skip
+                          refusal=ConflictError(f"instance {iid} has no association"))  # fmt: skip
 
     async def instances(self, host: str | None) -> list[dict[str, Any]]:
         rows = await self.records(host)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from imdsd.config.converters import choice, file_path, matching, one_of
 from imdsd.config.reader import Section, show
-from imdsd.errors import ConfigError, Problem
+from imdsd.errors import Problem, UnreadableFiles
 
 InventorySource = Literal["file", "etcd"]
 INVENTORY_KEYS = ("source", "etcd")
@@ -132,16 +132,6 @@ def parse_inventory(t: Section) -> InventoryConfig:
     return InventoryConfig(source=source, etcd=etcd)
 
 
-class UnreadableFiles(ConfigError):
-    """Files the etcd client needs cannot be read. Each problem names the key, the path and the
-    errno; `failures` is (key path, errno name) each, for the log. Never a file's contents."""
-
-    def __init__(self, failures: list[tuple[str, Path, OSError | ValueError]]) -> None:
-        self.failures = tuple((f"inventory.etcd.{key}", _reason(exc)) for key, _, exc in failures)
-        super().__init__([Problem(f"inventory.etcd.{key}", f"{path} ({_reason(exc, full=True)})",
-                                  CLIENT_FILES[key]) for key, path, exc in failures])  # fmt: skip
-
-
 @dataclass(frozen=True, slots=True)
 class ClientFiles:
     """What the etcd client reads from files, read at once; secrets stay out of any repr."""
@@ -169,13 +159,21 @@ def read_client_files(config: EtcdConfig) -> ClientFiles:
         except (OSError, ValueError) as exc:
             failures.append((key, path, exc))
     if failures:
-        raise UnreadableFiles(failures)
+        raise _unreadable(failures)
     password = read.get("password_file")
     return ClientFiles(
         ca=read.get("ca_file"),
         cert=read.get("cert_file"),
         key=read.get("key_file"),
         password=password.decode().strip() if password is not None else None,
+    )
+
+
+def _unreadable(failures: list[tuple[str, Path, OSError | ValueError]]) -> UnreadableFiles:
+    problems = [Problem(f"inventory.etcd.{key}", f"{path} ({_reason(exc, full=True)})",
+                        CLIENT_FILES[key]) for key, path, exc in failures]  # fmt: skip
+    return UnreadableFiles(
+        problems, tuple((f"inventory.etcd.{k}", _reason(e)) for k, _, e in failures)
     )
 
 

@@ -22,7 +22,8 @@ from aetcd.exceptions import RevisionCompactedError
 from aetcd.rtypes import EventKind
 
 from imdsd.clock import Clock
-from imdsd.config.inventory import EtcdConfig, UnreadableFiles
+from imdsd.config.inventory import EtcdConfig
+from imdsd.errors import UnreadableFiles
 from imdsd.fleet.cache import Cache
 from imdsd.fleet.client import Client, open_client
 from imdsd.fleet.records import Mirror

@@ -19,6 +19,7 @@ import structlog
 from imdsd.config import instances as tables
 from imdsd.config import profiles as profile_tables
 from imdsd.config.reader import Reader, Section
+from imdsd.errors import RecordError
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
 
 log = structlog.get_logger("imdsd.etcd")
@@ -65,14 +66,6 @@ class Layout:
 
 
 Record = InstanceProfile | Instance | str  # a profile, an instance, an association's profile
-
-
-class RecordError(ValueError):
-    """A record that fails validation; each problem names the key (and the field)."""
-
-    def __init__(self, *problems: str) -> None:
-        self.problems = problems
-        super().__init__("; ".join(problems))
 
 
 def parse(layout: Layout, key: str, value: bytes) -> Record:

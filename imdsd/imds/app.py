@@ -19,8 +19,9 @@ from aiohttp import web
 
 from imdsd.budgets import STRANGERS, Incident, Ledger
 from imdsd.clock import Clock
+from imdsd.errors import Ec2Error
 from imdsd.imds import render
-from imdsd.imds.handlers import TOKEN_PATH, Ec2Error, answer
+from imdsd.imds.handlers import TOKEN_PATH, answer
 from imdsd.imds.prepared import SERVER, Prepared
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
@@ -91,7 +92,7 @@ class MetadataApi:
             self.token_policy(request, instance)
             response = answer(self, request, instance)
         except Ec2Error as exc:
-            response, reason = error_page(exc.status), str(exc)
+            response, reason = error_page(exc.http_status), str(exc)
             if exc.close:
                 response.force_close()
         except Exception as exc:

@@ -12,6 +12,7 @@ from typing import Protocol
 from aiohttp import web
 
 from imdsd.clock import Clock
+from imdsd.errors import Ec2Error
 from imdsd.imds.prepared import SERVER, TEXT, Prepared
 from imdsd.imds.tree import CredentialLeaf, TreeCache
 from imdsd.inventory import Inventory
@@ -34,16 +35,6 @@ class Reads(Protocol):
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 _HEADERS = {"Server": SERVER}
-
-
-class Ec2Error(Exception):
-    """Answer with EC2's page for this status; the message is for the log only. `close`
-    ends the connection after the answer."""
-
-    def __init__(self, status: int, reason: str, *, close: bool = False) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.close = close
 
 
 def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response | Prepared:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from imdsd.cli.client import Refused, request
+from imdsd.cli.client import request
+from imdsd.errors import Refused
 from imdsd.model import USER_DATA_MAX_BYTES
 from tests.helpers import host_sections, http
 from tests.process import Proc
@@ -77,7 +78,7 @@ async def test_admin_api_refuses_user_data_file(tmp_path: Path, daemon: Proc) ->
             "user_data_file": str(secret)}  # fmt: skip
     with pytest.raises(Refused) as refused:
         await request(socket, "POST", "/v1/instances", body)
-    assert (refused.value.status, refused.value.code) == (400, "InvalidParameter")
+    assert (refused.value.http_status, refused.value.code) == (400, "InvalidParameter")
     assert refused.value.problems == [
         f'instance.user_data_file: got "{secret}"; allowed: {REFUSED}'
     ]
@@ -87,7 +88,7 @@ async def test_admin_api_refuses_user_data_file(tmp_path: Path, daemon: Proc) ->
     with pytest.raises(Refused) as refused:
         await request(socket, "PATCH", f"/v1/instances/{VM}/metadata-options",
                       {"user_data_file": str(secret)})  # fmt: skip
-    assert refused.value.status == 400
+    assert refused.value.http_status == 400
     assert SECRET not in (await http(daemon.url, "/latest/user-data", source="127.0.0.2")).body
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from imdsd.backends.base import Backend
-from imdsd.cli.client import DaemonUnavailable, request
+from imdsd.cli.client import request
 from imdsd.daemon import running
+from imdsd.errors import DaemonUnavailable
 from tests.fakes import FakeClock, FlakyBackend
 from tests.helpers import VM_D, host_sections, http, make_config
 from tests.process import Proc

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from imdsd.fleet.records import Layout, Mirror, RecordError, parse
+from imdsd.errors import RecordError
+from imdsd.fleet.records import Layout, Mirror, parse
 from imdsd.model import Instance, InstanceProfile
 
 LAYOUT = Layout("/imdsd", "h1")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from imdsd.backends.sts import DurationTooLong, _error, _xml_fields, host_credentials
+from imdsd.backends.sts import _error, _xml_fields, host_credentials
 from imdsd.cli import main
-from imdsd.errors import BackendError
+from imdsd.errors import BackendError, DurationTooLong
 from imdsd.model import InstanceProfile, Role
 from tests.sts.conftest import isolate
 
