@@ -11,7 +11,7 @@ import structlog
 
 from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
-from tests.fakes import FakeClock, FlakyBackend, StalledUpstream
+from tests.fakes import FakeClock, FlakyBackend, StalledUpstream, wrapping
 from tests.helpers import make_config
 
 
@@ -45,7 +45,7 @@ async def daemon(clock: FakeClock, flaky: list[FlakyBackend]) -> AsyncIterator[D
         flaky.append(FlakyBackend(backend))
         return flaky[0]
 
-    async with running(make_config(), clock, wrap_backend=wrap) as d:
+    async with running(make_config(), clock, open_backend=wrapping(wrap)) as d:
         yield d
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from imdsd.backends import Opener, opener
 from imdsd.backends.base import Backend
+from imdsd.clock import Clock
+from imdsd.config.backend import BackendConfig
 from imdsd.errors import BackendError
 from imdsd.model import InstanceProfile, Session
 
@@ -97,3 +102,18 @@ def sts_backend(endpoint: str, *, timeout: str = "10s") -> str:
         f'[backend]\nkind = "sts"\n[backend.sts]\nregion = "us-east-1"\n'
         f'endpoint_url = "{endpoint}"\ntimeout = "{timeout}"\n'
     )
+
+
+def wrapping(wrap: Callable[[Backend], Backend]) -> Opener:
+    """The daemon's own opener for the configured kind, its backend handed to `wrap` (a test's
+    fault on cue), passed to running() as the opener parameter production also has."""
+
+    def open_backend(config: BackendConfig, clock: Clock) -> AbstractAsyncContextManager[Backend]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[Backend]:
+            async with opener(config.kind)(config, clock) as backend:
+                yield wrap(backend)
+
+        return opened()
+
+    return open_backend

@@ -25,7 +25,7 @@ from imdsd.model import Session
 from imdsd.sessions import SessionCache
 from imdsd.tokens import TokenIssuer
 from imdsd.vault import FILE_NAME, KEY_NAME, Snapshot, Vault, issuing, sealing, vault_key
-from tests.fakes import START, FakeClock, FlakyBackend
+from tests.fakes import START, FakeClock, FlakyBackend, wrapping
 from tests.helpers import VM_A, VM_B, http, make_config, token_for
 
 SESSION = Session(access_key_id="ASIAEXAMPLEEXAMPLE00", secret_access_key="s" * 40,
@@ -100,7 +100,7 @@ async def test_warm_restart_in_process(clock: FakeClock) -> None:
     config = make_config()
     calls, counted = counting()
     creds = "/latest/meta-data/iam/security-credentials/role-b"
-    async with running(config, clock, wrap_backend=counted) as daemon:
+    async with running(config, clock, open_backend=wrapping(counted)) as daemon:
         url = daemon.urls[0]
         token = await token_for(url, "127.0.0.3")
         before = json.loads(
@@ -114,7 +114,7 @@ async def test_warm_restart_in_process(clock: FakeClock) -> None:
             await http(url, "/latest/dynamic/instance-identity/document", source="127.0.0.2")
         ).body
     clock.advance(timedelta(hours=2, minutes=40))
-    async with running(config, clock, wrap_backend=counted) as daemon:
+    async with running(config, clock, open_backend=wrapping(counted)) as daemon:
         url = daemon.urls[0]
         after = await http(
             url, creds, source="127.0.0.3", headers={"X-aws-ec2-metadata-token": token}
@@ -127,7 +127,7 @@ async def test_warm_restart_in_process(clock: FakeClock) -> None:
             await http(url, "/latest/dynamic/instance-identity/document", source="127.0.0.2")
         ).body == document
     clock.advance(timedelta(hours=3))
-    async with running(config, clock, wrap_backend=counted) as daemon:
+    async with running(config, clock, open_backend=wrapping(counted)) as daemon:
         assert sorted(calls[-1].names) == sorted([VM_A, VM_B])
 
 
@@ -138,9 +138,9 @@ async def test_keep_tokens_false_kills_guest_tokens_but_keeps_sessions(clock: Fa
     config = replace(config, host=replace(config.host, keep_tokens=False))
     calls, counted = counting()
     creds = "/latest/meta-data/iam/security-credentials/role-b"
-    async with running(config, clock, wrap_backend=counted) as daemon:
+    async with running(config, clock, open_backend=wrapping(counted)) as daemon:
         token = await token_for(daemon.urls[0], "127.0.0.3")
-    async with running(config, clock, wrap_backend=counted) as daemon:
+    async with running(config, clock, open_backend=wrapping(counted)) as daemon:
         url = daemon.urls[0]
         old = await http(
             url, creds, source="127.0.0.3", headers={"X-aws-ec2-metadata-token": token}
@@ -238,17 +238,17 @@ async def test_restart_under_another_issuer_key_issues_sessions_anew(clock: Fake
     )
     calls, counted = counting()
     creds = "/latest/meta-data/iam/security-credentials/role-b"
-    async with running(config, clock, wrap_backend=counted) as daemon:
+    async with running(config, clock, open_backend=wrapping(counted)) as daemon:
         token = await token_for(daemon.urls[0], "127.0.0.3")
         before = json.loads((await http(daemon.urls[0], creds, source="127.0.0.3",
                                         headers={"X-aws-ec2-metadata-token": token})).body)  # fmt: skip
-    async with running(keyed, clock, wrap_backend=counted) as daemon:
+    async with running(keyed, clock, open_backend=wrapping(counted)) as daemon:
         after = await http(daemon.urls[0], creds, source="127.0.0.3",
                            headers={"X-aws-ec2-metadata-token": token})  # fmt: skip
         assert sorted(calls[-1].names) == sorted([VM_A, VM_B])
         assert after.status == 200
         assert json.loads(after.body)["AccessKeyId"] != before["AccessKeyId"]
-    async with running(keyed, clock, wrap_backend=counted) as daemon:
+    async with running(keyed, clock, open_backend=wrapping(counted)) as daemon:
         assert calls[-1].calls == 0  # the same configuration again: warm
 
 

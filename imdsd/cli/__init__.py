@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _with_overrides(config, args=args)
     log.configure(config.log.level, config.log.format)
     try:
-        from imdsd.daemon import serve  # here: only `run` pays for the daemon's imports
+        from imdsd.daemon.serve import serve  # here: only `run` pays for the daemon's imports
 
         adjust = functools.partial(_with_overrides, args=args)  # reloads keep the flags
         asyncio.run(serve(config, SystemClock(), args.config, adjust))

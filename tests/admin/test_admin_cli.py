@@ -18,7 +18,7 @@ from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
 from imdsd.state import Overrides, StateFile
-from tests.fakes import FakeClock, FlakyBackend
+from tests.fakes import FakeClock, FlakyBackend, wrapping
 from tests.helpers import ROLE_B, VM_A, VM_B, VM_D, http, make_config, token_for
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -264,7 +264,7 @@ async def test_rotate_that_fails_exits_1(clock: FakeClock) -> None:
         flaky.append(FlakyBackend(backend))
         return flaky[0]
 
-    async with running(make_config(), clock, wrap_backend=wrap) as daemon:
+    async with running(make_config(), clock, open_backend=wrapping(wrap)) as daemon:
         before = daemon.sessions.get(VM_A)
         flaky[0].failing = BackendError(
             "AccessDenied", "The issuer refused the role.", retryable=False

@@ -16,7 +16,7 @@ from imdsd.backends.base import Backend
 from imdsd.cli.client import request
 from imdsd.daemon import running
 from imdsd.errors import DaemonUnavailable
-from tests.fakes import FakeClock, FlakyBackend
+from tests.fakes import FakeClock, FlakyBackend, wrapping
 from tests.helpers import VM_D, host_sections, http, make_config
 from tests.process import Proc
 
@@ -165,7 +165,7 @@ async def test_shutdown_lets_requests_in_flight_finish(clock: object) -> None:
         held.append(FlakyBackend(backend))
         return held[0]
 
-    async with running(make_config(), FakeClock(), wrap_backend=hold) as daemon:
+    async with running(make_config(), FakeClock(), open_backend=wrapping(hold)) as daemon:
         held[0].gate = gate
         call = asyncio.create_task(request(daemon.admin_socket, "POST", "/v1/associations",
                                            {"instance": VM_D, "profile": "profile-a"}))  # fmt: skip
