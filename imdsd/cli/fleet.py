@@ -28,12 +28,11 @@ from imdsd.errors import (
     ConfigError,
     ConflictError,
     ImdsdError,
-    InventoryError,
     NotFoundError,
-    RecordError,
 )
-from imdsd.fleet.records import Layout, parse
-from imdsd.model import Instance, InstanceProfile
+from imdsd.fleet.records import Layout
+from imdsd.fleet.writer import Writer
+from imdsd.model import Instance
 
 EXIT_REFUSED, EXIT_CONFIG, EXIT_UNAVAILABLE = 1, 3, 4
 DEFAULT_CONFIG = Path("/etc/imdsd/imdsd.toml")
@@ -125,187 +124,55 @@ async def _execute(config: EtcdConfig, args: argparse.Namespace) -> tuple[Any, A
     client = open_client(config)
     await client.connect()
     try:
-        fleet = Fleet(client, Layout(config.prefix, ""))
-        verb = (args.fleet_verb, getattr(args, "verb", None))
-        return await fleet.do(verb, args)
+        fleet = Writer(client, Layout(config.prefix, ""))
+        return await _do(fleet, (args.fleet_verb, getattr(args, "verb", None)), args)
     finally:
         await client.close()
 
 
-class Fleet:
-    """The verbs, as etcd reads and conditional transactions."""
-
-    def __init__(self, client: Any, layout: Layout) -> None:
-        self.client, self.layout = client, layout
-        self.t = client.transactions
-
-    async def do(self, verb: tuple[str, str | None], args: argparse.Namespace) -> tuple[Any, Any]:
-        iid = getattr(args, "instance", None) or getattr(args, "instance_id", None) or ""
-        match verb:
-            case ("profiles", "list"):
-                return [profile_view(p) for p in await self.profiles()], profiles_table
-            case ("profiles", "add"):
-                return await self.add_profile(args), record
-            case ("profiles", "remove"):
-                await self.remove_profile(args.name)
-                return None, _said("removed", args.name)
-            case ("instances", "list"):
-                return await self.instances(args.host), _instances_table
-            case ("instances", "add"):
-                return await self.add_instance(args), record
-            case ("instances", "show"):
-                return await self.show(iid), record
-            case ("instances", "remove"):
-                await self.remove_instance(iid)
-                return None, _said("removed", iid)
-            case ("associate", _) | ("replace-association", _):
-                return await self.associate(iid, args.profile, verb[0] == "associate"), record
-            case _:
-                await self.disassociate(iid)
-                return None, _said("disassociated", iid)
-
-    # -- reading -----------------------------------------------------------------------------
-
-    async def profiles(self) -> list[InstanceProfile]:
-        found = await self.client.get_prefix(self.layout.profiles.encode())
-        return [
-            r for kv in found if isinstance(r := self._parsed(kv.key, kv.value), InstanceProfile)
-        ]
-
-    async def records(self, host: str | None = None) -> dict[str, dict[str, Any]]:
-        """Instances of one host (or all), each with its host and association."""
-        prefix = self.layout.mine(host) if host else self.layout.hosts()
-        out: dict[str, dict[str, Any]] = {}
-        associations: dict[str, str] = {}
-        for kv in await self.client.get_prefix(prefix.encode()):
-            key = kv.key.decode(errors="replace")
-            owner, _, rest = key.removeprefix(self.layout.hosts()).partition("/")
-            table, _, iid = rest.partition("/")
-            here = Layout(self.layout.prefix, owner)
-            record = self._parsed(kv.key, kv.value, here)
-            if table == "instances" and isinstance(record, Instance):
-                out[iid] = {"instance": record, "host": owner}
-            elif table == "associations" and isinstance(record, str):
-                associations[iid] = record
-        for iid, row in out.items():
-            row["profile"] = associations.get(iid)
-        return out
-
-    def _parsed(self, key: bytes, value: bytes, layout: Layout | None = None) -> Any:
-        try:
-            return parse(layout or self.layout, key.decode(errors="replace"), value)
-        except RecordError:
-            return None  # the daemons warn about bad records; listings skip them
-
-    async def locate(self, iid: str) -> dict[str, Any]:
-        found = (await self.records()).get(iid)
-        if found is None:
-            raise NotFoundError(f"instance {iid} is on no host of the fleet")
-        return found
-
-    # -- changing ----------------------------------------------------------------------------
-
-    async def put_if(
-        self, compare: list[Any], puts: dict[str, bytes], deletes: tuple[str, ...] = (),
-        *, refusal: InventoryError,
-    ) -> None:  # fmt: skip
-        ops = [self.t.put(k.encode(), v) for k, v in puts.items()]
-        ops += [self.t.delete(k.encode()) for k in deletes]
-        succeeded, _ = await self.client.transaction(compare=compare, success=ops, failure=[])
-        if not succeeded:
-            raise refusal
-
-    async def add_profile(self, args: argparse.Namespace) -> dict[str, Any]:
-        table = {"name": args.name, "role_arn": args.role_arn, "path": args.path, "id": args.id,
-                 "external_id": args.external_id}  # fmt: skip
-        table = {k: v for k, v in table.items() if v is not None}
-        key = self.layout.profile(args.name)
-        profile = _validated(self.layout, key, table)
-        refusal = ConflictError(f"instance profile {args.name!r} already exists")
-        await self.put_if([self.t.version(key.encode()) == 0], {key: _json(table)}, refusal=refusal)
-        return profile_view(profile)
-
-    async def remove_profile(self, name: str) -> None:
-        users = [i for i, row in (await self.records()).items() if row["profile"] == name]
-        if users:
-            raise ConflictError(f"instance profile {name!r} is associated with "
-                               f"{', '.join(sorted(users))}")  # fmt: skip
-        key = self.layout.profile(name)
-        refusal = NotFoundError(f"instance profile {name!r} does not exist")
-        await self.put_if([self.t.version(key.encode()) > 0], {}, (key,), refusal=refusal)
-
-    async def add_instance(self, args: argparse.Namespace) -> dict[str, Any]:
-        table = instance_body(args) or {}
-        key = self.layout.instance(args.id, args.host)
-        instance = _validated(Layout(self.layout.prefix, args.host), key, table)
-        fleet = await self.records()
-        if args.id in fleet:
-            raise ConflictError(f"instance {args.id} already exists (on host "
-                               f"{fleet[args.id]['host']}; remove it there first)")  # fmt: skip
-        for iid, row in fleet.items():
-            taken = set(row["instance"].addresses) & set(instance.addresses)
-            if row["host"] == args.host and taken:
-                raise ConflictError(f"address {taken.pop()} already belongs to {iid}")
-        await self.put_if([self.t.version(key.encode()) == 0], {key: _json(table)},
-                          refusal=ConflictError(f"instance {args.id} already exists"))  # fmt: skip
-        return _instance_view(instance, args.host, None)
-
-    async def show(self, iid: str) -> dict[str, Any]:
-        row = await self.locate(iid)
-        return _instance_view(row["instance"], row["host"], row["profile"])
-
-    async def remove_instance(self, iid: str) -> None:
-        host = (await self.locate(iid))["host"]
-        key = self.layout.instance(iid, host)
-        await self.put_if([self.t.version(key.encode()) > 0], {},
-                          (key, self.layout.association(iid, host)),
-                          refusal=NotFoundError(f"instance {iid} does not exist"))  # fmt: skip
-
-    async def associate(self, iid: str, profile: str, new: bool) -> dict[str, Any]:
-        row = await self.locate(iid)
-        found = {p.name: p for p in await self.profiles()}.get(profile)
-        if found is None:
-            raise NotFoundError(f"instance profile {profile!r} does not exist")
-        host = row["host"]
-        key, instance = self.layout.association(iid, host), self.layout.instance(iid, host)
-        has = self.t.version(key.encode()) == 0 if new else self.t.version(key.encode()) > 0
-        refusal = ConflictError(
-            f"instance {iid} already has an association ({row['profile']})"
-            if new
-            else f"instance {iid} has no association to replace"
-        )
-        await self.put_if([self.t.version(instance.encode()) > 0, has],
-                          {key: _json({"profile": profile})}, refusal=refusal)  # fmt: skip
-        return {"instance": iid, "profile": profile, "role_arn": found.role.arn, "host": host}
-
-    async def disassociate(self, iid: str) -> None:
-        host = (await self.locate(iid))["host"]
-        key = self.layout.association(iid, host)
-        await self.put_if([self.t.version(key.encode()) > 0], {}, (key,),
-                          refusal=ConflictError(f"instance {iid} has no association"))  # fmt: skip
-
-    async def instances(self, host: str | None) -> list[dict[str, Any]]:
-        rows = await self.records(host)
-        return [_instance_view(r["instance"], r["host"], r["profile"]) for r in rows.values()]
+async def _do(
+    fleet: Writer, verb: tuple[str, str | None], args: argparse.Namespace
+) -> tuple[Any, Any]:
+    """One verb: its etcd change or read, and how its answer prints."""
+    iid = getattr(args, "instance", None) or getattr(args, "instance_id", None) or ""
+    match verb:
+        case ("profiles", "list"):
+            return [profile_view(p) for p in await fleet.profiles()], profiles_table
+        case ("profiles", "add"):
+            return profile_view(await fleet.add_profile(args.name, _profile_table(args))), record
+        case ("profiles", "remove"):
+            await fleet.remove_profile(args.name)
+            return None, _said("removed", args.name)
+        case ("instances", "list"):
+            rows = (await fleet.records(args.host)).values()
+            return [_view(r["instance"], r["host"], r["profile"]) for r in rows], _instances_table
+        case ("instances", "add"):
+            added = await fleet.add_instance(args.id, args.host, instance_body(args) or {})
+            return _view(added, args.host, None), record
+        case ("instances", "show"):
+            row = await fleet.locate(iid)
+            return _view(row["instance"], row["host"], row["profile"]), record
+        case ("instances", "remove"):
+            await fleet.remove_instance(iid)
+            return None, _said("removed", iid)
+        case ("associate", _) | ("replace-association", _):
+            return await fleet.associate(iid, args.profile, verb[0] == "associate"), record
+        case _:
+            await fleet.disassociate(iid)
+            return None, _said("disassociated", iid)
 
 
-def _validated(layout: Layout, key: str, table: dict[str, Any]) -> Any:
-    """The record as the daemons will read it; refused with each problem (its key path)."""
-    try:
-        return parse(layout, key, _json(table))
-    except RecordError as exc:
-        raise ImdsdError("\n".join(exc.problems)) from None
-
-
-def _json(table: dict[str, Any]) -> bytes:
-    return json.dumps(table, separators=(",", ":")).encode()
+def _profile_table(args: argparse.Namespace) -> dict[str, Any]:
+    table = {"name": args.name, "role_arn": args.role_arn, "path": args.path, "id": args.id,
+             "external_id": args.external_id}  # fmt: skip
+    return {k: v for k, v in table.items() if v is not None}
 
 
 def _said(what: str, name: str) -> Any:
     return lambda _: f"{what} {name}"
 
 
-def _instance_view(instance: Instance, host: str, profile: str | None) -> dict[str, Any]:
+def _view(instance: Instance, host: str, profile: str | None) -> dict[str, Any]:
     return {**instance_table(instance), "host": host, "profile": profile}
 
 
