@@ -71,7 +71,6 @@ class Inventory:
         self._profiles: dict[str, InstanceProfile] = {}
         self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
         self._lock = asyncio.Lock()  # admin changes, one at a time (commit)
-        self._planned: list[Overrides] | None = None
         self._rebuild()
 
     # -- reading (the request path uses instance_at and association) --------------------------
@@ -131,30 +130,34 @@ class Inventory:
             return "etcd"
         return "runtime" if instance_id in self._overrides.associations else "config"
 
-    # -- changing (the admin API); each is validated, persisted, then applied ----------------
+    # -- changing: commit() (the admin API) and reload() (a new baseline) ---------------------
 
-    async def commit(self, change: Callable[[], object]) -> set[str]:
-        """Run one change (e.g. `lambda: inventory.associate(i, p)`) as the admin API must: one
-        at a time, validated against the state the previous change left, persisted in a worker
-        thread (write, fsync, rename, fsync: never on the loop that serves the guests), then
-        applied on the loop. Returns the ids whose association changed or went."""
+    async def commit(self, change: Callable[[], Overrides]) -> set[str]:
+        """Apply one change (e.g. `lambda: inventory.associate(i, p)`) as the admin API must:
+        one at a time, planned and validated against the state the previous change left,
+        persisted in a worker thread (write, fsync, rename, fsync: never on the loop that
+        serves the guests), then applied on the loop. Returns the ids whose association
+        changed or went."""
         if self.managed_by:
             raise ConflictError(f"this host's inventory comes from {self.managed_by}: "
                                 "change it with `imdsd fleet`")  # fmt: skip
         async with self._lock:
-            self._planned = []
-            try:
-                change()  # validates; its _commit() only records the new overrides
-            finally:
-                planned, self._planned = self._planned, None
-            if not planned:
-                return set()
-            if self._state is not None:
-                await asyncio.to_thread(self._state.save, planned[-1])
-            self._overrides = planned[-1]
+            overrides = change()
+            if self._state is not None:  # persisted before it takes effect or is acknowledged
+                await asyncio.to_thread(self._state.save, overrides)
+            self._overrides = overrides
             return self._rebuild()
 
-    def add_instance(self, instance: Instance) -> set[str]:
+    def reload(self, instances: Iterable[Instance], profiles: Iterable[InstanceProfile],
+               associations: Iterable[tuple[str, str]]) -> set[str]:  # fmt: skip
+        """A new config baseline (SIGHUP); the recorded overrides still apply on top."""
+        self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
+        return self._rebuild()
+
+    # Each change below only plans: it validates against the effective view and returns the
+    # overrides that would make it, changing nothing until commit() persists and applies them.
+
+    def add_instance(self, instance: Instance) -> Overrides:
         """Register an instance; its id and every address must be new."""
         if instance.id in self._instances:
             raise ConflictError(f"instance {instance.id} already exists")
@@ -166,9 +169,9 @@ class Inventory:
         # A config instance removed earlier stays removed: the added record replaces it (the
         # libvirt hook removes and re-adds on every stop and start, maybe with a new address).
         changed.added[instance.id] = instance
-        return self._commit(changed)
+        return changed
 
-    def remove_instance(self, instance_id: str) -> set[str]:
+    def remove_instance(self, instance_id: str) -> Overrides:
         """Forget an instance (and its association)."""
         self._require_instance(instance_id)
         changed = self._changed()
@@ -176,9 +179,9 @@ class Inventory:
             changed.removed.add(instance_id)
         changed.options.pop(instance_id, None)
         changed.associations.pop(instance_id, None)
-        return self._commit(changed)
+        return changed
 
-    def set_options(self, instance_id: str, options: MetadataOptions) -> set[str]:
+    def set_options(self, instance_id: str, options: MetadataOptions) -> Overrides:
         """EC2's ModifyInstanceMetadataOptions; takes effect on the next request."""
         self._require_instance(instance_id)
         changed = self._changed()
@@ -186,44 +189,38 @@ class Inventory:
             changed.added[instance_id] = replace(changed.added[instance_id], options=options)
         else:
             changed.options[instance_id] = options
-        return self._commit(changed)
+        return changed
 
-    def associate(self, instance_id: str, profile_name: str) -> set[str]:
+    def associate(self, instance_id: str, profile_name: str) -> Overrides:
         """EC2's AssociateIamInstanceProfile: the instance must have no association yet."""
         if instance_id in self._associations:
             current = self._associations[instance_id].profile.name
             raise ConflictError(f"instance {instance_id} already has an association ({current})")
         return self._set_association(instance_id, profile_name)
 
-    def replace_association(self, instance_id: str, profile_name: str) -> set[str]:
+    def replace_association(self, instance_id: str, profile_name: str) -> Overrides:
         """EC2's ReplaceIamInstanceProfileAssociation: swap an associated instance's profile."""
         if instance_id not in self._associations:
             raise ConflictError(f"instance {instance_id} has no association to replace")
         return self._set_association(instance_id, profile_name)
 
-    def disassociate(self, instance_id: str) -> set[str]:
+    def disassociate(self, instance_id: str) -> Overrides:
         """EC2's DisassociateIamInstanceProfile."""
         if instance_id not in self._associations:
             raise ConflictError(f"instance {instance_id} has no association")
         changed = self._changed()
         changed.associations[instance_id] = None
-        return self._commit(changed)
-
-    def reload(self, instances: Iterable[Instance], profiles: Iterable[InstanceProfile],
-               associations: Iterable[tuple[str, str]]) -> set[str]:  # fmt: skip
-        """A new config baseline (SIGHUP); the recorded overrides still apply on top."""
-        self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
-        return self._rebuild()
+        return changed
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _set_association(self, instance_id: str, profile_name: str) -> set[str]:
+    def _set_association(self, instance_id: str, profile_name: str) -> Overrides:
         self._require_instance(instance_id)
         if profile_name not in self._profiles:
             raise NotFoundError(f"instance profile {profile_name!r} does not exist")
         changed = self._changed()
         changed.associations[instance_id] = profile_name
-        return self._commit(changed)
+        return changed
 
     def _require_instance(self, instance_id: str) -> Instance:
         instance = self._instances.get(instance_id)
@@ -234,15 +231,6 @@ class Inventory:
     def _changed(self) -> Overrides:
         o = self._overrides
         return Overrides(dict(o.added), set(o.removed), dict(o.options), dict(o.associations))
-
-    def _commit(self, overrides: Overrides) -> set[str]:
-        if self._planned is not None:  # inside commit(): it persists and applies
-            self._planned.append(overrides)
-            return set()
-        if self._state is not None:
-            self._state.save(overrides)  # persisted before it takes effect or is acknowledged
-        self._overrides = overrides
-        return self._rebuild()
 
     def _rebuild(self) -> set[str]:
         """Recompute the effective view; returns the ids whose association changed or went,

@@ -39,33 +39,34 @@ def test_lookup_by_address(inventory: Inventory) -> None:
     assert inventory.launched_at(VM_A) == START
 
 
-def test_association_rules(inventory: Inventory) -> None:
+async def test_association_rules(inventory: Inventory) -> None:
     """One association per instance; replace needs one; profiles and instances must exist."""
     with pytest.raises(InventoryError, match="already has an association"):
-        inventory.associate(VM_A, "profile-b")
+        await inventory.commit(lambda: inventory.associate(VM_A, "profile-b"))
     with pytest.raises(InventoryError, match="no association to replace"):
-        inventory.replace_association(VM_D, "profile-a")
+        await inventory.commit(lambda: inventory.replace_association(VM_D, "profile-a"))
     with pytest.raises(InventoryError, match="does not exist"):
-        inventory.associate(VM_D, "nope")
+        await inventory.commit(lambda: inventory.associate(VM_D, "nope"))
     with pytest.raises(InventoryError, match="does not exist"):
-        inventory.associate("i-99999999", "profile-a")
-    assert inventory.associate(VM_D, "profile-a") == {VM_D}
+        await inventory.commit(lambda: inventory.associate("i-99999999", "profile-a"))
+    assert await inventory.commit(lambda: inventory.associate(VM_D, "profile-a")) == {VM_D}
     association = inventory.association(VM_D)
     assert association is not None and association.associated_at == START
-    assert inventory.disassociate(VM_D) == {VM_D}
+    assert await inventory.commit(lambda: inventory.disassociate(VM_D)) == {VM_D}
     assert inventory.association(VM_D) is None
     with pytest.raises(InventoryError, match="has no association"):
-        inventory.disassociate(VM_D)
+        await inventory.commit(lambda: inventory.disassociate(VM_D))
 
 
-def test_add_instance_refuses_duplicates(inventory: Inventory) -> None:
+async def test_add_instance_refuses_duplicates(inventory: Inventory) -> None:
     """An id or an address already known is refused, and nothing is half-added."""
     a = inventory.instance(VM_A)
     assert a is not None
     with pytest.raises(InventoryError, match="already exists"):
-        inventory.add_instance(a)
+        await inventory.commit(lambda: inventory.add_instance(a))
+    clash = replace(a, id="i-12345678", addresses=("127.0.0.50", "127.0.0.3"))
     with pytest.raises(InventoryError, match="already belongs to"):
-        inventory.add_instance(replace(a, id="i-12345678", addresses=("127.0.0.50", "127.0.0.3")))
+        await inventory.commit(lambda: inventory.add_instance(clash))
     assert inventory.instance("i-12345678") is None and inventory.instance_at("127.0.0.50") is None
     assert {i.id for i in inventory.instances()} == {VM_A, VM_B, "i-0cccccccccccccccc", VM_D}
     assert inventory.profile("profile-a") is not None and inventory.profile("x") is None
@@ -79,17 +80,19 @@ def state_inventory(
                      StateFile(tmp_path))  # fmt: skip
 
 
-def test_runtime_changes_survive_a_restart(tmp_path: Path) -> None:
+async def test_runtime_changes_survive_a_restart(tmp_path: Path) -> None:
     """Invariant 6: what the admin API changed is there again after a restart, and each
     record says where it comes from."""
     first = state_inventory(tmp_path)
     a = first.instance(VM_A)
     assert a is not None
-    first.add_instance(replace(a, id="i-12345678", addresses=("127.0.0.60",)))
-    first.associate("i-12345678", "profile-b")
-    first.remove_instance("i-0cccccccccccccccc")
-    first.set_options(VM_A, MetadataOptions(http_tokens="required", hop_limit=2))
-    first.disassociate(VM_B)
+    added = replace(a, id="i-12345678", addresses=("127.0.0.60",))
+    options = MetadataOptions(http_tokens="required", hop_limit=2)
+    await first.commit(lambda: first.add_instance(added))
+    await first.commit(lambda: first.associate("i-12345678", "profile-b"))
+    await first.commit(lambda: first.remove_instance("i-0cccccccccccccccc"))
+    await first.commit(lambda: first.set_options(VM_A, options))
+    await first.commit(lambda: first.disassociate(VM_B))
     again = state_inventory(tmp_path)
     assert again.instance_at("127.0.0.60").id == "i-12345678"  # type: ignore[union-attr]
     assert again.association("i-12345678").profile.name == "profile-b"  # type: ignore[union-attr]
@@ -103,11 +106,13 @@ def test_runtime_changes_survive_a_restart(tmp_path: Path) -> None:
     assert (again.association_origin(VM_B), again.association_origin(VM_A)) == ("runtime", "config")
 
 
-def test_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failed_write_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A write that dies before the rename (a crash, a full disk) leaves the old file intact
     and the live view unchanged: nothing is acknowledged that was not stored."""
     inventory = state_inventory(tmp_path)
-    inventory.associate(VM_D, "profile-a")
+    await inventory.commit(lambda: inventory.associate(VM_D, "profile-a"))
     before = (tmp_path / "state.json").read_text()
 
     def crash(*args: object) -> None:
@@ -115,9 +120,19 @@ def test_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(StateError, match="No space left"):
-        inventory.disassociate(VM_D)
+        await inventory.commit(lambda: inventory.disassociate(VM_D))
     assert (tmp_path / "state.json").read_text() == before
     assert inventory.association(VM_D) is not None
+
+
+async def test_a_change_takes_effect_only_through_commit(tmp_path: Path) -> None:
+    """A change alone only plans: validated, it changes neither the live view nor the state
+    file until commit() persists and applies it, one at a time."""
+    inventory = state_inventory(tmp_path)
+    inventory.associate(VM_D, "profile-a")
+    assert inventory.association(VM_D) is None and not (tmp_path / "state.json").exists()
+    assert await inventory.commit(lambda: inventory.associate(VM_D, "profile-a")) == {VM_D}
+    assert inventory.association(VM_D) is not None and (tmp_path / "state.json").exists()
 
 
 def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
@@ -131,12 +146,12 @@ def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
         state_inventory(tmp_path)
 
 
-def test_reload_keeps_unchanged_associations(tmp_path: Path) -> None:
+async def test_reload_keeps_unchanged_associations(tmp_path: Path) -> None:
     """A new baseline keeps the association objects (and LastUpdated) that did not change,
     reports the ones that did, and still applies the runtime overrides."""
     clock = FakeClock()
     inventory = state_inventory(tmp_path, clock)
-    inventory.associate(VM_D, "profile-b")
+    await inventory.commit(lambda: inventory.associate(VM_D, "profile-b"))
     kept = inventory.association(VM_A)
     clock.advance(timedelta(hours=1))
     base = make_config()
@@ -146,13 +161,14 @@ def test_reload_keeps_unchanged_associations(tmp_path: Path) -> None:
     assert inventory.association(VM_D).profile.name == "profile-b"  # type: ignore[union-attr]
 
 
-def test_removed_config_instance_stays_removed(tmp_path: Path) -> None:
+async def test_removed_config_instance_stays_removed(tmp_path: Path) -> None:
     """Removing an instance that the config defines is remembered across restarts."""
-    state_inventory(tmp_path).remove_instance(VM_A)
+    removed = state_inventory(tmp_path)
+    await removed.commit(lambda: removed.remove_instance(VM_A))
     again = state_inventory(tmp_path)
     assert again.instance(VM_A) is None and again.instance_at("127.0.0.2") is None
     with pytest.raises(InventoryError, match="does not exist"):
-        again.remove_instance(VM_A)
+        await again.commit(lambda: again.remove_instance(VM_A))
 
 
 def test_state_records_are_validated_like_the_config(tmp_path: Path) -> None:
@@ -181,7 +197,7 @@ def test_state_records_are_validated_like_the_config(tmp_path: Path) -> None:
     ]
 
 
-def test_state_round_trip_and_version_1(tmp_path: Path) -> None:
+async def test_state_round_trip_and_version_1(tmp_path: Path) -> None:
     """What save() writes, load() reads back as the same overrides; a version-1 file (instances
     as dataclass dicts) is read too."""
     inventory = state_inventory(tmp_path)
@@ -190,9 +206,9 @@ def test_state_round_trip_and_version_1(tmp_path: Path) -> None:
     added = instance_from(instance_table(template) | {
         "id": "i-0eeeeeeeeeeeeeeee", "addresses": ["127.0.0.66", "fd00::66"],
         "metadata_options": {"http_tokens": "optional", "hop_limit": 3}})  # fmt: skip
-    inventory.add_instance(added)
-    inventory.remove_instance(VM_A)
-    inventory.associate(added.id, "profile-b")
+    await inventory.commit(lambda: inventory.add_instance(added))
+    await inventory.commit(lambda: inventory.remove_instance(VM_A))
+    await inventory.commit(lambda: inventory.associate(added.id, "profile-b"))
     again = state_inventory(tmp_path)
     assert again.instance(added.id) == added and again.instance(VM_A) is None
     old = {"version": 1, "added": {added.id: {**asdict(added), "addresses": list(added.addresses)}},
@@ -202,28 +218,28 @@ def test_state_round_trip_and_version_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o077])
-def test_state_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
+async def test_state_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
     """The state folder is 0750 and the file 0640, whatever the process umask."""
     previous = os.umask(umask)
     try:
         inventory = state_inventory(tmp_path / "state")
-        inventory.associate(VM_D, "profile-b")
+        await inventory.commit(lambda: inventory.associate(VM_D, "profile-b"))
     finally:
         os.umask(previous)
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "state" / "state.json").stat().st_mode & 0o777 == 0o640
 
 
-def test_remove_then_add_applies_the_added_record(tmp_path: Path) -> None:
+async def test_remove_then_add_applies_the_added_record(tmp_path: Path) -> None:
     """The libvirt hook's stop/start: `instances remove` of a config instance, then `add` of
     the same id with a new address. The added record is what is served (new address yes,
     old address no), also after a restart."""
     inventory = state_inventory(tmp_path)
     config_record = inventory.instance(VM_D)
     assert config_record is not None
-    inventory.remove_instance(VM_D)
+    await inventory.commit(lambda: inventory.remove_instance(VM_D))
     moved = instance_from(instance_table(config_record) | {"addresses": ["127.0.0.77"]})
-    inventory.add_instance(moved)
+    await inventory.commit(lambda: inventory.add_instance(moved))
     for view in (inventory, state_inventory(tmp_path)):
         assert view.instance(VM_D) == moved and view.origin(VM_D) == "runtime"
         assert view.instance_at("127.0.0.77") == moved and view.instance_at("127.0.0.5") is None

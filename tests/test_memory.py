@@ -59,14 +59,15 @@ async def test_memory_is_flat_over_30k_add_remove_cycles(tmpfs_state: Path) -> N
 
         async def cycle(n: int) -> None:
             iid = f"i-{n:017x}"
-            changed = inventory.add_instance(replace(template, id=iid, addresses=("127.0.9.9",)))
-            changed |= inventory.associate(iid, "profile-a")
+            added = replace(template, id=iid, addresses=("127.0.9.9",))
+            changed = await inventory.commit(lambda: inventory.add_instance(added))
+            changed |= await inventory.commit(lambda: inventory.associate(iid, "profile-a"))
             daemon.apply(changed)
             await daemon.settled(changed)
             instance = inventory.instance(iid)
             assert instance is not None and daemon.sessions.get(iid) is not None
             api.trees.get(instance, inventory.association(iid), inventory.launched_at(iid))
-            daemon.apply(inventory.remove_instance(iid))
+            daemon.apply(await inventory.commit(lambda: inventory.remove_instance(iid)))
 
         for n in range(WARM_UP):
             await cycle(n)

@@ -135,6 +135,6 @@ async def test_earliest_expiry_on_a_host_that_needs_no_session(clock: FakeClock)
     async with running(config, clock) as daemon:
         m = await scrape(daemon)
         assert m[("imdsd_session_earliest_expiry_seconds", ())] == math.inf
-        daemon.inventory.associate(VM_A, "profile-a")
+        await daemon.inventory.commit(lambda: daemon.inventory.associate(VM_A, "profile-a"))
         m = await scrape(daemon)  # associated, but no session issued yet (no sync)
         assert m[("imdsd_session_earliest_expiry_seconds", ())] == 0.0

@@ -276,12 +276,12 @@ async def test_reconcile_replaced_and_removed_association() -> None:
     """Replacing a profile serves the new role's session at once; disassociating drops it."""
     rig = Rig()
     await rig.rotator.prime()
-    rig.inventory.replace_association(VM_A, "profile-b")
+    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
     rig.rotator.reconcile(VM_A)
     await rig.rotator.settle(VM_A)
     entry = rig.sessions.get(VM_A)
     assert entry is not None and entry.role_arn != ROLE_A
-    rig.inventory.disassociate(VM_A)
+    await rig.inventory.commit(lambda: rig.inventory.disassociate(VM_A))
     rig.rotator.reconcile(VM_A)
     assert rig.sessions.get(VM_A) is None and rig.rotator.due(VM_A) is None
 
@@ -295,7 +295,7 @@ async def test_replaced_while_issuing_gets_new_role_at_once() -> None:
     old = asyncio.create_task(rig.rotator.refresh(VM_A))
     while rig.backend.in_flight == 0:
         await asyncio.sleep(0)
-    rig.inventory.replace_association(VM_A, "profile-b")
+    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
     rig.rotator.reconcile(VM_A)
     new = asyncio.create_task(rig.rotator.settle(VM_A))
     while rig.backend.in_flight < 2:
@@ -318,7 +318,7 @@ async def test_old_roles_failure_never_shows_at_the_new_roles_path() -> None:
     old = asyncio.create_task(rig.rotator.refresh(VM_A))  # the old role's retry, in flight
     while rig.backend.in_flight == 0:
         await asyncio.sleep(0)
-    rig.inventory.replace_association(VM_A, "profile-b")
+    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
     rig.rotator.reconcile(VM_A)
     assert rig.sessions.failure(VM_A) is None and rig.rotator._attempts.get(VM_A) is None
     rig.backend.gate.set()
@@ -366,7 +366,7 @@ async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
             return datetime.now(UTC) + (due - rig.clock.now())
 
         assert abs(job_at() - wall(dues[first])) < timedelta(seconds=5)
-        rig.inventory.disassociate(first)
+        await rig.inventory.commit(lambda: rig.inventory.disassociate(first))
         rig.rotator.reconcile(first)
         await asyncio.gather(*await rig.rotator.wake())  # the job, woken early: nothing due
         assert abs(job_at() - wall(dues[second])) < timedelta(seconds=5)

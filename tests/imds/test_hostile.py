@@ -262,8 +262,8 @@ async def test_token_dies_with_its_instance(daemon: Daemon, url: str) -> None:
     ).status == 200
     instance = daemon.inventory.instance(VM_A)
     assert instance is not None
-    daemon.inventory.remove_instance(VM_A)
-    daemon.inventory.add_instance(instance)
+    daemon.apply(await daemon.inventory.commit(lambda: daemon.inventory.remove_instance(VM_A)))
+    daemon.apply(await daemon.inventory.commit(lambda: daemon.inventory.add_instance(instance)))
     reply = await http(url, path, source="127.0.0.2", headers={"X-aws-ec2-metadata-token": token})
     assert (reply.status, reply.body) == (401, ERROR_PAGES[401])
     fresh = await token_for(url, "127.0.0.2")

@@ -126,9 +126,10 @@ async def test_instance_without_association_has_no_iam(daemon: Daemon, url: str)
 
 async def test_replaced_association_serves_new_role(daemon: Daemon, url: str) -> None:
     """After replacing A's profile, A's tree shows the new role; the old role's path is 404."""
-    daemon.inventory.replace_association(VM_A, "profile-b")
-    daemon.apply({VM_A})
-    await daemon.settled({VM_A})
+    inventory = daemon.inventory
+    changed = await inventory.commit(lambda: inventory.replace_association(VM_A, "profile-b"))
+    daemon.apply(changed)
+    await daemon.settled(changed)
     assert (await http(url, CREDS, source=A)).text == "role-b"
     assert (await http(url, CREDS + "role-a", source=A)).status == 404
     doc = json.loads((await http(url, CREDS + "role-b", source=A)).body)

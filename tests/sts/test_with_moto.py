@@ -57,9 +57,10 @@ async def test_replaced_profile_serves_the_new_role(sts_daemon: StartDaemon, mot
     """4. Replacing A's profile makes the guest's next fetch return the new role's credentials."""
     async with sts_daemon() as daemon:
         assert (await run_guest(daemon.urls[0], moto, A))["arn"].endswith(f"role-a/{VM_A}")
-        daemon.inventory.replace_association(VM_A, "profile-b")
-        daemon.apply({VM_A})
-        await daemon.settled({VM_A})
+        inventory = daemon.inventory
+        changed = await inventory.commit(lambda: inventory.replace_association(VM_A, "profile-b"))
+        daemon.apply(changed)
+        await daemon.settled(changed)
         guest = await run_guest(daemon.urls[0], moto, A)
     assert guest["arn"] == f"arn:aws:sts::123456789012:assumed-role/role-b/{VM_A}"
     assert (guest["bucket-a"], guest["bucket-b"]) == ("AccessDenied", "from b")
