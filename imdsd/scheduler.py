@@ -120,6 +120,7 @@ class Rotator:
         # key -> (the association it issues for, the task): single-flight per association, so
         # a replaced association's successor never waits on (or inherits) its refresh.
         self._inflight: dict[str, tuple[Association, asyncio.Task[None]]] = {}
+        self._flights: set[asyncio.Task[None]] = set()  # every refresh running, until it ends
         self._started = False
         self._shares: dict[str, float] = {}  # a cold start's wave: key -> its first-refresh share
 
@@ -184,7 +185,7 @@ class Rotator:
         awaited, so nothing is left running (or unretrieved) when the backend closes."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
-        tasks: list[asyncio.Future[Any]] = [task for _, task in self._inflight.values()]
+        tasks: list[asyncio.Future[Any]] = list(self._flights)  # superseded ones included
         if self._priming is not None:
             tasks.append(self._priming)
         for task in tasks:
@@ -217,7 +218,11 @@ class Rotator:
         predecessor carried over) with its refresh due now, run behind this call. Before
         start(), priming picks it up instead."""
         association = self._inventory.association(key)
-        self._forget(key, keep_session=association is not None)
+        # The predecessor's session stays only while it is this role's (a profile changed in
+        # another way): another role's keys are never reported, or counted, as this one's.
+        self._forget(
+            key, keep_session=association is not None and self._served_for(key, association)
+        )
         if association is not None and self._started:
             self._schedule(key, self._clock.now())
 
@@ -245,6 +250,8 @@ class Rotator:
         if flight is not None and flight[0] is association and not flight[1].done():
             return flight[1]
         task = asyncio.create_task(self._refresh(key, association), name=f"refresh {key}")
+        self._flights.add(task)
+        task.add_done_callback(self._flights.discard)
         if association is not None:
             self._inflight[key] = (association, task)
             task.add_done_callback(functools.partial(self._settled, key))
@@ -267,6 +274,8 @@ class Rotator:
         try:
             async with self._limit:
                 await self._rate.acquire()
+                if self._inventory.association(key) is not association:
+                    return None  # replaced or removed while queued: no upstream call for it
                 session = await self._backend.issue(association.profile, session_name=key)
         except BackendError as exc:
             if exc.throttling:

@@ -161,8 +161,9 @@ async def sealing(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        if worker is not None:
-            await worker  # else its older snapshot could land after the last one
+        if worker is not None:  # else its older snapshot could land after the last one
+            with contextlib.suppress(Exception):  # its failure must not skip the final seal
+                await worker
         seal(*snapshot())
 
 

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+from imdsd.cli.client import request
 from imdsd.daemon import SHUTDOWN_GRACE_SECONDS
 from imdsd.vault import FILE_NAME as VAULT_FILE
 from tests.fakes import StalledUpstream, sts_backend
@@ -83,3 +84,26 @@ async def test_a_stop_during_priming_ends_within_the_grace(
     daemon.process.send_signal(signal.SIGTERM)
     await asyncio.to_thread(stopped_cleanly, daemon, signalled)
     assert "stopped during start-up" in {e.get("event") for e in daemon.events()}
+
+
+async def test_a_stop_while_an_admin_verb_waits_on_the_upstream(
+    tmp_path: Path, stalled: StalledUpstream, host_keys: None
+) -> None:
+    """An associate waiting on the stalled upstream for its session when SIGTERM comes: the
+    daemon still stops within the grace + 1 s (the admin call is cut short, not waited out
+    for the issuer's timeout), sealed and without a traceback."""
+    text = (
+        config(tmp_path, stalled.url, "1s")
+        + INSTANCE.format(n=INSTANCES + 1).split("[[associations]]")[0]
+    )
+    daemon = await asyncio.to_thread(Proc, tmp_path, text)
+    body = {"instance": f"i-{INSTANCES + 1:017x}", "profile": "profile-a"}
+    waiting = asyncio.create_task(
+        request(tmp_path / "admin.sock", "POST", "/v1/associations", body)
+    )
+    await asyncio.sleep(0.5)  # the call has reached the daemon, which waits on the upstream
+    assert not waiting.done()  # the associate is waiting for its session
+    signalled = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(stopped_cleanly, daemon, signalled)
+    await asyncio.gather(waiting, return_exceptions=True)

@@ -45,5 +45,6 @@ class ProfileScoped:
                 self._locks.pop(stale, None)
             name = (SESSION_NAME_PREFIX + profile.name)[:64]
             session = await self._inner.issue(profile, session_name=name)
-            self._current[profile] = session
+            if session.expiration > self._clock.now():  # a dead answer is never handed on
+                self._current[profile] = session
             return session

@@ -16,6 +16,9 @@ from aiohttp import web
 from imdsd.config.reader import Listener
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # what requests in flight get to finish at a stop
+# An admin call still waiting at a stop waits on the upstream (associate, rotate): it gets a
+# second, then is cancelled, so a stop never waits out an issuer's timeout.
+ADMIN_GRACE_SECONDS = 1.0
 ADMIN_SOCKET_MODE = 0o660
 
 
@@ -40,7 +43,8 @@ async def serving(
 async def unix_site(app: web.Application, path: Path) -> AsyncIterator[None]:
     """Serve `app` on a unix socket, mode 0660 (the service's group may administer)."""
     claim_socket_path(path)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=ADMIN_GRACE_SECONDS)  # fmt: skip
     await runner.setup()
     try:
         await web.UnixSite(runner, str(path)).start()

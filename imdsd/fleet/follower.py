@@ -61,7 +61,7 @@ class Follower:
         """Forever: connect, follow; on any failure keep what is served and try again."""
         failures = 0
         while True:
-            client = self._client(failures)
+            client = await self._client(failures)
             if client is not None:
                 try:
                     await self._follow(client)
@@ -76,12 +76,13 @@ class Follower:
             delay = min(most, first * 2 ** min(failures, 8))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 -- jitter
 
-    def _client(self, attempt: int) -> Client | None:
+    async def _client(self, attempt: int) -> Client | None:
         """This attempt's client; None (backing off as from a lost etcd) while a TLS or password
         file cannot be read. Logged once per change: a warning per newly failing key and errno,
-        one info when all are readable again. Never the files' contents."""
+        one info when all are readable again. Never the files' contents. The files are read in a
+        worker thread: a hung mount or a FIFO never stalls the guest loop."""
         try:
-            client = open_client(self._config, attempt)
+            client = await asyncio.to_thread(open_client, self._config, attempt)
         except UnreadableFiles as exc:
             new = set(exc.failures) - self._unreadable
             if not new:

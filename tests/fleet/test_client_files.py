@@ -138,3 +138,32 @@ def _config(directory: Path, key_file: str, password_file: str) -> Path:
         f'key_file = "{directory}/{key_file}"\npassword_file = "{directory}/{password_file}"\n'
     )
     return config
+
+
+async def test_a_password_file_that_never_answers_does_not_stall_the_guests(
+    etcd: Etcd, prefix: str, tmp_path: Path
+) -> None:
+    """Invariant 9: the client files are read in a worker thread. A password file that is a
+    FIFO nobody writes (or a hung mount) holds that read forever; the daemon's guests are
+    answered all the same (on the loop, the read would have stopped every guest)."""
+    import os
+
+    from tests.helpers import host_sections, http
+    from tests.process import Proc
+
+    fifo = tmp_path / "password"
+    os.mkfifo(fifo)
+    directory = tmp_path / "host"
+    directory.mkdir()
+    text = ('[imds]\nlisteners = ["127.0.0.1:0"]\n' + host_sections(directory, metrics="")
+            + etcd.section("host-a", prefix)
+            + f'user = "imdsd"\npassword_file = "{fifo}"\n')  # fmt: skip
+    daemon = await asyncio.to_thread(Proc, directory, text, until="listening")
+    try:
+        reply = await asyncio.wait_for(
+            http(daemon.url, "/latest/meta-data/instance-id", source="127.0.0.81"), 5
+        )
+        assert reply.status == 404  # answered: an unknown guest, not a stalled loop
+    finally:
+        daemon.process.kill()
+        daemon.process.wait(timeout=10)

@@ -1,0 +1,61 @@
+"""A replaced association while its predecessor's refresh is queued, in flight or failed: what
+is reported, what reaches the upstream, and what a stop leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+from imdsd.errors import BackendError
+from imdsd.model import RotationPolicy
+from tests.helpers import VM_A, VM_B
+from tests.test_scheduler import Rig
+
+
+async def test_a_replaced_roles_failure_reports_no_old_session() -> None:
+    """After replace-association to a role whose issue fails, the old role's session is not
+    reported (nor counted) as the new role's: the state is "failed", not "failing"."""
+    rig = Rig()
+    await rig.rotator.prime()
+    assert rig.sessions.state(VM_A, rig.clock.now()) == "fresh"
+    rig.backend.failing = BackendError("AccessDenied", "role-b refused", retryable=False)
+    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
+    rig.rotator.reconcile(VM_A)
+    await rig.rotator.settle(VM_A)
+    assert rig.sessions.get(VM_A) is None
+    assert rig.sessions.state(VM_A, rig.clock.now()) == "failed"
+
+
+async def test_a_queued_refresh_of_a_replaced_association_never_reaches_the_upstream() -> None:
+    """With one issuer slot held, B's refresh waits in the queue; B's association is replaced
+    meanwhile: the old one's call is never made, only the new one's."""
+    rig = Rig(RotationPolicy(concurrency=1))
+    rig.backend.gate = asyncio.Event()
+    holder = asyncio.create_task(rig.rotator.refresh(VM_A))
+    queued = asyncio.create_task(rig.rotator.refresh(VM_B))
+    while rig.backend.in_flight == 0:
+        await asyncio.sleep(0)
+    await rig.inventory.commit(lambda: rig.inventory.disassociate(VM_B))
+    await rig.inventory.commit(lambda: rig.inventory.associate(VM_B, "profile-a"))
+    rig.rotator.reconcile(VM_B)
+    rig.backend.gate.set()
+    await asyncio.gather(holder, queued, rig.rotator.settle(VM_B))
+    assert rig.backend.names.count(VM_B) == 1 and rig.backend.calls == 2
+
+
+async def test_a_stop_cancels_a_superseded_refresh_too() -> None:
+    """aclose() cancels and awaits every refresh still running, the replaced association's
+    hanging call included: nothing outlives the backend."""
+    rig = Rig()
+    rig.backend.gate = asyncio.Event()  # never set: every issue hangs
+    old = asyncio.create_task(rig.rotator.refresh(VM_A))
+    while rig.backend.in_flight == 0:
+        await asyncio.sleep(0)
+    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
+    rig.rotator.reconcile(VM_A)
+    new = asyncio.create_task(rig.rotator.settle(VM_A))
+    while rig.backend.in_flight < 2:
+        await asyncio.sleep(0)
+    await rig.rotator.aclose()
+    assert rig.backend.in_flight == 0
+    for waiter in (old, new):
+        await asyncio.gather(waiter, return_exceptions=True)
