@@ -19,7 +19,8 @@ from imdsd.imds import render
 from imdsd.inventory import Inventory
 from imdsd.model import RotationPolicy, Session
 from imdsd.ratelimit import RateLimit
-from imdsd.scheduler import Rotator, first_refresh_at, refresh_at, retry_after, too_short
+from imdsd.refresh import first_refresh_at, refresh_at, retry_after, too_short
+from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
 from tests.fakes import START, FakeClock, FlakyBackend
 from tests.helpers import ROLE_A, VM_A, VM_B, make_config
@@ -358,7 +359,7 @@ async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
         first, second = sorted(dues, key=lambda vm: dues[vm])  # type: ignore[arg-type,return-value]
 
         def job_at() -> datetime:
-            (job,) = rig.rotator._scheduler.get_jobs()
+            (job,) = rig.rotator._timetable._scheduler.get_jobs()
             return job.next_run_time.astimezone(UTC)  # type: ignore[no-any-return]
 
         def wall(due: datetime | None) -> datetime:
@@ -371,7 +372,7 @@ async def test_one_apscheduler_job_wakes_at_the_earliest_due_time() -> None:
         await asyncio.gather(*await rig.rotator.wake())  # the job, woken early: nothing due
         assert abs(job_at() - wall(dues[second])) < timedelta(seconds=5)
         soon = rig.clock.now() + M
-        rig.rotator._schedule(second, soon)
+        rig.rotator._timetable.set(second, soon)
         assert abs(job_at() - wall(soon)) < timedelta(seconds=5)
     finally:
         await rig.rotator.aclose()
@@ -403,12 +404,12 @@ async def test_a_slow_refresh_does_not_hold_up_the_next_wake() -> None:
     rig.backend.gate = asyncio.Event()  # every issue from now on hangs until set
     rig.rotator.start()
     try:
-        rig.rotator._schedule(VM_A, rig.clock.now() - S)
+        rig.rotator._timetable.set(VM_A, rig.clock.now() - S)
         for _ in range(200):
             if rig.backend.in_flight == 1:
                 break
             await asyncio.sleep(0.01)
-        rig.rotator._schedule(VM_B, rig.clock.now() - S)
+        rig.rotator._timetable.set(VM_B, rig.clock.now() - S)
         for _ in range(200):
             if rig.backend.in_flight == 2:
                 break
@@ -429,7 +430,7 @@ async def test_stale_heap_entries_do_not_refresh_or_pile_up() -> None:
     for _ in range(200):
         await rig.rotator.refresh(VM_A)
     assert rig.backend.calls == calls + 200
-    assert len(rig.rotator._queue) <= 2 * 2 + 64
+    assert len(rig.rotator._timetable._queue) <= 2 * 2 + 64
     rig.clock.set(START + 4 * H)
     await asyncio.gather(*await rig.rotator.wake())
     assert rig.backend.calls == calls + 200 + 2  # VM_A once, VM_B once

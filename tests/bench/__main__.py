@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from imdsd.model import RotationPolicy, Session
-from imdsd.scheduler import first_refresh_at, refresh_at
+from imdsd.refresh import first_refresh_at, refresh_at
 from tests.helpers import host_sections
 
 SECONDS = 5  # per run

@@ -44,7 +44,9 @@ async def test_an_address_handed_to_a_new_vm_is_the_new_vm_within_a_second(
         add_vm(etcd, prefix, "host-a", VM_A, GUEST_A)
         add_vm(etcd, prefix, "host-a", VM_C, GUEST_C)
         ok(fleet(etcd, prefix, "associate", "--instance", VM_A, "--profile", "web"))
-        await within(15.0, lambda: _is(role(daemon.url, GUEST_A), "role-a"))  # set-up, not the property
+        await within(
+            15.0, lambda: _is(role(daemon.url, GUEST_A), "role-a")
+        )  # set-up, not the property
         ok(fleet(etcd, prefix, "associate", "--instance", VM_C, "--profile", "db"))  # hangs
         ok(fleet(etcd, prefix, "instances", "remove", VM_A))
         add_vm(etcd, prefix, "host-a", VM_B, GUEST_A)
