@@ -17,7 +17,7 @@ from imdsd.backends.base import Backend
 from imdsd.config.reader import Listener
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
-from tests.fakes import FakeClock, FlakyBackend
+from tests.fakes import FakeClock, FlakyBackend, wrapping
 from tests.helpers import VM_A, VM_B, http, make_config, token_for
 
 
@@ -95,7 +95,7 @@ async def test_readiness_means_serving_while_sessions_are_pending(clock: FakeClo
     with capture_logs() as logs:
 
         async def start() -> None:
-            async with running(config, clock, wrap_backend=hold):
+            async with running(config, clock, open_backend=wrapping(hold)):
                 primed.set()
                 await finish.wait()
 

@@ -16,7 +16,7 @@ from imdsd import log
 from imdsd.daemon import running
 from imdsd.errors import BackendError
 from imdsd.model import Session
-from tests.fakes import FakeClock, FlakyBackend
+from tests.fakes import FakeClock, FlakyBackend, wrapping
 from tests.helpers import VM_A, VM_B, http, make_config, token_for
 
 ISSUER_KEY = base64.b64encode(b"issuer-key-issuer-key-issuer-key").decode()
@@ -49,7 +49,7 @@ async def test_full_cycle_logs_no_secret(captured: io.StringIO) -> None:
 
     sessions: list[Session] = []
     imds_tokens: list[str] = []
-    async with running(config, clock, wrap_backend=wrap) as daemon:
+    async with running(config, clock, open_backend=wrapping(wrap)) as daemon:
         url = daemon.urls[0]
         for key in (VM_A, VM_B):
             entry = daemon.sessions.get(key)

@@ -17,8 +17,8 @@ from imdsd.daemon import Daemon, running
 from imdsd.model import Role
 from tests.fakes import FakeClock
 from tests.helpers import http
-from tests.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest, sts_config
-from tests.sts.upstream import PARTNER, PARTNER_ROLE, ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto
+from tests.backends.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest, sts_config
+from tests.backends.sts.upstream import PARTNER, PARTNER_ROLE, ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto
 
 StartDaemon = Callable[..., AbstractAsyncContextManager[Daemon]]
 CREDS = "/latest/meta-data/iam/security-credentials/"
@@ -208,7 +208,7 @@ async def test_many_associations_do_not_stampede(
     """200 associations at start: never more than rotation.concurrency upstream calls at once,
     all primed, and their next refreshes spread over their refresh window."""
     from imdsd.daemon import running
-    from tests.sts.conftest import sts_config
+    from tests.backends.sts.conftest import sts_config
 
     many = "".join(
         f'[[instances]]\nid = "i-{n:08x}"\naddresses = ["127.0.1.{n % 250}", "127.0.{2 + n // 250}.{n % 250}"]\n'

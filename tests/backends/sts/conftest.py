@@ -17,7 +17,7 @@ from imdsd.config import Config, parse
 from imdsd.daemon import Daemon, running
 from tests.fakes import FakeClock
 from tests.helpers import _SEQUENCE, SCRATCH, host_sections
-from tests.sts.upstream import ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto, start_moto
+from tests.backends.sts.upstream import ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto, start_moto
 
 VM_A, VM_B, VM_D = "i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb", "i-0dddddddddddddddd"
 A, B, D = "127.0.0.2", "127.0.0.3", "127.0.0.5"
@@ -130,7 +130,7 @@ async def run_guest(
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env |= {"AWS_EC2_METADATA_SERVICE_ENDPOINT": daemon_url, "HOME": "/nonexistent",
             "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}  # fmt: skip
-    args = [sys.executable, "-m", "tests.sts.guest", source, moto.url] + (
+    args = [sys.executable, "-m", "tests.backends.sts.guest", source, moto.url] + (
         [partner] if partner else []
     )
     process = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,

@@ -1,7 +1,7 @@
 """A guest VM, as a process: boto3 that knows only the metadata endpoint, every socket bound to
 the VM's own loopback address. Prints one JSON object with what it could and could not do.
 
-usage: python -m tests.sts.guest SOURCE_ADDRESS AWS_ENDPOINT [PARTNER_ROLE_ARN]
+usage: python -m tests.backends.sts.guest SOURCE_ADDRESS AWS_ENDPOINT [PARTNER_ROLE_ARN]
 (AWS_EC2_METADATA_SERVICE_ENDPOINT comes from the environment, as in a real guest.)
 """
 

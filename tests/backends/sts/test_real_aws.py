@@ -1,7 +1,7 @@
 """The same flow against AWS STS itself: skipped unless real credentials and a role are given.
 
 Run with: IMDSD_TEST_ROLE_ARN=arn:aws:iam::ACCOUNT:role/NAME (a role that trusts the identity
-in your AWS_* environment or profile) pytest -m external_service tests/sts/test_real_aws.py
+in your AWS_* environment or profile) pytest -m external_service tests/backends/sts/test_real_aws.py
 """
 
 from __future__ import annotations
