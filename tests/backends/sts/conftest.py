@@ -15,9 +15,9 @@ import pytest
 
 from imdsd.config import Config, parse
 from imdsd.daemon import Daemon, running
+from tests.backends.sts.upstream import ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto, start_moto
 from tests.fakes import FakeClock
 from tests.helpers import _SEQUENCE, SCRATCH, host_sections
-from tests.backends.sts.upstream import ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto, start_moto
 
 VM_A, VM_B, VM_D = "i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb", "i-0dddddddddddddddd"
 A, B, D = "127.0.0.2", "127.0.0.3", "127.0.0.5"

@@ -13,9 +13,9 @@ from aiohttp import web
 
 from imdsd.model import RotationPolicy
 from imdsd.vault import VAULT_SECONDS
+from tests.backends.sts.upstream import ROLE_A, FaultySts
 from tests.helpers import host_sections, http, token_for
 from tests.process import Proc
-from tests.backends.sts.upstream import ROLE_A, FaultySts
 
 INSTANCES = 500
 HEAD = """

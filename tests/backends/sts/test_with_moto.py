@@ -15,10 +15,18 @@ from structlog.testing import capture_logs
 
 from imdsd.daemon import Daemon, running
 from imdsd.model import Role
+from tests.backends.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest, sts_config
+from tests.backends.sts.upstream import (
+    PARTNER,
+    PARTNER_ROLE,
+    ROLE_A,
+    ROLE_B,
+    ROLE_DENIED,
+    FaultySts,
+    Moto,
+)
 from tests.fakes import FakeClock
 from tests.helpers import http
-from tests.backends.sts.conftest import VM_A, VM_B, VM_D, A, B, D, run_guest, sts_config
-from tests.backends.sts.upstream import PARTNER, PARTNER_ROLE, ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto
 
 StartDaemon = Callable[..., AbstractAsyncContextManager[Daemon]]
 CREDS = "/latest/meta-data/iam/security-credentials/"
