@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test check fmt e2e bench clean install-system
+.PHONY: help install run test test-fast check fmt e2e bench clean install-system
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -25,6 +25,9 @@ test: $(STAMP)  ## the whole suite, with branch coverage enforced
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
+
+test-fast: $(STAMP)  ## the inner loop: every test not marked slow (make test remains the gate)
+	$(BIN)/pytest -q -m "not slow and not external_service"
 
 e2e: $(STAMP)  ## only the end-to-end tests (real daemon process + botocore)
 	$(BIN)/pytest tests/e2e

@@ -18,6 +18,8 @@ from imdsd.vault import FILE_NAME
 from tests.fakes import FakeClock
 from tests.helpers import VM_A, VM_B, VM_D, make_config
 
+pytestmark = pytest.mark.slow  # 30,000 add/remove cycles against a live daemon
+
 TMPFS = "/dev/shm"  # noqa: S108 -- a private mkdtemp() inside it, for cheap fsync
 CYCLES = 30_000
 WARM_UP = 2_000

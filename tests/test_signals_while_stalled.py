@@ -9,12 +9,16 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from imdsd.cli.client import request
 from imdsd.daemon import SHUTDOWN_GRACE_SECONDS
 from imdsd.vault import FILE_NAME as VAULT_FILE
 from tests.fakes import StalledUpstream, sts_backend
 from tests.helpers import ROLE_A, host_sections, http
 from tests.process import Proc
+
+pytestmark = pytest.mark.slow  # daemon processes against a stalled upstream
 
 INSTANCES = 50
 INSTANCE = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,8 @@ from imdsd.config import validate
 from imdsd.config.budgets import BUDGET_KEYS
 from imdsd.config.instances import INSTANCE_KEYS, OPTION_KEYS
 from imdsd.errors import ConfigError
+
+pytestmark = pytest.mark.slow  # hypothesis over TOML values
 
 TABLES: dict[str, tuple[str, ...]] = {
     "imds": ("listeners",),

@@ -13,10 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from botocore.credentials import InstanceMetadataProvider
 from botocore.utils import InstanceMetadataFetcher
 
 from tests.e2e.conftest import Running
+
+pytestmark = pytest.mark.slow  # the daemon as a process and botocore
 
 README = Path(__file__).parents[2] / "README.md"
 

@@ -16,6 +16,8 @@ import pytest
 from tests.helpers import host_sections
 from tests.process import Proc
 
+pytestmark = pytest.mark.slow  # the daemon as a process
+
 A, B = "127.0.0.2", "127.0.0.3"
 CONFIG = """
 [imds]

@@ -12,9 +12,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from tests.fleet.etcd import Etcd
 from tests.helpers import ROLE_A, ROLE_B, host_sections, http
 from tests.process import Proc
+
+pytestmark = pytest.mark.slow  # a real etcd and two daemon processes
 
 VM1, VM2 = "i-0f1ee70000000001a", "i-0f1ee70000000002b"
 GUEST1, GUEST2 = "127.0.0.61", "127.0.0.62"

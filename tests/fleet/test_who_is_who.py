@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from imdsd.config.inventory import EtcdConfig, endpoint
 from imdsd.fleet.client import open_client
@@ -19,6 +20,8 @@ from tests.fleet.etcd import Etcd
 from tests.fleet.test_fleet import POLLING, add_vm, fleet, ok, profiles, role, within
 from tests.helpers import ROLE_A, host_sections, http
 from tests.process import Proc
+
+pytestmark = pytest.mark.slow  # a real etcd, 10,000 records, daemon processes
 
 VM_A, VM_B, VM_C = "i-0a000000000000a1a", "i-0b000000000000b2b", "i-0c000000000000c3c"
 GUEST_A, GUEST_C = "127.0.0.71", "127.0.0.73"

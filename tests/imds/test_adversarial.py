@@ -16,9 +16,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from imdsd.imds.render import ERROR_PAGES
 from tests.helpers import two_guests
 from tests.process import Proc
+
+pytestmark = pytest.mark.slow  # hostile clients against daemon processes
 
 SEED = 20261123
 REQUESTS = 10_400

@@ -28,6 +28,8 @@ from tests.fakes import FakeClock
 from tests.helpers import VM_A, VM_D, http, make_config, token_for, two_guests
 from tests.process import Proc
 
+pytestmark = pytest.mark.slow  # floods against daemon processes
+
 FLOODER, VICTIM, STRANGER = "127.0.0.2", "127.0.0.3", "127.0.0.9"
 ROLE_PATH = "/latest/meta-data/iam/security-credentials/victims-own-role"  # the victim's
 VICTIM_ID = "i-0a1c71a1c71a1c71a"

@@ -17,6 +17,8 @@ from tests.backends.sts.upstream import ROLE_A, FaultySts
 from tests.helpers import host_sections, http, token_for
 from tests.process import Proc
 
+pytestmark = pytest.mark.slow  # 500-instance daemon processes against a stalling upstream
+
 INSTANCES = 500
 HEAD = """
 [imds]

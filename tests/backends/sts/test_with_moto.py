@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import unquote
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
@@ -27,6 +28,8 @@ from tests.backends.sts.upstream import (
 )
 from tests.fakes import FakeClock
 from tests.helpers import http
+
+pytestmark = pytest.mark.slow  # moto's server and boto3 guest processes
 
 StartDaemon = Callable[..., AbstractAsyncContextManager[Daemon]]
 CREDS = "/latest/meta-data/iam/security-credentials/"
