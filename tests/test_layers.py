@@ -170,3 +170,10 @@ def test_every_exception_class_is_in_errors() -> None:
         if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == name
     ]
     assert not elsewhere, elsewhere
+
+
+def test_only_the_cli_reads_the_config_file() -> None:
+    """Nothing below the CLI calls config.load(): the file is read where argv is (a daemon's
+    SIGHUP reread is a function the CLI hands it)."""
+    readers = sorted(m for m, names in GRAPH.items() if "imdsd.config.load" in names)
+    assert readers and all(m.startswith("imdsd.cli") for m in readers), readers

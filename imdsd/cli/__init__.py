@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -52,8 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from imdsd.daemon.serve import serve  # here: only `run` pays for the daemon's imports
 
-        adjust = functools.partial(_with_overrides, args=args)  # reloads keep the flags
-        asyncio.run(serve(config, SystemClock(), args.config, adjust))
+        def reread() -> Config:  # SIGHUP: the file again, the flags still winning
+            return _with_overrides(load(args.config), args=args)
+
+        asyncio.run(serve(config, SystemClock(), reread))
     except ConfigError as exc:  # the state file changed between the check above and the start
         return _bad_config(exc)
     except OSError as exc:

@@ -8,20 +8,20 @@ import contextlib
 import signal
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import structlog
 
 from imdsd import systemd
 from imdsd.budgets import Ledger
 from imdsd.clock import Clock
-from imdsd.config import Config, load
+from imdsd.config import Config
 from imdsd.daemon import Daemon, running
 from imdsd.errors import ConfigError
 from imdsd.log import LoopErrors
 from imdsd.log import configure as configure_logging
 
 log = structlog.get_logger("imdsd")
+Reread = Callable[[], Config]  # the config file again (ConfigError when it is bad)
 GUEST_SUMMARY_SECONDS = 60.0  # at most one incident summary line per guest per minute
 # Config attributes a reload cannot change -> the config file's name for them
 RESTART_ONLY = {"imds": "imds", "rotation": "rotation", "backend": "backend", "host": "host",
@@ -31,11 +31,10 @@ RESTART_ONLY = {"imds": "imds", "rotation": "rotation", "backend": "backend", "h
 async def serve(
     config: Config,
     clock: Clock,
-    config_path: Path | None = None,
-    adjust: Callable[[Config], Config] = lambda c: c,
+    reread: Reread | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT (in-flight requests get a grace period, then exit 0);
-    SIGHUP reloads `config_path` (through `adjust`, the command line's overrides), refusing a
+    SIGHUP applies `reread()` (the CLI's: the file again, with its flags), refusing a
     bad file and keeping the running config. A stop during start-up (etcd's first load, the
     backend opening, priming) ends start-up at once and shuts down the same way."""
     stop, reload, started = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -54,7 +53,7 @@ async def serve(
     try:
         async with running(config, clock) as daemon:
             started.set()
-            await _serving_until(stop, reload, daemon, config, config_path, adjust)
+            await _serving_until(stop, reload, daemon, config, reread)
             systemd.notify("STOPPING=1")
             log.info("stopping")
     except asyncio.CancelledError:
@@ -69,8 +68,7 @@ async def _serving_until(
     reload: asyncio.Event,
     daemon: Daemon,
     config: Config,
-    config_path: Path | None,
-    adjust: Callable[[Config], Config],
+    reread: Reread | None,
 ) -> None:
     """READY, then serve: reload on SIGHUP until stopped."""
     systemd.notify("READY=1", f"STATUS=serving {len(daemon.inventory.instances())} instances")
@@ -92,7 +90,7 @@ async def _serving_until(
             await _first(stop, reload)
             if reload.is_set() and not stop.is_set():
                 reload.clear()
-                config = await _reload(daemon, config, config_path, adjust)
+                config = await _reload(daemon, config, reread)
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -125,17 +123,15 @@ async def _watchdog(interval: float, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), interval)
 
 
-async def _reload(
-    daemon: Daemon, current: Config, path: Path | None, adjust: Callable[[Config], Config]
-) -> Config:
+async def _reload(daemon: Daemon, current: Config, reread: Reread | None) -> Config:
     """SIGHUP: apply the file's instances, profiles, associations, budgets and [log]; sessions
     that did not change are kept. A file that fails for any reason is refused and logged; the
     running config stays and the daemon keeps serving."""
-    if path is None:
+    if reread is None:
         return current
     systemd.reloading()
     try:  # reading and validating the file (user data included) is off the guest loop
-        return _apply(daemon, current, adjust(await asyncio.to_thread(load, path)))
+        return _apply(daemon, current, await asyncio.to_thread(reread))
     except ConfigError as exc:
         log.error("reload refused: the config is invalid; keeping the running one",
                   problems=[str(p) for p in exc.problems])  # fmt: skip
