@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,7 +11,7 @@ import structlog
 from imdsd.backends.base import Backend
 from imdsd.daemon import Daemon, running
 from tests.fakes import FakeClock, FlakyBackend, StalledUpstream, wrapping
-from tests.helpers import make_config
+from tests.helpers import isolate, make_config
 
 
 @pytest.fixture(autouse=True)
@@ -67,10 +66,6 @@ async def stalled() -> AsyncIterator[StalledUpstream]:
 def host_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sts backend's host credentials from the environment (made up: the upstreams these
     tests use never check them), and no AWS file or metadata probe of this machine."""
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
+    isolate(monkeypatch)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import pytest
 
 from imdsd.config import Config, parse
 
@@ -192,3 +195,13 @@ profile = "secret"
 def two_guests(directory: Path, budgets: str = "") -> str:
     """TWO_GUESTS with its state, admin socket (no metrics) in `directory`."""
     return TWO_GUESTS.format(host=host_sections(directory, metrics=""), budgets=budgets)
+
+
+def isolate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS credentials from this machine, and never a probe of a real metadata endpoint."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", "/nonexistent")

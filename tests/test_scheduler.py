@@ -98,6 +98,21 @@ class Rig:
         self.rotator = Rotator(self.backend, self.inventory, self.sessions, policy, self.clock,
                                rng=random.Random(1), rate=RateLimit(100_000))  # fmt: skip
 
+    async def replaced_in_flight(self) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+        """VM_A's refresh hanging on the issuer (gated), then its association replaced with
+        profile-b and reconciled: (the old role's refresh, the new one's settle), both in
+        flight."""
+        self.backend.gate = asyncio.Event()
+        old = asyncio.create_task(self.rotator.refresh(VM_A))
+        while self.backend.in_flight == 0:
+            await asyncio.sleep(0)
+        await self.inventory.commit(lambda: self.inventory.replace_association(VM_A, "profile-b"))
+        self.rotator.reconcile(VM_A)
+        new = asyncio.create_task(self.rotator.settle(VM_A))
+        while self.backend.in_flight < 2:
+            await asyncio.sleep(0)
+        return old, new
+
     def served(self, key: str = VM_A) -> bytes:
         association = self.inventory.association(key)
         assert association is not None
@@ -292,15 +307,8 @@ async def test_replaced_while_issuing_gets_new_role_at_once() -> None:
     at once, beside the hanging call (single-flight per association, not per instance), and
     the old call's answer, when it comes, is never stored over it."""
     rig = Rig()
-    rig.backend.gate = asyncio.Event()
-    old = asyncio.create_task(rig.rotator.refresh(VM_A))
-    while rig.backend.in_flight == 0:
-        await asyncio.sleep(0)
-    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
-    rig.rotator.reconcile(VM_A)
-    new = asyncio.create_task(rig.rotator.settle(VM_A))
-    while rig.backend.in_flight < 2:
-        await asyncio.sleep(0)
+    old, new = await rig.replaced_in_flight()
+    assert rig.backend.gate is not None
     rig.backend.gate.set()
     await asyncio.gather(old, new)
     entry = rig.sessions.get(VM_A)

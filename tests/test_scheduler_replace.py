@@ -46,15 +46,7 @@ async def test_a_stop_cancels_a_superseded_refresh_too() -> None:
     """aclose() cancels and awaits every refresh still running, the replaced association's
     hanging call included: nothing outlives the backend."""
     rig = Rig()
-    rig.backend.gate = asyncio.Event()  # never set: every issue hangs
-    old = asyncio.create_task(rig.rotator.refresh(VM_A))
-    while rig.backend.in_flight == 0:
-        await asyncio.sleep(0)
-    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
-    rig.rotator.reconcile(VM_A)
-    new = asyncio.create_task(rig.rotator.settle(VM_A))
-    while rig.backend.in_flight < 2:
-        await asyncio.sleep(0)
+    old, new = await rig.replaced_in_flight()  # the gate is never opened: both hang
     await rig.rotator.aclose()
     assert rig.backend.in_flight == 0
     for waiter in (old, new):

@@ -17,7 +17,7 @@ from imdsd.config import Config, parse
 from imdsd.daemon import Daemon, running
 from tests.backends.sts.upstream import ROLE_A, ROLE_B, ROLE_DENIED, FaultySts, Moto, start_moto
 from tests.fakes import FakeClock
-from tests.helpers import _SEQUENCE, SCRATCH, host_sections
+from tests.helpers import _SEQUENCE, SCRATCH, host_sections, isolate
 
 VM_A, VM_B, VM_D = "i-0aaaaaaaaaaaaaaaa", "i-0bbbbbbbbbbbbbbbb", "i-0dddddddddddddddd"
 A, B, D = "127.0.0.2", "127.0.0.3", "127.0.0.5"
@@ -68,16 +68,6 @@ instance = "{VM_B}"
 profile = "profile-b"
 {extra}
 """)
-
-
-def isolate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No AWS credentials from this machine, and never a probe of a real metadata endpoint."""
-    for key in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("HOME", "/nonexistent")
 
 
 @pytest.fixture(scope="module")

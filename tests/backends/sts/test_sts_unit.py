@@ -11,7 +11,7 @@ from imdsd.backends.sts import _error, _xml_fields, host_credentials
 from imdsd.cli import main
 from imdsd.errors import BackendError, DurationTooLong
 from imdsd.model import InstanceProfile, Role
-from tests.backends.sts.conftest import isolate
+from tests.helpers import isolate
 
 PROFILE = InstanceProfile(name="p", path="/", id="AIPAAAAAAAAAAAAAAAAAA",
                           role=Role.from_arn("arn:aws:iam::123456789012:role/app"))  # fmt: skip
