@@ -77,6 +77,24 @@ class MetadataOptions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkInterface:
+    """One of the instance's network interfaces (EC2's ENI), as network/interfaces/macs/<mac>/
+    serves it. Ids left out are derived (stable, from the instance id and the MAC or CIDR)."""
+
+    mac: str
+    device_number: int = 0
+    addresses: tuple[str, ...] = ()  # its private IPv4 addresses, the primary first
+    subnet: str | None = None  # IPv4 CIDR; None: the /24 of the primary address
+    ipv6: tuple[str, ...] = ()
+    ipv6_subnet: str | None = None  # None: the /64 of the first IPv6 address
+    vpc_cidr: str | None = None  # None: the subnet's
+    interface_id: str | None = None  # "eni-..."
+    subnet_id: str | None = None  # "subnet-..."
+    vpc_id: str | None = None  # "vpc-..."
+    security_groups: tuple[str, ...] = ("default",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Instance:
     """One VM, known by the addresses it uses on the host network."""
 
@@ -95,6 +113,20 @@ class Instance:
     options: MetadataOptions = field(default_factory=MetadataOptions)
     user_data: bytes | None = field(default=None, repr=False)  # may hold the guest's secrets
     tags: tuple[tuple[str, str], ...] = ()  # (key, value), as EC2's instance tags
+    # None: one interface made from `mac` and `addresses` (see `interfaces`)
+    network_interfaces: tuple[NetworkInterface, ...] | None = None
+    public_keys: tuple[str, ...] = ()  # OpenSSH public keys ("ssh-ed25519 AAAA... comment")
+    block_devices: tuple[tuple[str, str], ...] = ()  # ("ephemeral0", "/dev/vdb"); ami, root
+
+    @property
+    def interfaces(self) -> tuple[NetworkInterface, ...]:
+        """The configured interfaces, or the one EC2 would give: the instance's MAC and its
+        addresses (IPv4 and IPv6), device 0."""
+        if self.network_interfaces is not None:
+            return self.network_interfaces
+        ipv4 = tuple(a for a in self.addresses if ":" not in a)
+        ipv6 = tuple(a for a in self.addresses if ":" in a)
+        return (NetworkInterface(mac=self.mac_address, addresses=ipv4, ipv6=ipv6),)
 
     @property
     def image_id(self) -> str:
@@ -111,9 +143,12 @@ class Instance:
 
     @property
     def mac_address(self) -> str:
-        """mac, else a locally administered one (02:...) derived from the instance id."""
+        """mac, else device 0's, else a locally administered one (02:...) derived from the
+        instance id."""
         if self.mac:
             return self.mac
+        if self.network_interfaces:
+            return min(self.network_interfaces, key=lambda n: n.device_number).mac
         digest = self._digest()
         return "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
 

@@ -27,6 +27,12 @@ from imdsd.config.converters import (
     one_of,
     zone_of,
 )
+from imdsd.config.devices import (
+    block_devices,
+    interface_table,
+    network_interfaces,
+    public_keys,
+)
 from imdsd.config.reader import Reader, Section, show
 from imdsd.errors import ConfigError
 from imdsd.files import read_regular
@@ -83,6 +89,12 @@ def instance_table(instance: Instance) -> dict[str, Any]:
         table["user_data_base64"] = base64.b64encode(instance.user_data).decode()
     if instance.tags:
         table["tags"] = dict(instance.tags)
+    if instance.network_interfaces is not None:
+        table["network_interfaces"] = [interface_table(n) for n in instance.network_interfaces]
+    if instance.public_keys:
+        table["public_keys"] = list(instance.public_keys)
+    if instance.block_devices:
+        table["block_device_mapping"] = dict(instance.block_devices)
     return {k: v for k, v in table.items() if v is not None}
 
 
@@ -140,6 +152,11 @@ def _instance(t: Section, *, host_files: bool) -> Instance | None:
     fields["user_data"] = _user_data(t, host_files=host_files)
     no_tags: tuple[tuple[str, str], ...] = ()
     fields["tags"] = t.take("tags", _tags, no_tags, TAGS_ALLOWED)
+    fields["public_keys"] = public_keys(t)
+    fields["block_devices"] = block_devices(t)
+    fields["network_interfaces"] = nics = network_interfaces(t)
+    if nics and fields["mac"] and fields["mac"] != nics[0].mac:
+        t.problem("mac", show(fields["mac"]), f"device 0's MAC ({nics[0].mac}), or no mac")
     if iid is None or addresses is None:
         return None
     return _filled_instance(iid, addresses, region, options, fields)
@@ -246,7 +263,9 @@ PLACEMENT_KEYS = (
     "mac",
     "account_id",
 )
-INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options", "tags", *USER_DATA_KEYS)
+DEVICE_KEYS = ("network_interfaces", "public_keys", "block_device_mapping")
+INSTANCE_KEYS = ("id", "addresses", *PLACEMENT_KEYS, "metadata_options", "tags", *DEVICE_KEYS,
+                 *USER_DATA_KEYS)  # fmt: skip
 
 
 def _filled_instance(
@@ -257,8 +276,12 @@ def _filled_instance(
     fields: dict[str, Any],
 ) -> Instance:
     """The instance as configured; ami_id, hostname and mac left out stay None (the model
-    derives EC2-like defaults from the id and address when they are read)."""
+    derives EC2-like defaults from the id and address when they are read). local-ipv4 is
+    device 0's primary address where interfaces are given, else the first IPv4 address."""
     ipv4 = next((a for a in addresses if "." in a), addresses[0])
+    nics = fields["network_interfaces"]
+    if nics and nics[0].addresses:  # the guest's own view: device 0's primary address
+        ipv4 = nics[0].addresses[0]
     return Instance(
         id=iid,
         addresses=addresses,
@@ -273,4 +296,7 @@ def _filled_instance(
         options=options,
         user_data=fields["user_data"],
         tags=fields["tags"],
+        network_interfaces=fields["network_interfaces"],
+        public_keys=fields["public_keys"],
+        block_devices=fields["block_devices"],
     )

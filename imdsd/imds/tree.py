@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from imdsd.imds import render
+from imdsd.imds import devices, render
 from imdsd.model import Association, Instance
 
 # EC2's `GET /` lists every API version it still answers; all of them serve today's tree.
@@ -122,16 +122,24 @@ def build(instance: Instance, association: Association | None, pending: datetime
     if instance.options.instance_metadata_tags == "enabled":
         for key, value in instance.tags:
             leaves[f"meta-data/tags/instance/{key}"] = value.encode()
+    leaves |= devices.network(instance, account) | devices.block_devices(instance)
+    keys, keys_listing = devices.public_keys(instance)
+    leaves |= keys
+    unlisted: dict[str, Node] = {}
     if association is not None:
         role = association.profile.role
         leaves["meta-data/iam/info"] = render.info(association)
-        for directory, extended in (
-            ("security-credentials", False),
-            ("security-credentials-extended", True),
-        ):
-            leaves[f"meta-data/iam/{directory}/{role.name}"] = CredentialLeaf(role.arn, extended)
-    return Tree(instance=instance, association=association, nodes=leaves | _listings(leaves),
-                sign=sign)  # fmt: skip
+        leaves[f"meta-data/iam/security-credentials/{role.name}"] = CredentialLeaf(role.arn, False)
+        # Served, never listed (EC2 lists info and security-credentials/ only): a client that
+        # saves what it crawls (cloud-init's instance-data.json, mode 0644) must not save keys.
+        extended = f"meta-data/iam/security-credentials-extended/{role.name}"
+        unlisted[extended] = CredentialLeaf(role.arn, True)
+    nodes = leaves | _listings(leaves)
+    if unlisted:
+        nodes |= {k: v for k, v in (unlisted | _listings(unlisted)).items() if k not in nodes}
+    if keys_listing is not None:  # EC2 lists keys as "0=name", not as the directories they are
+        nodes["meta-data/public-keys"] = keys_listing
+    return Tree(instance=instance, association=association, nodes=nodes, sign=sign)
 
 
 def _listings(leaves: dict[str, Node]) -> dict[str, Node]:
