@@ -96,6 +96,13 @@ def instance_flags(add: argparse.ArgumentParser) -> None:
                      help="served as /latest/user-data (at most 16 KB, EC2's limit)")  # fmt: skip
     add.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                      help="an instance tag (repeat); see --instance-metadata-tags")  # fmt: skip
+    add.add_argument("--public-key", action="append", default=[], metavar="KEY",
+                     help='an OpenSSH public key, or @FILE to read it (repeat)')  # fmt: skip
+    add.add_argument("--network-interface", action="append", default=[], metavar="SPEC",
+                     help="mac=..,address=..[,address=..][,subnet=CIDR][,ipv6=..]"
+                          "[,device_number=N] (repeat; default: from --mac and --address)")  # fmt: skip
+    add.add_argument("--block-device", action="append", default=[], metavar="NAME=DEVICE",
+                     help="e.g. ephemeral0=/dev/vdb (repeat; ami and root: /dev/vda)")  # fmt: skip
     _option_flags(add)
 
 
@@ -185,7 +192,39 @@ def instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
         body["user_data_base64"] = base64.b64encode(_user_data(args.user_data_file)).decode()
     if args.tag:
         body["tags"] = dict(tag.partition("=")[::2] for tag in args.tag)
+    if args.public_key:  # @FILE is read here, on the caller's side, as --user-data-file is
+        body["public_keys"] = [_public_key(key) for key in args.public_key]
+    if args.network_interface:
+        body["network_interfaces"] = [_interface(spec) for spec in args.network_interface]
+    if args.block_device:
+        body["block_device_mapping"] = dict(d.partition("=")[::2] for d in args.block_device)
     return body
+
+
+def _public_key(value: str) -> str:
+    if not value.startswith("@"):
+        return value
+    with Path(value[1:]).open("rb") as file:
+        return file.read(16385).decode(errors="replace").strip()
+
+
+_LISTS = {"address": "addresses", "ipv6": "ipv6", "security_group": "security_groups"}
+
+
+def _interface(spec: str) -> dict[str, Any]:
+    """mac=..,address=..,address=..,subnet=.. -> a network_interfaces table (the daemon checks
+    every value and names the key of a bad one)."""
+    table: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in _LISTS:
+            table.setdefault(_LISTS[key], []).append(value.strip())
+        elif key == "device_number" and value.strip().isdigit():
+            table[key] = int(value)
+        else:
+            table[key] = value.strip()
+    return table
 
 
 def _user_data(path: Path) -> bytes:

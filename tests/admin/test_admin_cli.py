@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -227,13 +228,18 @@ DOMAIN_XML = """<domain type="kvm"><name>web-1</name>
     <imdsd:instance xmlns:imdsd="https://github.com/imdsd/imdsd/1" id="i-0feedfeedfeedfeed"
                     profile="profile-a" http-tokens="optional">
       <imdsd:address>127.0.0.30</imdsd:address>
+      <imdsd:public-key>{key}</imdsd:public-key>
     </imdsd:instance>
-  </metadata></domain>"""
+  </metadata>
+  <devices><interface type="network"><mac address="52:54:00:AB:CD:EF"/></interface></devices>
+</domain>"""
+HOOK_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKo3w7NPk/WVpdfeHQxxCs0oDHhy2zVSNa8vcTa4Khvx ops"
 
 
 async def test_libvirt_hook_registers_and_forgets(daemon: Daemon) -> None:
     """config/libvirt-hook-qemu, called as libvirt calls it: on `started` the VM is registered
-    with its profile and served; on `release` it is forgotten."""
+    with its profile, its NIC's MAC and its SSH keys, and served; on `release` it is
+    forgotten."""
     hook = Path(__file__).parents[2] / "config" / "libvirt-hook-qemu"
     env = {**os.environ, "IMDSD": str(Path(sys.executable).with_name("imdsd")),
            "IMDSD_ADMIN_SOCKET": str(daemon.admin_socket)}  # fmt: skip
@@ -243,13 +249,18 @@ async def test_libvirt_hook_registers_and_forgets(daemon: Daemon) -> None:
             sys.executable, str(hook), "web-1", operation, "begin", "-", env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        _, err = await asyncio.wait_for(process.communicate(DOMAIN_XML.encode()), 60)
+        xml = DOMAIN_XML.format(key=HOOK_KEY).encode()
+        _, err = await asyncio.wait_for(process.communicate(xml), 60)
         assert process.returncode == 0, err.decode()
         return process.returncode
 
     await call("started")
     reply = await http(daemon.urls[0], CREDS, source="127.0.0.30")
     assert (reply.status, reply.text) == (200, "role-a")
+    mac = await http(daemon.urls[0], "/latest/meta-data/mac", source="127.0.0.30")
+    key = await http(daemon.urls[0], "/latest/meta-data/public-keys/0/openssh-key",
+                     source="127.0.0.30")  # fmt: skip
+    assert (mac.text, key.text) == ("52:54:00:ab:cd:ef", HOOK_KEY)
     await call("release")
     assert (await http(daemon.urls[0], CREDS, source="127.0.0.30")).status == 404
     assert daemon.inventory.instance("i-0feedfeedfeedfeed") is None
@@ -344,3 +355,34 @@ async def test_add_with_user_data_and_tags(daemon: Daemon, tmp_path: Path) -> No
     assert (
         await http(url, "/latest/meta-data/tags/instance/env", source="127.0.0.77")
     ).text == "prod"
+
+
+async def test_instances_add_takes_keys_interfaces_and_block_devices(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """`instances add --public-key (or @FILE) --network-interface --block-device`: the guest
+    is served them as EC2 serves them; a key that is not OpenSSH exits 1 naming public_keys."""
+    keyfile = tmp_path / "id.pub"
+    keyfile.write_text(HOOK_KEY + "\n")
+    env = {**os.environ, "IMDSD_ADMIN_SOCKET": str(daemon.admin_socket)}
+    ok = await _cli(env, "instances", "add", "--id", "i-0c11c11c11c11c11c", "--address", "127.0.0.31",
+                    "--http-tokens", "optional", "--public-key", f"@{keyfile}",
+                    "--network-interface", "mac=02:00:00:00:31:01,address=10.3.1.5,"
+                    "address=10.3.1.6,subnet=10.3.1.0/24",
+                    "--block-device", "ephemeral0=/dev/vdb")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    url, base = daemon.urls[0], "/latest/meta-data/"
+    macs = base + "network/interfaces/macs/02:00:00:00:31:01/local-ipv4s"
+    for path, expected in ((base + "public-keys/", "0=ops"), (macs, "10.3.1.5\n10.3.1.6"),
+                           (base + "block-device-mapping/ephemeral0", "/dev/vdb")):  # fmt: skip
+        assert (await http(url, path, source="127.0.0.31")).text == expected
+    bad = await _cli(env, "instances", "add", "--id", "i-0c11c11c11c11c11d", "--address",
+                     "127.0.0.32", "--public-key", "ssh-ed25519 nope")  # fmt: skip
+    assert bad.returncode == 1 and "public_keys[0]" in bad.stderr
+
+
+async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "imdsd", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
