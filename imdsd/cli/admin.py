@@ -100,7 +100,7 @@ def instance_flags(add: argparse.ArgumentParser) -> None:
                      help='an OpenSSH public key, or @FILE to read it (repeat)')  # fmt: skip
     add.add_argument("--network-interface", action="append", default=[], metavar="SPEC",
                      help="mac=..,address=..[,address=..][,subnet=CIDR][,ipv6=..]"
-                          "[,device_number=N] (repeat; default: from --mac and --address)")  # fmt: skip
+                          "[,device_number=N] (repeat; default: --mac, --address)")  # fmt: skip
     add.add_argument("--block-device", action="append", default=[], metavar="NAME=DEVICE",
                      help="e.g. ephemeral0=/dev/vdb (repeat; ami and root: /dev/vda)")  # fmt: skip
     _option_flags(add)
