@@ -118,3 +118,18 @@ def test_an_association_to_an_unknown_profile_waits_with_one_warning() -> None:
     ]
     put(mirror, LAYOUT.profile("web"), {"role_arn": ROLE}, 3)
     assert mirror.baseline()[2] == [(VM1, "web")]
+
+
+def test_records_carry_keys_interfaces_and_block_devices() -> None:
+    """An etcd instance record takes public_keys, network_interfaces and block_device_mapping
+    like the config's table, and a key that is not OpenSSH is refused naming it."""
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKo3w7NPk/WVpdfeHQxxCs0oDHhy2zVSNa8vcTa4Khvx ops"
+    record = {"addresses": ["10.0.0.5"], "public_keys": [key],
+              "network_interfaces": [{"mac": "02:00:00:00:00:05", "addresses": ["10.0.0.5"]}],
+              "block_device_mapping": {"ephemeral0": "/dev/vdb"}}  # fmt: skip
+    instance = parse(LAYOUT, LAYOUT.instance(VM1), json.dumps(record).encode())
+    assert isinstance(instance, Instance) and instance.public_keys == (key,)
+    assert instance.mac_address == "02:00:00:00:00:05"
+    assert instance.block_devices == (("ephemeral0", "/dev/vdb"),)
+    with pytest.raises(RecordError, match=r"public_keys\[0\]"):
+        parse(LAYOUT, LAYOUT.instance(VM1), json.dumps(record | {"public_keys": ["x"]}).encode())
