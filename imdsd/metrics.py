@@ -11,6 +11,7 @@ import asyncio
 import math
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any, Literal, get_args
 
 from aiohttp import web
@@ -80,6 +81,10 @@ class Metrics:
         """The etcd source's gauges: is it connected, how stale may the inventory be."""
         self.registry.register(_SourceCollector(status))
 
+    def watch_certificate(self, expiry: Callable[[], datetime | None], clock: Clock) -> None:
+        """The host's X.509 certificate (IAM Roles Anywhere): seconds until it expires."""
+        self.registry.register(_CertificateCollector(expiry, clock))
+
     def watch(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
         """Session gauges, computed at scrape time from the live state."""
         self.registry.register(_SessionCollector(inventory, sessions, clock))
@@ -118,6 +123,19 @@ class _SourceCollector(Collector):
         yield GaugeMetricFamily("imdsd_inventory_stale_seconds",
                                 "Seconds since the inventory was last known to match etcd.",
                                 value=float(status.get("stale_seconds", 0.0)))  # fmt: skip
+
+
+class _CertificateCollector(Collector):
+    def __init__(self, expiry: Callable[[], datetime | None], clock: Clock) -> None:
+        self._expiry, self._clock = expiry, clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        expiry = self._expiry()
+        if expiry is not None:  # the sts backend on the standard chain has no certificate
+            yield GaugeMetricFamily("imdsd_host_certificate_expiry_seconds",
+                                    "Seconds until the host's X.509 certificate for IAM Roles "
+                                    "Anywhere expires (negative: expired, nothing is signed).",
+                                    value=(expiry - self._clock.now()).total_seconds())  # fmt: skip
 
 
 class _SessionCollector(Collector):

@@ -188,7 +188,7 @@ def issuing(backend: BackendConfig) -> str:
     issuer's key by a digest of it only; not transport settings (timeout). A local issuer
     with no key configured generates one at each start: "none configured" is then the same
     configuration from one start to the next, as before the digest existed."""
-    section = backend.local if backend.kind == "local" else backend.sts
+    section = backend.section
     values: dict[str, Any] = {"kind": backend.kind}
     for f in fields(section):
         if f.name not in _TRANSPORT:
@@ -202,6 +202,8 @@ def issuing(backend: BackendConfig) -> str:
 def _canonical(value: object) -> object:
     if isinstance(value, timedelta):
         return value.total_seconds()
+    if isinstance(value, Path):  # the Roles Anywhere section's files
+        return str(value)
     raise TypeError(f"no canonical form for {type(value).__name__}")
 
 

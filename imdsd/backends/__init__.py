@@ -1,7 +1,7 @@
 """Backend openers by kind: name -> async context manager that yields a Backend.
 
 Each kind's module is imported only when that kind is opened: the local backend (and every
-admin verb) never loads botocore or the aiohttp client, which only `sts` needs.
+admin verb) never loads botocore or the aiohttp client, which only `sts` and `rolesanywhere` need.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ Opener = Callable[[BackendConfig, Clock], AbstractAsyncContextManager[Backend]]
 OPENERS: dict[BackendKind, str] = {  # kind -> the module whose open_backend() opens it
     "local": "imdsd.backends.local",
     "sts": "imdsd.backends.sts",
+    "rolesanywhere": "imdsd.backends.rolesanywhere",
 }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from datetime import datetime
+from typing import Protocol, runtime_checkable
 
 from imdsd.model import InstanceProfile, Session
 
@@ -14,3 +15,11 @@ class Backend(Protocol):
     """
 
     async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session: ...
+
+
+@runtime_checkable
+class SignsWithCertificate(Protocol):
+    """A backend that signs with the host's X.509 certificate (IAM Roles Anywhere, directly or
+    for the sts backend's host credentials): the metrics export its expiry."""
+
+    def certificate_expiry(self) -> datetime | None: ...

@@ -8,6 +8,10 @@ retryable; refusals (AccessDenied, an unknown role, a trust policy that says no)
 A guest's failure document names only the role and the code; the upstream's words and request
 id go to the operator's log.
 
+With `host_credentials = "rolesanywhere"` the host's credentials are its own role's session
+from IAM Roles Anywhere (rolesanywhere.HostRole): every AssumeRole is then role chaining,
+which AWS caps at one hour, so the duration is clamped to it (one warning at start).
+
 Times are re-based on the host clock: a session is issued "now" and lasts what the upstream
 granted (its Expiration minus its Date), so skew between host and upstream cannot shorten or
 stretch what the scheduler plans with.
@@ -19,9 +23,10 @@ import asyncio
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 from xml.etree import ElementTree
 
@@ -38,6 +43,10 @@ from imdsd.config.backend import BackendConfig, StsBackendConfig
 from imdsd.errors import RETRYABLE_CODES, BackendError, DurationTooLong
 from imdsd.model import InstanceProfile, Session
 
+if TYPE_CHECKING:
+    from imdsd.backends.certificate import HostCertificate
+    from imdsd.backends.rolesanywhere import HostRole
+
 API_VERSION = "2011-06-15"
 FORM = "application/x-www-form-urlencoded; charset=utf-8"
 # Every role allows one hour, and role chaining allows no more: the fallback when STS says
@@ -53,20 +62,36 @@ class StsIssuer:
     """Issues one AssumeRole session per call."""
 
     def __init__(self, http: aiohttp.ClientSession, credentials: HostCredentials,
-                 config: StsBackendConfig, clock: Clock, host: str) -> None:  # fmt: skip
+                 config: StsBackendConfig, clock: Clock, host: str,
+                 certificate: HostCertificate | None = None) -> None:  # fmt: skip
         self._http = http
         self._credentials = credentials
         self._config = config
         self._clock = clock
         self._host = host
+        self._certificate = certificate  # the host's Roles Anywhere certificate, if chained
         self._durations: dict[str, int] = {}  # role ARN -> duration after a clamp
+        self._duration = int(config.duration.total_seconds())
+        if certificate is not None and self._duration > FALLBACK_DURATION_SECONDS:
+            log.warning(
+                "session duration clamped: role chaining caps AssumeRole at one hour",
+                asked_seconds=self._duration,
+                using_seconds=FALLBACK_DURATION_SECONDS,
+                hint='host_credentials = "rolesanywhere" makes every AssumeRole a '
+                "role chain; set backend.sts.duration to at most 1h",
+            )
+            self._duration = FALLBACK_DURATION_SECONDS
+
+    def certificate_expiry(self) -> datetime | None:
+        """The host certificate's expiry when the host's credentials come from Roles Anywhere."""
+        return self._certificate.expiry if self._certificate else None
 
     def __repr__(self) -> str:
         return f"StsIssuer(endpoint={self._config.endpoint!r}, region={self._config.region!r})"
 
     async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session:
         arn = profile.role.arn
-        duration = self._durations.get(arn, int(self._config.duration.total_seconds()))
+        duration = self._durations.get(arn, self._duration)
         try:
             return await self._assume(profile, session_name, duration)
         except DurationTooLong as exc:
@@ -244,7 +269,28 @@ async def host_credentials(profile: str | None) -> HostCredentials:
 async def open_backend(config: BackendConfig, clock: Clock) -> AsyncIterator[StsIssuer]:
     """An STS issuer with its own HTTP client; closed with the daemon."""
     sts = config.sts
-    credentials = await host_credentials(sts.profile)
     timeout = aiohttp.ClientTimeout(total=sts.timeout.total_seconds())
-    async with aiohttp.ClientSession(timeout=timeout, raise_for_status=False) as http:
-        yield StsIssuer(http, credentials, sts, clock, socket.gethostname())
+    async with AsyncExitStack() as stack:
+        certificate = None
+        if sts.host_credentials == "rolesanywhere":
+            from imdsd.backends import rolesanywhere  # the X.509 signer only when it is used
+
+            ra = config.rolesanywhere
+            issuer = await stack.enter_async_context(rolesanywhere.opened(ra, clock))
+            assert ra.role_arn is not None  # config: required with host_credentials  # noqa: S101
+            credentials = _frozen(rolesanywhere.HostRole(issuer, ra.role_arn, clock, ra.duration))
+            certificate = issuer.certificate
+        else:
+            credentials = await host_credentials(sts.profile)
+        http = await stack.enter_async_context(
+            aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+        )
+        yield StsIssuer(http, credentials, sts, clock, socket.gethostname(), certificate)
+
+
+def _frozen(host: HostRole) -> HostCredentials:
+    async def current() -> ReadOnlyCredentials:
+        session = await host.current()
+        return ReadOnlyCredentials(session.access_key_id, session.secret_access_key, session.token)
+
+    return current

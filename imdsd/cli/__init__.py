@@ -67,12 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(config: Config, path: Path) -> int:
-    """check-config: the file (already loaded), and the [identity] key files and the etcd
-    client's TLS and password files it names (each must be readable)."""
+    """check-config: the file (already loaded), and the [identity] key files, the etcd
+    client's TLS and password files and the Roles Anywhere certificate, chain, key and CA
+    bundle it names (each must be readable; a key must match its certificate)."""
     from imdsd.signatures import check_files  # cryptography only when it is needed
 
     try:
         check_files(config.signing)
+        if config.backend.signs_with_certificate:
+            from imdsd.backends.certificate import check_files as check_host_certificate
+
+            check_host_certificate(config.backend.rolesanywhere)
         if config.inventory.source == "etcd":
             read_client_files(config.inventory.etcd)
     except ConfigError as exc:

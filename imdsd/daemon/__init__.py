@@ -21,7 +21,7 @@ import structlog
 from imdsd import __version__
 from imdsd.admin.app import make_admin_app
 from imdsd.backends import Opener, opener
-from imdsd.backends.base import Backend
+from imdsd.backends.base import Backend, SignsWithCertificate
 from imdsd.backends.deferred import Deferred
 from imdsd.backends.measured import Measured
 from imdsd.backends.shared import ProfileScoped
@@ -131,7 +131,10 @@ async def running(
         # Invariant 8: the backend opens only now (the sts backend resolves the host's
         # credentials, maybe over the network); a backend that cannot open still exits 1.
         open_backend = open_backend or opener(config.backend.kind)
-        deferred.open(await backend_stack.enter_async_context(open_backend(config.backend, clock)))
+        backend = await backend_stack.enter_async_context(open_backend(config.backend, clock))
+        deferred.open(backend)
+        if isinstance(backend, SignsWithCertificate):  # imdsd_host_certificate_expiry_seconds
+            metrics.watch_certificate(backend.certificate_expiry, clock)
         deadline = config.rotation.startup_deadline.total_seconds()
         if known.fleet:  # after the listeners: etcd is a dependency like the upstream
             following = known.fleet.following(known.inventory, daemon.apply, deadline=deadline)

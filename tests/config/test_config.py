@@ -63,7 +63,7 @@ BAD = [
     ("[rotation]\nconcurrency = 0", "rotation.concurrency: got 0; allowed: an integer from 1 to 1024"),
     ('[rotation]\nrefresh_before = "10m"', "rotation.refresh_before: got 10m; allowed: at least rotation.min_remaining (30m)"),
     ('[rotation]\nretry_initial = "10m"\nretry_max = "1m"', "rotation.retry_max: got 1m; allowed: at least rotation.retry_initial (10m)"),
-    ('[backend]\nkind = "vault"', 'backend.kind: got "vault"; allowed: "local" or "sts"'),
+    ('[backend]\nkind = "vault"', 'backend.kind: got "vault"; allowed: "local" or "sts" or "rolesanywhere"'),
     ('[backend]\nkind = "sts"', 'backend.sts.region: got nothing (the key is missing); allowed: a region name like "eu-west-1"'),
     ('[backend.sts]\nregion = "us-east-1"\nduration = "10m"',
      "backend.sts.duration: got \"10m\"; allowed: a duration from 15m to 12h (AssumeRole's 900 to 43200 seconds)"),

@@ -1,0 +1,332 @@
+"""The host's X.509 identity for IAM Roles Anywhere: its files, re-read when they change, its
+validity, and the signature of one CreateSession request.
+
+Operators issue short-lived certificates (step-ca, Vault PKI, cert-manager, SPIRE) and replace
+the files by rename: before each signing (and once a minute, see `watching`) the three files
+are stat()ed, and a changed (device, inode, size, mtime) re-reads them. A half-finished
+rotation (a new certificate beside the old key) keeps the previous pair until both match.
+Nothing here runs on the event loop: callers use asyncio.to_thread. Never logs, raises or
+reprs key material or a signature: errors name the key path, the file and the errno class.
+
+Signing is what AWS's credential helper does (rolesanywhere-credential-helper, and the
+iam-rolesanywhere-session package the tests cross-check with): SigV4's canonical request over
+Content-Type, Host, X-Amz-Date, X-Amz-X509 (and X-Amz-X509-Chain), its string to sign signed
+directly by the private key (PKCS#1 v1.5 SHA-256 for RSA, DER ECDSA SHA-256 for EC), and
+`Credential=<serial in decimal>/<date>/<region>/rolesanywhere/aws4_request`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote, urlsplit
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from imdsd.clock import Clock
+from imdsd.config.backend import RolesAnywhereConfig
+from imdsd.errors import BackendError, ConfigError, Problem
+
+SERVICE = "rolesanywhere"
+CONTENT_TYPE = "application/json"
+WHERE = "backend.rolesanywhere"
+EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+Stamp = tuple[tuple[int, int, int, int], ...]
+log = structlog.get_logger("imdsd.rolesanywhere")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """One loaded certificate, its chain and its key, and the files' stamp when read."""
+
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    key: PrivateKey = field(repr=False)
+    stamp: Stamp
+
+    @property
+    def algorithm(self) -> str:
+        kind = "RSA" if isinstance(self.key, rsa.RSAPrivateKey) else "ECDSA"
+        return f"AWS4-X509-{kind}-SHA256"
+
+    @property
+    def not_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
+
+    def __repr__(self) -> str:
+        return f"Identity(serial={self.certificate.serial_number}, not_after={self.not_after})"
+
+
+def files_of(config: RolesAnywhereConfig) -> tuple[tuple[str, Path], ...]:
+    """(key name, path) of each file the identity is read from."""
+    found = [
+        ("certificate_file", config.certificate_file),
+        ("private_key_file", config.private_key_file),
+    ]
+    if config.certificate_chain_file is not None:
+        found.append(("certificate_chain_file", config.certificate_chain_file))
+    return tuple(found)
+
+
+def stamp_of(config: RolesAnywhereConfig) -> Stamp:
+    """What changes when a file is replaced or rewritten: device, inode, size, mtime."""
+    stamps = []
+    for _, path in files_of(config):
+        try:
+            s = os.stat(path)
+        except OSError:
+            stamps.append((0, 0, -1, 0))  # gone: a change, and load() names the file
+            continue
+        stamps.append((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns))
+    return tuple(stamps)
+
+
+def load(config: RolesAnywhereConfig) -> Identity:
+    """Read and check the three files; ConfigError with one line naming the key otherwise."""
+    stamp = stamp_of(config)
+    certificate = _read(
+        config.certificate_file,
+        "certificate_file",
+        x509.load_pem_x509_certificate,
+        "a readable PEM X.509 certificate",
+    )
+    chain: tuple[x509.Certificate, ...] = ()
+    if config.certificate_chain_file is not None:
+        chain = tuple(
+            _read(
+                config.certificate_chain_file,
+                "certificate_chain_file",
+                x509.load_pem_x509_certificates,
+                "readable PEM certificates",
+            )
+        )
+    key = _read(
+        config.private_key_file,
+        "private_key_file",
+        lambda data: serialization.load_pem_private_key(data, password=None),
+        "a readable PEM private key without a passphrase",
+    )
+    where = f"{WHERE}.private_key_file"
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) or (
+        isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(key.curve, EC_CURVES)
+    ):
+        kind = type(key).__name__.removeprefix("_")
+        raise ConfigError(
+            [
+                Problem(
+                    where,
+                    f"{config.private_key_file} (a {kind})",
+                    "an RSA key or an EC key on P-256, P-384 or P-521",
+                )
+            ]
+        )
+    if certificate.public_key() != key.public_key():
+        raise ConfigError(
+            [
+                Problem(
+                    where,
+                    f"{config.private_key_file} (another key's)",
+                    f"the private key of {WHERE}.certificate_file's certificate",
+                )
+            ]
+        )
+    return Identity(certificate, chain, key, stamp)
+
+
+def _read(path: Path, key: str, parse: Callable[[bytes], T], allowed: str) -> T:
+    try:
+        return parse(path.read_bytes())
+    except OSError as exc:
+        problem = f"{path} ({os.strerror(exc.errno) if exc.errno else exc.__class__.__name__})"
+    except (ValueError, TypeError, IndexError):  # not PEM, encrypted, empty
+        problem = f"{path} (not usable)"
+    raise ConfigError([Problem(f"{WHERE}.{key}", problem, allowed)]) from None
+
+
+def client_ssl(config: RolesAnywhereConfig) -> ssl.SSLContext | bool:
+    """The endpoint's TLS trust: the system's store, or the configured CA bundle."""
+    if config.ca_bundle is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(config.ca_bundle))
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not PEM"
+        problem = Problem(f"{WHERE}.ca_bundle", f"{config.ca_bundle} ({reason})",
+                          "a readable PEM CA bundle")  # fmt: skip
+        raise ConfigError([problem]) from None
+
+
+def check_files(config: RolesAnywhereConfig) -> None:
+    """check-config: the certificate, chain, key and CA bundle load and match; ConfigError."""
+    load(config)
+    client_ssl(config)
+
+
+class HostCertificate:
+    """The identity in use, re-read when its files change; thread-safe (signing runs in
+    threads). Warns once per certificate: a failed re-read, a third of its life left, and
+    expired or not yet valid (then it signs nothing: a BackendError says why)."""
+
+    def __init__(self, config: RolesAnywhereConfig, clock: Clock) -> None:
+        self._config, self._clock = config, clock
+        self._lock = threading.Lock()
+        self._identity = load(config)
+        self._warned: set[tuple[str, object]] = set()
+        self._announce(self._identity, "host certificate loaded")
+
+    def __repr__(self) -> str:
+        return f"HostCertificate({self._identity!r})"
+
+    @property
+    def expiry(self) -> datetime:
+        """When the certificate in use expires (the metric's source)."""
+        return self._identity.not_after
+
+    def refresh(self) -> Identity:
+        """The identity, re-read first if a file changed (in a thread: it stats and reads)."""
+        with self._lock:
+            stamp = stamp_of(self._config)
+            if stamp != self._identity.stamp:
+                try:
+                    self._identity = load(self._config)
+                except ConfigError as exc:
+                    self._warn_once(
+                        "reload",
+                        stamp,
+                        "host certificate files unusable; signing with the previous ones",
+                        problem=str(exc),
+                    )
+                else:
+                    self._announce(self._identity, "host certificate reloaded")
+            self._check_lifetime(self._identity)
+            return self._identity
+
+    def usable(self) -> Identity:
+        """The identity to sign with now; BackendError if it is expired or not yet valid."""
+        identity = self.refresh()
+        now, cert = self._clock.now(), identity.certificate
+        if now < cert.not_valid_before_utc:
+            self._warn_once(
+                "early",
+                cert.serial_number,
+                "host certificate not yet valid",
+                serial=str(cert.serial_number),
+                not_before=cert.not_valid_before_utc.isoformat(),
+            )
+            raise BackendError(
+                "HostCertificateNotYetValid",
+                "The host's certificate for IAM Roles"
+                f" Anywhere is valid only from {_ec2(cert.not_valid_before_utc)};"
+                " no request is signed with it before.",
+            )
+        if now >= identity.not_after:
+            self._warn_once(
+                "expired",
+                cert.serial_number,
+                "host certificate expired",
+                serial=str(cert.serial_number),
+                not_after=identity.not_after.isoformat(),
+                file=str(self._config.certificate_file),
+            )
+            raise BackendError(
+                "HostCertificateExpired",
+                "The host's certificate for IAM Roles"
+                f" Anywhere expired at {_ec2(identity.not_after)}; no request is"
+                " signed with it until a valid one is installed.",
+            )
+        return identity
+
+    def signed_headers(self, url: str, body: bytes) -> dict[str, str]:
+        """The headers of one signed POST (in a thread)."""
+        return sign(self.usable(), self._config.region, url, body, self._clock.now())
+
+    def _check_lifetime(self, identity: Identity) -> None:
+        cert = identity.certificate
+        life = identity.not_after - cert.not_valid_before_utc
+        left = identity.not_after - self._clock.now()
+        if timedelta(0) < left < life / 3:
+            self._warn_once(
+                "aging",
+                cert.serial_number,
+                "host certificate has less than a third of its lifetime left",
+                serial=str(cert.serial_number),
+                not_after=identity.not_after.isoformat(),
+                file=str(self._config.certificate_file),
+            )
+
+    def _warn_once(self, what: str, which: object, event: str, **fields: object) -> None:
+        if (what, which) not in self._warned:
+            self._warned.add((what, which))
+            log.warning(event, **fields)
+
+    @staticmethod
+    def _announce(identity: Identity, event: str) -> None:
+        cert = identity.certificate
+        log.info(
+            event,
+            serial=str(cert.serial_number),
+            subject=cert.subject.rfc4514_string(),
+            not_after=identity.not_after.isoformat(),
+            algorithm=identity.algorithm,
+        )
+
+
+def sign(identity: Identity, region: str, url: str, body: bytes, now: datetime) -> dict[str, str]:
+    """The headers (Authorization included) that sign a POST of `body` to `url` at `now`."""
+    parts = urlsplit(url)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    headers = {
+        "content-type": CONTENT_TYPE,
+        "host": parts.netloc,
+        "x-amz-date": amz_date,
+        "x-amz-x509": _der64(identity.certificate),
+    }
+    if identity.chain:
+        headers["x-amz-x509-chain"] = ",".join(_der64(c) for c in identity.chain)
+    names = sorted(headers)
+    signed = ";".join(names)
+    canonical = "\n".join(
+        [
+            "POST",
+            quote(parts.path or "/", safe="/-_.~"),
+            "",
+            "".join(f"{n}:{headers[n].strip()}\n" for n in names),
+            signed,
+            hashlib.sha256(body).hexdigest(),
+        ]
+    )
+    scope = f"{amz_date[:8]}/{region}/{SERVICE}/aws4_request"
+    to_sign = "\n".join(
+        [identity.algorithm, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    ).encode()
+    if isinstance(identity.key, rsa.RSAPrivateKey):
+        signature = identity.key.sign(to_sign, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        signature = identity.key.sign(to_sign, ec.ECDSA(hashes.SHA256()))
+    serial = identity.certificate.serial_number
+    headers["authorization"] = (
+        f"{identity.algorithm} Credential={serial}/{scope}, "
+        f"SignedHeaders={signed}, Signature={signature.hex()}"
+    )
+    return headers
+
+
+def _der64(certificate: x509.Certificate) -> str:
+    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
+
+
+def _ec2(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
