@@ -10,7 +10,6 @@ half-made change and caches keyed on identity stay warm. Never imports aiohttp.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import secrets
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from imdsd.errors import ConflictError, NotFoundError
 from imdsd.model import Association, Instance, InstanceProfile, MetadataOptions
 from imdsd.state import Overrides, StateFile
 from imdsd.tokens import subject
+from imdsd.whois import Directory
 
 Origin = Literal["config", "runtime", "modified", "etcd"]
 log = structlog.get_logger("imdsd.inventory")
@@ -52,14 +52,18 @@ class Inventory:
         *,
         remembered: tuple[dict[str, bytes], dict[str, datetime]] | None = None,
         managed_by: str | None = None,
+        devices_bound: bool = False,
     ) -> None:
         self._clock = clock
         # Set when the baseline is another system's (etcd): the admin API then changes nothing.
         self.managed_by = managed_by
+        # Whether the guest listeners are bound to devices: an instance naming host_interface
+        # can be served only then (config/host.py devices_bound()).
+        self.devices_bound = devices_bound
         self._state = state
         self._overrides = state.load() if state else Overrides()
         self._instances: dict[str, Instance] = {}
-        self._by_address: dict[str, Instance] = {}
+        self._whois = Directory(())
         # Each time an id (re)appears it is a new incarnation, and IMDSv2 tokens name it. A warm
         # restart takes over the previous process's (`remembered`: subjects, launch times), so
         # guests' tokens and pendingTime survive it.
@@ -75,14 +79,13 @@ class Inventory:
 
     # -- reading (the request path uses instance_at and association) --------------------------
 
-    def instance_at(self, address: str) -> Instance | None:
-        """The instance that owns a socket peer address (IPv4-mapped IPv6 is unwrapped)."""
-        found = self._by_address.get(address)
-        if found is None and address.startswith("::ffff:"):
-            mapped = ipaddress.ip_address(address.partition("%")[0]).ipv4_mapped  # type: ignore[union-attr]
-            if mapped is not None:
-                found = self._by_address.get(str(mapped))
-        return found
+    def instance_at(self, address: str, scope: str | None = None) -> Instance | None:
+        """The instance that owns a socket peer address in a scope (whois.py)."""
+        return self._whois.instance_at(address, scope)
+
+    def scopes(self) -> set[str]:
+        """The devices ("dev:NAME") and namespaces ("netns:NAME") instances arrive through."""
+        return self._whois.scopes()
 
     def instance(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
@@ -161,10 +164,14 @@ class Inventory:
         """Register an instance; its id and every address must be new."""
         if instance.id in self._instances:
             raise ConflictError(f"instance {instance.id} already exists")
-        for address in instance.addresses:
-            if address in self._by_address:
-                owner = self._by_address[address].id
-                raise ConflictError(f"address {address} already belongs to {owner}")
+        if instance.host_interface is not None and not self.devices_bound:
+            raise ConflictError(f"instance {instance.id} names host_interface, but this host's"
+                                " guest listeners are not bound to devices: set [imds]"
+                                " bind_to_devices (and guest_devices)")  # fmt: skip
+        taken = self._whois.owner(instance)
+        if taken is not None:
+            where = f" on {instance.scope}" if instance.scope else ""
+            raise ConflictError(f"address {taken[0]}{where} already belongs to {taken[1].id}")
         changed = self._changed()
         # A config instance removed earlier stays removed: the added record replaces it (the
         # libvirt hook removes and re-adds on every stop and start, maybe with a new address).
@@ -238,9 +245,6 @@ class Inventory:
         self.version += 1
         self._profiles = {p.name: p for p in self._baseline.profiles}
         instances = self._effective_instances()
-        by_address: dict[str, Instance] = {}
-        for instance in instances.values():
-            by_address.update(dict.fromkeys(instance.addresses, instance))
         now = self._clock.now()
         self._launched = {iid: self._launched.get(iid, now) for iid in instances}
         self._subjects = {
@@ -252,19 +256,25 @@ class Inventory:
         changed = {iid for iid in gone | set(associations)
                    if self._associations.get(iid) is not associations.get(iid)
                    or iid not in instances}  # fmt: skip
-        self._instances, self._by_address, self._associations = instances, by_address, associations
+        self._whois = Directory(instances.values())
+        self._instances, self._associations = instances, associations
         return changed
 
     def _effective_instances(self) -> dict[str, Instance]:
         o = self._overrides
         out = {i.id: i for i in self._baseline.instances if i.id not in o.removed}
-        claimed = {a for i in out.values() for a in i.addresses}
+        unserved = [i for i in out.values() if i.host_interface and not self.devices_bound]
+        for instance in unserved:  # an etcd record on a host whose listeners are device-less
+            log.warning("instance names host_interface on a host without device-bound"
+                        " listeners; skipped", instance=instance.id)  # fmt: skip
+            del out[instance.id]
+        whois = Directory(out.values())
         for iid, added in o.added.items():
-            if iid in out or claimed & set(added.addresses):
+            if iid in out or whois.owner(added) is not None:
                 log.warning("runtime instance conflicts with the config; skipped", instance=iid)
                 continue
             out[iid] = added
-            claimed |= set(added.addresses)
+            whois.add(added)
         for iid, options in o.options.items():
             if iid in out:
                 out[iid] = replace(out[iid], options=options)

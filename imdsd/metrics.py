@@ -77,6 +77,12 @@ class Metrics:
         """Count one guest budget event (no instance label: bounded cardinality)."""
         self._limits[event].inc()
 
+    def watch_listeners(
+        self, status: Callable[[], list[dict[str, Any]]], rebinds: Callable[[], int]
+    ) -> None:
+        """The scoped guest listeners: one series per device or namespace, and the rebinds."""
+        self.registry.register(_ListenerCollector(status, rebinds))
+
     def watch_source(self, status: Callable[[], dict[str, Any]]) -> None:
         """The etcd source's gauges: is it connected, how stale may the inventory be."""
         self.registry.register(_SourceCollector(status))
@@ -123,6 +129,26 @@ class _SourceCollector(Collector):
         yield GaugeMetricFamily("imdsd_inventory_stale_seconds",
                                 "Seconds since the inventory was last known to match etcd.",
                                 value=float(status.get("stale_seconds", 0.0)))  # fmt: skip
+
+
+class _ListenerCollector(Collector):
+    def __init__(
+        self, status: Callable[[], list[dict[str, Any]]], rebinds: Callable[[], int]
+    ) -> None:
+        self._status, self._rebinds = status, rebinds
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gauge = GaugeMetricFamily("imdsd_scoped_listeners",
+                                  "Guest listeners bound to a device or opened in a namespace.",
+                                  labels=["device", "ifindex", "namespace"])  # fmt: skip
+        for entry in self._status():
+            labels = [entry.get("device", ""), str(entry.get("ifindex", "")),
+                      entry.get("namespace", "")]  # fmt: skip
+            gauge.add_metric(labels, len(entry["listening"]))
+        yield gauge
+        yield CounterMetricFamily("imdsd_listener_rebinds",
+                                  "Scoped listeners closed and bound again (a device re-created).",
+                                  value=self._rebinds())  # fmt: skip
 
 
 class _CertificateCollector(Collector):

@@ -76,6 +76,9 @@ class MetadataOptions:
     instance_metadata_tags: InstanceMetadataTags = "disabled"  # tags/instance in the tree
 
 
+DEVICE_SCOPE, NETNS_SCOPE = "dev:", "netns:"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NetworkInterface:
     """One of the instance's network interfaces (EC2's ENI), as network/interfaces/macs/<mac>/
@@ -96,7 +99,8 @@ class NetworkInterface:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Instance:
-    """One VM, known by the addresses it uses on the host network."""
+    """One VM, known by where its traffic arrives (the host's namespace, or a named one; maybe
+    one host device) and its source addresses there (none: every address on its device)."""
 
     id: str
     addresses: tuple[str, ...]
@@ -117,6 +121,18 @@ class Instance:
     network_interfaces: tuple[NetworkInterface, ...] | None = None
     public_keys: tuple[str, ...] = ()  # OpenSSH public keys ("ssh-ed25519 AAAA... comment")
     block_devices: tuple[tuple[str, str], ...] = ()  # ("ephemeral0", "/dev/vdb"); ami, root
+    host_interface: str | None = None  # the host device its packets arrive on (tap, bridge, VRF)
+    host_netns: str | None = None  # the named network namespace (/run/netns) they arrive in
+
+    @property
+    def scope(self) -> str | None:
+        """Where its traffic arrives: "dev:NAME", "netns:NAME", or None (the host's own
+        namespace, any device): two instances may share an address only in different scopes."""
+        if self.host_interface is not None:
+            return DEVICE_SCOPE + self.host_interface
+        if self.host_netns is not None:
+            return NETNS_SCOPE + self.host_netns
+        return None
 
     @property
     def interfaces(self) -> tuple[NetworkInterface, ...]:

@@ -35,6 +35,29 @@ def reloading() -> bool:
     )
 
 
+def listen_fds() -> dict[str, list[socket.socket]]:
+    """Sockets systemd passed (socket activation: LISTEN_FDS from descriptor 3, named by
+    FileDescriptorName=): name -> its sockets, non-blocking; {} when none were passed. A name
+    "dev-NAME" or "netns-NAME" becomes the scope "dev:NAME" / "netns:NAME" (systemd forbids ":"
+    in names). The variables are consumed, as sd_listen_fds(unset_environment=1) does."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    out: dict[str, list[socket.socket]] = {}
+    for index in range(count):
+        sock = socket.socket(fileno=3 + index)
+        sock.setblocking(False)
+        name = names[index] if index < len(names) else "unknown"
+        kind, _, rest = name.partition("-")
+        out.setdefault(f"{kind}:{rest}" if kind in ("dev", "netns") and rest else name, []).append(
+            sock
+        )
+    return out
+
+
 def watchdog_interval() -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None without a watchdog."""
     usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")

@@ -29,7 +29,9 @@ class Proc:
         watchdog_usec: int = 0,
         nofile: int | None = None,
         until: str = "ready",
+        netns: str | None = None,
     ) -> None:
+        """`netns`: run the daemon inside that named network namespace (a test's host)."""
         self.directory, self.config = directory, directory / "imdsd.toml"
         self.config.write_text(config)
         self.log = directory / f"log-{time.monotonic_ns()}.jsonl"
@@ -44,8 +46,10 @@ class Proc:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
         with self.log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(self.config),
-                                             "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT, env=env,
+            inside = ["ip", "netns", "exec", netns] if netns else []
+            self.process = subprocess.Popen([*inside, sys.executable, "-m", "imdsd", "run", "--config",
+                                             str(self.config), "--log-format", "json"],
+                                            stdout=out, stderr=subprocess.STDOUT, env=env,
                                             preexec_fn=limit)  # fmt: skip
         self.url = str(self.wait_for(until)["listening"][0])  # type: ignore[index]
 

@@ -190,7 +190,7 @@ def test_state_records_are_validated_like_the_config(tmp_path: Path) -> None:
     where = str(tmp_path / "state.json")
     assert [str(p) for p in caught.value.problems] == [
         f"{where}: added.i-0eeeeeeeeeeeeeeee.metadata_options.hop_limit: got 0; allowed: an integer from 1 to 64",
-        f"{where}: added.i-0fffffffffffffff0.colour: got an unknown key; allowed: id, addresses, region, availability_zone, instance_type, ami_id, hostname, mac, account_id, metadata_options, tags, network_interfaces, public_keys, block_device_mapping, user_data, user_data_base64, user_data_file",
+        f"{where}: added.i-0fffffffffffffff0.colour: got an unknown key; allowed: id, addresses, host_interface, host_netns, region, availability_zone, instance_type, ami_id, hostname, mac, account_id, metadata_options, tags, network_interfaces, public_keys, block_device_mapping, user_data, user_data_base64, user_data_file",
         f'{where}: removed: got ["not-an-id"]; allowed: a list of instance ids',
         f'{where}: options.bogus: got a name that is no instance id; allowed: "i-" + 8 or 17 hex digits',
         f'{where}: associations.{VM_D}: got "no spaces allowed"; allowed: a profile name, or null',

@@ -39,6 +39,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "imdsd.sessions",
         "imdsd.refresh",
+        "imdsd.whois",
         "imdsd.timetable",
         "imdsd.tokens",
         "imdsd.budgets",
@@ -132,6 +133,7 @@ def test_domain_leaves_import_no_aiohttp() -> None:
         "imdsd.clock",
         "imdsd.sessions",
         "imdsd.refresh",
+        "imdsd.whois",
         "imdsd.timetable",
         "imdsd.tokens",
         "imdsd.inventory",

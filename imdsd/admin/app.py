@@ -25,12 +25,14 @@ from imdsd.admin.keys import (
     INFO,
     INVENTORY,
     LEDGER,
+    LISTENING,
     ROTATE,
     SESSIONS,
     SETTLED,
     SOURCE,
     Apply,
     Due,
+    Listening,
     Rotate,
     Settled,
     Source,
@@ -103,6 +105,7 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response({
         **info,
         "inventory": request.app[SOURCE](),
+        "scoped_listeners": request.app[LISTENING](),
         "instances": dict(Counter(inventory.origin(i.id) for i in inventory.instances())),
         "associations": dict(
             Counter(inventory.association_origin(a.instance_id) for a in inventory.associations())
@@ -231,11 +234,12 @@ def _session(request: web.Request, iid: str) -> dict[str, Any]:
 
 def make_admin_app(inventory: Inventory, sessions: SessionCache, clock: Clock, ledger: Ledger,
                    *, apply: Apply, settled: Settled, rotate: Rotate, due: Due,
-                   info: dict[str, Any], source: Source) -> web.Application:  # fmt: skip
+                   info: dict[str, Any], source: Source,
+                   listening: Listening = list) -> web.Application:  # fmt: skip
     """The admin API over the daemon's inventory, sessions and guest budgets."""
     app = web.Application(middlewares=[json_errors], client_max_size=256 * 1024)
     app[INVENTORY], app[SESSIONS], app[CLOCK], app[LEDGER] = inventory, sessions, clock, ledger
     app[APPLY], app[SETTLED], app[ROTATE], app[DUE] = apply, settled, rotate, due
-    app[INFO], app[SOURCE] = info, source
+    app[INFO], app[SOURCE], app[LISTENING] = info, source, listening
     app.add_routes(routes)
     return app

@@ -19,6 +19,7 @@ Settled = Callable[[set[str]], Awaitable[None]]  # wait until these sessions are
 Rotate = Callable[[str], Awaitable[None]]  # issue a new session for this instance, now
 Due = Callable[[str], datetime | None]  # when this instance's next refresh is due
 Source = Callable[[], dict[str, Any]]  # where the inventory comes from, and how fresh it is
+Listening = Callable[[], list[dict[str, Any]]]  # the scoped guest listeners (device, namespace)
 
 INVENTORY = web.AppKey("inventory", Inventory)
 SESSIONS = web.AppKey("sessions", SessionCache)
@@ -29,4 +30,5 @@ ROTATE: web.AppKey[Rotate] = web.AppKey("rotate")
 DUE: web.AppKey[Due] = web.AppKey("due")
 LEDGER = web.AppKey("ledger", Ledger)  # guests' budgets: who was throttled recently
 SOURCE: web.AppKey[Source] = web.AppKey("source")
+LISTENING: web.AppKey[Listening] = web.AppKey("listening")
 INFO: web.AppKey[dict[str, Any]] = web.AppKey("info")  # version, listeners, backend, paths, start

@@ -75,6 +75,8 @@ def add_commands(commands: Any) -> None:
 
 
 PLACEMENT_HELP = {
+    "host-interface": "the host device its traffic arrives on (tap, bridge, VRF)",
+    "host-netns": "the named network namespace its traffic arrives in (/run/netns)",
     "region": 'default "us-east-1"',
     "availability-zone": "default: the region + a",
     "instance-type": 'default "t3.micro"',
@@ -88,8 +90,9 @@ PLACEMENT_HELP = {
 def instance_flags(add: argparse.ArgumentParser) -> None:
     """The flags of `instances add`: an [[instances]] table on the command line."""
     add.add_argument("--id", required=True, help='the instance id: "i-" + 8 or 17 hex digits')
-    add.add_argument("--address", action="append", required=True,
-                     help="an address the VM sends from; repeat for each")  # fmt: skip
+    add.add_argument("--address", action="append", default=[],
+                     help="an address the VM sends from; repeat for each (may be left out"
+                          " with --host-interface: the VM is its whole device)")  # fmt: skip
     for option, text in PLACEMENT_HELP.items():
         add.add_argument(f"--{option}", help=text)
     add.add_argument("--user-data-file", type=Path,
@@ -181,7 +184,9 @@ def instance_body(args: argparse.Namespace) -> dict[str, Any] | None:
     """The [[instances]] table that `instances add`'s flags describe."""
     if getattr(args, "verb", None) != "add":
         return None
-    body: dict[str, Any] = {"id": args.id, "addresses": args.address}
+    body: dict[str, Any] = {"id": args.id}
+    if args.address:
+        body["addresses"] = args.address
     for key in PLACEMENT_KEYS:
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)

@@ -24,6 +24,7 @@ from imdsd.config.host import (
     ImdsConfig,
     LogConfig,
     check_listeners,
+    check_scopes,
     parse_host,
     parse_imds,
     parse_log,
@@ -96,6 +97,7 @@ def _config(reader: Reader, data: dict[str, Any]) -> Config:
         doc.tables("instance_profiles", ("name", "path", "id", "role_arn", "external_id"))
     )
     instances = tables.instances(doc.tables("instances", tables.INSTANCE_KEYS))
+    check_scopes(reader, imds, instances)
     inventory = parse_inventory(doc.table("inventory", INVENTORY_KEYS))
     if inventory.source == "etcd":
         for key in ("instances", "instance_profiles", "associations"):

@@ -154,6 +154,28 @@ def choices_list(allowed: tuple[S, ...]) -> Callable[[Any], tuple[S, ...]]:
     return convert
 
 
+DEVICE = re.compile(r"[A-Za-z0-9_.@:-]{1,15}")  # a Linux device name (IFNAMSIZ, no / or space)
+NETNS = re.compile(r"[A-Za-z0-9_.@:+-]{1,255}")  # a name under /run/netns, never a path
+
+
+def device_name(value: Any) -> str:
+    if not isinstance(value, str) or not DEVICE.fullmatch(value) or value in (".", ".."):
+        raise ValueError(value)
+    return value
+
+
+def netns_name(value: Any) -> str:
+    if not isinstance(value, str) or not NETNS.fullmatch(value) or value in (".", ".."):
+        raise ValueError(value)
+    return value
+
+
+def device_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(set(value)) != len(value):
+        raise ValueError(value)
+    return tuple(device_name(v) for v in value)
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(value)

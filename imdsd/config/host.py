@@ -4,6 +4,7 @@ answers its operator, and how it logs."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -11,12 +12,14 @@ from typing import Literal, get_args
 from imdsd.config.converters import (
     boolean,
     choice,
+    device_list,
     file_path,
     listener_list,
     one_of,
     optional_listener,
 )
 from imdsd.config.reader import Listener, Reader, Section, show
+from imdsd.model import Instance
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -26,9 +29,12 @@ DEFAULT_METRICS = "127.0.0.1:9169"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImdsConfig:
-    """The guest-facing listener(s)."""
+    """The guest-facing listener(s). Bound to devices (SO_BINDTODEVICE), once per device, when
+    an instance names a host_interface, guest_devices is set, or bind_to_devices says so."""
 
     listeners: tuple[Listener, ...]
+    guest_devices: tuple[str, ...] = ()  # devices of the guests known by address alone
+    bind_to_devices: bool = False  # device-bound even before an instance names a device
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,7 +60,47 @@ class LogConfig:
 def parse_imds(t: Section) -> ImdsConfig:
     allowed = 'a non-empty list of "host:port" strings, IPv6 hosts in brackets ("[::1]:80")'
     default = listener_list([PRODUCTION_LISTENER])
-    return ImdsConfig(listeners=t.take("listeners", listener_list, default, allowed))
+    devices = 'a list of device names ("virbr0"; 1-15 of letters, digits and - _ . @ :)'
+    return ImdsConfig(
+        listeners=t.take("listeners", listener_list, default, allowed),
+        guest_devices=t.take("guest_devices", device_list, (), devices),
+        bind_to_devices=t.take("bind_to_devices", boolean, False, "true or false"),
+    )
+
+
+def devices_bound(imds: ImdsConfig, instances: Iterable[Instance]) -> bool:
+    """Whether the guest listeners are bound to devices (one socket per device and address):
+    forced by bind_to_devices or guest_devices, or because an instance names a host_interface
+    (the kernel refuses a device-less socket beside device-bound ones on one address)."""
+    return (
+        imds.bind_to_devices
+        or bool(imds.guest_devices)
+        or any(i.host_interface is not None for i in instances)
+    )
+
+
+def check_scopes(reader: Reader, imds: ImdsConfig, instances: tuple[Instance, ...]) -> None:
+    """A configuration the kernel can serve: with device-bound listeners, the guests known by
+    address alone must be reached on devices of their own (guest_devices), never on a
+    device-less socket; and a device is either one instance's scope or guest_devices'."""
+    if not devices_bound(imds, instances):
+        return
+    scoped = {i.host_interface: i.id for i in instances if i.host_interface is not None}
+    plain = next((i.id for i in instances if i.scope is None), None)
+    if plain is not None and not imds.guest_devices:
+        reason = f"{next(iter(scoped.values()))} names a host_interface" if scoped else (
+            "bind_to_devices is set"
+        )  # fmt: skip
+        allowed = (
+            f"the devices that {plain} and the other instances without host_interface send"
+            f" from: {reason}, so the listeners are bound to devices, and the kernel refuses"
+            " a device-less one beside them on the same address"
+        )
+        reader.problem("imds.guest_devices", "nothing", allowed)
+    for device in imds.guest_devices:
+        if device in scoped:
+            allowed = f"devices no instance names as host_interface ({scoped[device]} does)"
+            reader.problem("imds.guest_devices", show(device), allowed)
 
 
 def check_listeners(reader: Reader, imds: ImdsConfig, host: HostConfig) -> None:

@@ -21,8 +21,10 @@ from typing import Any, get_args
 from imdsd.config.converters import (
     address_list,
     choice,
+    device_name,
     int_in,
     matching,
+    netns_name,
     nonempty,
     one_of,
     zone_of,
@@ -100,7 +102,7 @@ def instance_table(instance: Instance) -> dict[str, Any]:
 
 def instances(entries: list[Section]) -> tuple[Instance, ...]:
     out: dict[str, Instance] = {}
-    owner: dict[str, str] = {}
+    owner: dict[tuple[str | None, str], str] = {}  # (scope, address or "*" for all) -> its id
     for t in entries:
         instance = _instance(t, host_files=True)  # the config file: root's to write
         if instance is None:
@@ -108,16 +110,27 @@ def instances(entries: list[Section]) -> tuple[Instance, ...]:
         if instance.id in out:
             t.problem("id", show(instance.id), "an id no other instance has")
             continue
-        for address in instance.addresses:
-            if address in owner:
-                t.problem(
-                    "addresses",
-                    show(address),
-                    f"addresses no other instance claims ({owner[address]} has this one)",
-                )
-            owner.setdefault(address, instance.id)
+        for claim in claims(instance):
+            other = owner.get(claim) or owner.get((claim[0], "*"))
+            if other is None and claim[1] == "*":
+                other = next((i for (s, _), i in owner.items() if s == claim[0]), None)
+            if other is not None:
+                where = f" on {instance.scope}" if instance.scope else ""
+                shown = show(claim[1]) if claim[1] != "*" else f"every address{where}"
+                allowed = f"addresses no other instance claims{where} ({other} has this one)"
+                t.problem("addresses", shown, allowed)
+                break
+            owner[claim] = instance.id
         out[instance.id] = instance
     return tuple(out.values())
+
+
+def claims(instance: Instance) -> list[tuple[str | None, str]]:
+    """What identifies the instance: (scope, address) each, or (its device, "*") for a VM that
+    is its whole device. Two instances may share an address only in different scopes."""
+    if not instance.addresses:
+        return [(instance.scope, "*")]
+    return [(instance.scope, address) for address in instance.addresses]
 
 
 # Validators made once: a 10,000-instance file runs them 10,000 times each.
@@ -134,9 +147,15 @@ def _zone(region: str) -> tuple[Callable[[Any], str], str, str]:
 
 def _instance(t: Section, *, host_files: bool) -> Instance | None:
     iid = t.require("id", _ID_OK, '"i-" followed by 8 or 17 lowercase hex digits')
-    addresses = t.require(
-        "addresses", address_list, "a non-empty list of IPv4 or IPv6 addresses, each at most once"
-    )
+    device = t.take("host_interface", device_name, None, _DEVICE_ALLOWED)
+    netns = t.take("host_netns", netns_name, None, _NETNS_ALLOWED)
+    if device is not None and netns is not None:
+        t.problem("host_netns", show(netns), "one of host_interface or host_netns, not both")
+    allowed = "a non-empty list of IPv4 or IPv6 addresses, each at most once"
+    if device is None or "addresses" in t.data:  # a routed tap's VM may be its whole device
+        addresses = t.require("addresses", address_list, allowed)
+    else:
+        addresses = ()
     region = t.take("region", _REGION_OK, "us-east-1", 'a region name like "eu-west-1"')
     fields: dict[str, Any] = {
         "availability_zone": t.take("availability_zone", *_zone(region)),
@@ -147,6 +166,8 @@ def _instance(t: Section, *, host_files: bool) -> Instance | None:
         "hostname": t.take("hostname", nonempty, None, "a non-empty string"),
         "mac": t.take("mac", _MAC_OK, None, 'a lowercase MAC like "02:00:00:00:00:01"'),
         "account_id": t.take("account_id", _ACCOUNT_OK, None, "12 digits"),
+        "host_interface": device,
+        "host_netns": netns,
     }
     options = _options(t.table("metadata_options", OPTION_KEYS))
     fields["user_data"] = _user_data(t, host_files=host_files)
@@ -157,11 +178,19 @@ def _instance(t: Section, *, host_files: bool) -> Instance | None:
     fields["network_interfaces"] = nics = network_interfaces(t)
     if nics and fields["mac"] and fields["mac"] != nics[0].mac:
         t.problem("mac", show(fields["mac"]), f"device 0's MAC ({nics[0].mac}), or no mac")
+    if addresses == () and not (nics and nics[0].addresses):
+        t.problem("addresses", "nothing (the key is missing)", _WHOLE_DEVICE_ALLOWED)
+        return None
     if iid is None or addresses is None:
         return None
     return _filled_instance(iid, addresses, region, options, fields)
 
 
+_DEVICE_ALLOWED = "a host device name (1-15 of letters, digits and - _ . @ :)"
+_NETNS_ALLOWED = "a network namespace name under /run/netns (no path: no /, not . or ..)"
+_WHOLE_DEVICE_ALLOWED = (
+    "addresses, or network_interfaces with an IPv4 address on device 0 (its local-ipv4)"
+)
 _USER_DATA = {  # key -> (converter, what is allowed); user_data_file is files.read_regular's
     "user_data": (lambda v: v.encode() if isinstance(v, str) else _no(v), "a string"),
     "user_data_base64": (lambda v: base64.b64decode(v, validate=True), "base64 of the bytes"),
@@ -255,6 +284,8 @@ def _shared_options(**fields: Any) -> MetadataOptions:
 
 OPTION_KEYS = ("http_tokens", "hop_limit", "http_endpoint", "instance_metadata_tags")
 PLACEMENT_KEYS = (
+    "host_interface",
+    "host_netns",
     "region",
     "availability_zone",
     "instance_type",
@@ -278,7 +309,7 @@ def _filled_instance(
     """The instance as configured; ami_id, hostname and mac left out stay None (the model
     derives EC2-like defaults from the id and address when they are read). local-ipv4 is
     device 0's primary address where interfaces are given, else the first IPv4 address."""
-    ipv4 = next((a for a in addresses if "." in a), addresses[0])
+    ipv4 = next((a for a in addresses if "." in a), addresses[0] if addresses else "")
     nics = fields["network_interfaces"]
     if nics and nics[0].addresses:  # the guest's own view: device 0's primary address
         ipv4 = nics[0].addresses[0]
@@ -299,4 +330,6 @@ def _filled_instance(
         network_interfaces=fields["network_interfaces"],
         public_keys=fields["public_keys"],
         block_devices=fields["block_devices"],
+        host_interface=fields["host_interface"],
+        host_netns=fields["host_netns"],
     )

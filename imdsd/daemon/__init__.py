@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from imdsd import __version__
+from imdsd import __version__, systemd
 from imdsd.admin.app import make_admin_app
 from imdsd.backends import Opener, opener
 from imdsd.backends.base import Backend, SignsWithCertificate
@@ -28,12 +28,14 @@ from imdsd.backends.shared import ProfileScoped
 from imdsd.budgets import Ledger, connection_ceiling
 from imdsd.clock import Clock
 from imdsd.config import Config
+from imdsd.config.host import devices_bound
 from imdsd.daemon.sites import SHUTDOWN_GRACE_SECONDS, serving, unix_site, url
 from imdsd.errors import ConfigError, Problem
 from imdsd.fleet.source import FleetSource
 from imdsd.imds import render
 from imdsd.imds.app import MetadataApi
 from imdsd.imds.listener import serving_guests
+from imdsd.imds.scoped import ScopedListeners, wanted_scopes
 from imdsd.imds.server import GuestServer
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
@@ -67,6 +69,7 @@ class Daemon:
     sessions: SessionCache
     rotator: Rotator
     api: MetadataApi
+    listeners: ScopedListeners
 
     def apply(self, instance_ids: set[str]) -> None:
         """Follow an inventory change that has just taken effect, at once (invariant 9): what
@@ -78,6 +81,7 @@ class Daemon:
         self.api.ledger.forget(gone)
         for instance_id in instance_ids:
             self.rotator.reconcile(instance_id)
+        self.listeners.changed()  # a device or namespace may have come or gone
 
     async def settled(self, instance_ids: set[str]) -> None:
         """Wait until these instances' sessions are issued or have failed (the admin verbs
@@ -116,16 +120,15 @@ async def running(
             sealed = sealing(known.vault, known.inventory, known.sessions, known.tokens)
             await stack.enter_async_context(sealed)
         api = _guest_api(config, clock, known, metrics)
-        guests = serving_guests(GuestServer(api), [(x.host, x.port) for x in config.imds.listeners],
-                                backlog=LISTEN_BACKLOG, grace=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
-        urls = tuple(url(a) for a in await stack.enter_async_context(guests))
+        urls, scoped = await _guest_edge(stack, config, api, known.inventory)
+        metrics.watch_listeners(scoped.status, lambda: scoped.rebinds)
         metrics_url = None
         if config.host.metrics is not None:
             sites = serving(make_metrics_app(metrics, ready), (config.host.metrics,))
             metrics_url = (await stack.enter_async_context(sites))[0]
         daemon = Daemon(urls=urls, admin_socket=config.host.admin_socket, metrics_url=metrics_url,
                         inventory=known.inventory, sessions=known.sessions, rotator=rotator,
-                        api=api)  # fmt: skip
+                        api=api, listeners=scoped)  # fmt: skip
         await stack.enter_async_context(_control(config, clock, daemon, known))
         log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
         # Invariant 8: the backend opens only now (the sts backend resolves the host's
@@ -164,17 +167,40 @@ def _state(config: Config, clock: Clock, metrics: Metrics) -> State:
                         state_file=str(state_file.path), inventory=fleet.name)  # fmt: skip
         # the baseline is the fleet's last known records; no state-file overrides
         inventory = Inventory(*fleet.mirror.baseline(), clock, None, remembered=remembered,
-                              managed_by=fleet.name)  # fmt: skip
+                              managed_by=fleet.name,
+                              devices_bound=devices_bound(config.imds, ()))  # fmt: skip
         metrics.watch_source(fleet.status)
     else:
+        bound = devices_bound(config.imds, config.instances)
         inventory = Inventory(config.instances, config.profiles, config.associations, clock,
-                              state_file, remembered=remembered)  # fmt: skip
+                              state_file, remembered=remembered, devices_bound=bound)  # fmt: skip
     sessions = SessionCache(render.credentials, render.failure, render.read_credentials)
     if taken:
         restore(taken, inventory, sessions, clock)
     metrics.watch(inventory, sessions, clock)
     return State(inventory=inventory, sessions=sessions, tokens=tokens, state_file=state_file,
                  vault=vault, fleet=fleet)  # fmt: skip
+
+
+async def _guest_edge(
+    stack: AsyncExitStack, config: Config, api: MetadataApi, inventory: Inventory
+) -> tuple[tuple[str, ...], ScopedListeners]:
+    """Phase two, opened: the guest listeners. Device-less on [imds] listeners, or, where they
+    are bound to devices, once per device; and once inside each named namespace."""
+    server = GuestServer(api)
+    addresses = [(x.host, x.port) for x in config.imds.listeners]
+    bound = inventory.devices_bound
+    guests = serving_guests(server, [] if bound else addresses, backlog=LISTEN_BACKLOG,
+                            grace=SHUTDOWN_GRACE_SECONDS)  # fmt: skip
+    opened = await stack.enter_async_context(guests)
+    devices = config.imds.guest_devices
+    scoped = ScopedListeners(server, addresses,
+                             lambda: wanted_scopes(inventory.scopes(), devices, bound),
+                             backlog=LISTEN_BACKLOG, devices=bound,
+                             passed=systemd.listen_fds())  # fmt: skip
+    await scoped.start()
+    stack.push_async_callback(scoped.close)  # closed before the server's shutdown above
+    return tuple(url(a) for a in (addresses if bound else opened)), scoped
 
 
 def _guest_api(config: Config, clock: Clock, known: State, metrics: Metrics) -> MetadataApi:
@@ -203,7 +229,8 @@ def _control(
     rotator = daemon.rotator
     admin = make_admin_app(daemon.inventory, daemon.sessions, clock, daemon.api.ledger,
                            apply=daemon.apply, settled=daemon.settled, rotate=rotator.refresh,
-                           due=rotator.due, info=info, source=source)  # fmt: skip
+                           due=rotator.due, info=info, source=source,
+                           listening=daemon.listeners.status)  # fmt: skip
     return unix_site(admin, config.host.admin_socket)
 
 

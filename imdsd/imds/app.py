@@ -69,9 +69,9 @@ class MetadataApi:
     trees: TreeCache
     log_requests: bool = False  # one debug line per request (only when the level is debug)
 
-    def guest(self, peer: str) -> Instance | None:
-        """The instance a socket peer address belongs to; None for a stranger."""
-        return self.inventory.instance_at(peer)
+    def guest(self, peer: str, scope: str | None = None) -> Instance | None:
+        """The instance a socket peer address in a scope belongs to; None for a stranger."""
+        return self.inventory.instance_at(peer, scope)
 
     def incident(self, key: str, incident: Incident) -> None:
         """A guest-caused event: counted in metrics and in the guest's next summary line."""
@@ -117,7 +117,8 @@ class MetadataApi:
         """Threat: a caller that is no known instance, or claims to be another one. The socket
         peer address alone decides (never a header). Strangers get 404 and learn nothing about
         any instance, whatever they send; their shared budget holds back a flood of them."""
-        instance = self.guest(request.protocol.peer)  # type: ignore[attr-defined]
+        protocol = request.protocol
+        instance = self.guest(protocol.peer, protocol.scope)  # type: ignore[attr-defined]
         if instance is None:
             wait = self.ledger.spend(STRANGERS)
             if wait:

@@ -34,8 +34,8 @@ _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST, kee
 class GuestListener:
     """One listening socket feeding a GuestServer."""
 
-    def __init__(self, server: GuestServer, sock: socket.socket) -> None:
-        self._server, self._sock = server, sock
+    def __init__(self, server: GuestServer, sock: socket.socket, scope: str | None = None) -> None:
+        self._server, self._sock, self.scope = server, sock, scope
         self._loop = asyncio.get_running_loop()
         self._starting: set[asyncio.Task[object]] = set()
         self._reported = -EXHAUSTED_REPORT_SECONDS
@@ -68,7 +68,7 @@ class GuestListener:
 
     def _admit(self, conn: socket.socket, peer: str) -> None:
         api = self._server.api
-        instance = api.guest(peer)
+        instance = api.guest(peer, self.scope)
         key = instance.id if instance is not None else STRANGERS
         refused = api.ledger.open(key)
         if refused is not None:
@@ -77,7 +77,10 @@ class GuestListener:
             conn.close()
             return
         conn.setblocking(False)
-        start = self._loop.connect_accepted_socket(lambda: self._server.connection(key, peer), conn)
+        scope = self.scope
+        start = self._loop.connect_accepted_socket(
+            lambda: self._server.connection(key, peer, scope), conn
+        )
         task: asyncio.Task[object] = self._loop.create_task(start)
         self._starting.add(task)
         task.add_done_callback(lambda t: self._started(t, key, conn))
@@ -102,15 +105,21 @@ class GuestListener:
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
 
-def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+def listening_socket(
+    host: str, port: int, backlog: int, *, device: str | None = None
+) -> socket.socket:
     """A non-blocking TCP socket listening on host:port (IPv6 sockets are IPv6-only, as
-    asyncio's create_server makes them, so "[::]" and "0.0.0.0" can both be listed)."""
+    asyncio's create_server makes them, so "[::]" and "0.0.0.0" can both be listed), bound to
+    `device` when given (SO_BINDTODEVICE: only what arrives on it; its accepted sockets and
+    their replies stay on it, whatever the routing table says about overlapping addresses)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if device is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)

@@ -42,15 +42,19 @@ _ERROR_11 = ERROR._replace(version=HttpVersion11)
 class GuestConnection(RequestHandler):
     """One guest connection: admitted by the ledger under `key`, held to its deadlines."""
 
-    __slots__ = ("_api", "_deadline", "_head_started", "_key", "peer")
+    __slots__ = ("_api", "_deadline", "_head_started", "_key", "peer", "scope")
 
-    def __init__(self, server: GuestServer, key: str, peer: str, **kwargs: Any) -> None:
+    def __init__(
+        self, server: GuestServer, key: str, peer: str, scope: str | None, **kwargs: Any
+    ) -> None:
         super().__init__(server, **kwargs)
         self._api = server.api
         self._key: str | None = key  # the ledger account holding this connection
         self._deadline: asyncio.TimerHandle | None = None
         self._head_started = False
-        self.peer = peer  # the socket peer address: the only thing that identifies a guest
+        # Where the connection arrived (its listener's scope) and its socket peer address: the
+        # only things that identify a guest, never what it sends.
+        self.peer, self.scope = peer, scope
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -139,9 +143,9 @@ class GuestServer(web.Server):
         )
         self.api = api
 
-    def connection(self, key: str, peer: str) -> GuestConnection:
+    def connection(self, key: str, peer: str, scope: str | None) -> GuestConnection:
         """The protocol for a connection the listener admitted under ledger account `key`."""
-        return GuestConnection(self, key, peer, loop=self._loop, **self._kwargs)
+        return GuestConnection(self, key, peer, scope, loop=self._loop, **self._kwargs)
 
     def _request(
         self,

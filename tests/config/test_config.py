@@ -30,7 +30,7 @@ BAD = [
      'imds.listeners: got ["::1:80"]; allowed: a non-empty list of "host:port" strings, IPv6 hosts in brackets ("[::1]:80")'),
     ('[imds]\nlisteners = ["localhost:80"]',
      'imds.listeners: got ["localhost:80"]; allowed: a non-empty list of "host:port" strings, IPv6 hosts in brackets ("[::1]:80")'),
-    ("[imds]\nport = 80", "imds.port: got an unknown key; allowed: listeners"),
+    ("[imds]\nport = 80", "imds.port: got an unknown key; allowed: listeners, guest_devices, bind_to_devices"),
     ("[rotation]\nrefresh_fraction = 1.5", "rotation.refresh_fraction: got 1.5; allowed: a number greater than 0 and less than 1"),
     ('[rotation]\njitter = "5 minutes"',
      'rotation.jitter: got "5 minutes"; allowed: a duration: seconds as an integer, or a string like "90s", "30m", "6h", "1h30m"; to 6h'),
