@@ -13,18 +13,20 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	@# Debian's cloud-init for tests/e2e/test_cloudinit.py (run under /usr/bin/python3): installed
-	@# where apt-get is there and we are root (CI), skipped quietly elsewhere (the test then skips,
-	@# saying why); disabled first, so that it never acts on this machine itself.
+	@# Debian's cloud-init for tests/e2e/test_cloudinit.py (run under /usr/bin/python3) and nft
+	@# for the nftables examples' check: installed where apt-get is there and we are root (CI),
+	@# skipped quietly elsewhere (the tests then skip, saying why); cloud-init is disabled first,
+	@# so that it never acts on this machine itself.
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled; \
-	  if ! dpkg-query -W -f='$${Status}' cloud-init 2>/dev/null | grep -q 'ok installed'; then \
-	    echo "apt-get install cloud-init (for the cloud-init end-to-end test)"; \
+	  if ! dpkg-query -W -f='$${Status}' cloud-init 2>/dev/null | grep -q 'ok installed' || \
+	     ! command -v nft >/dev/null 2>&1; then \
+	    echo "apt-get install cloud-init nftables (for the end-to-end and nftables tests)"; \
 	    log=$$(mktemp); \
 	    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	           DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	             cloud-init; } >"$$log" 2>&1; then \
-	      tail -n 20 "$$log"; echo "warning: cloud-init not installed; its test will skip"; \
+	             cloud-init nftables; } >"$$log" 2>&1; then \
+	      tail -n 20 "$$log"; echo "warning: cloud-init/nftables not installed; their tests skip"; \
 	    fi; \
 	    rm -f "$$log"; \
 	  fi; \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -30,8 +31,11 @@ class Proc:
         nofile: int | None = None,
         until: str = "ready",
         netns: str | None = None,
+        sockets: dict[str, socket.socket] | None = None,
     ) -> None:
-        """`netns`: run the daemon inside that named network namespace (a test's host)."""
+        """`netns`: run the daemon inside that named network namespace (a test's host).
+        `sockets`: passed as systemd's socket activation passes them (descriptors from 3,
+        LISTEN_FDS, LISTEN_FDNAMES, and LISTEN_PID = the daemon's own pid)."""
         self.directory, self.config = directory, directory / "imdsd.toml"
         self.config.write_text(config)
         self.log = directory / f"log-{time.monotonic_ns()}.jsonl"
@@ -41,16 +45,25 @@ class Proc:
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
 
+        passed = list((sockets or {}).items())
+        if passed:
+            env["LISTEN_FDS"] = str(len(passed))
+            env["LISTEN_FDNAMES"] = ":".join(name for name, _ in passed)
+
         def limit() -> None:  # the open-files limit of the daemon alone (systemd's default: 1024)
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            for index, (_, sock) in enumerate(passed):  # as systemd lays them out
+                os.dup2(sock.fileno(), 3 + index, inheritable=True)
 
         with self.log.open("w") as out:
             inside = ["ip", "netns", "exec", netns] if netns else []
+            if passed:  # the shell's pid is the daemon's: it execs it
+                inside += ["sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "sh"]
             self.process = subprocess.Popen([*inside, sys.executable, "-m", "imdsd", "run", "--config",
                                              str(self.config), "--log-format", "json"],
                                             stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=limit)  # fmt: skip
+                                            preexec_fn=limit, close_fds=not passed)  # fmt: skip
         self.url = str(self.wait_for(until)["listening"][0])  # type: ignore[index]
 
     def events(self) -> list[dict[str, object]]:

@@ -43,9 +43,12 @@ def test_unit_says_what_the_daemon_does() -> None:
 
 
 @pytest.mark.skipif(shutil.which("nft") is None, reason="nft is not installed")
-def test_nftables_example_parses() -> None:
-    """The host wiring example is valid nftables (checked by `nft --check`, nothing loaded)."""
-    example = UNIT.parents[1] / "config" / "nftables-imdsd.nft"
+@pytest.mark.parametrize("name", ["nftables-imdsd.nft", "nftables-imdsd-tenants.nft"])
+def test_nftables_example_parses(name: str) -> None:
+    """The host wiring examples are valid nftables (checked by `nft --check`, nothing loaded):
+    the bridge host's, and the multi-tenant host's that keeps guest devices to the metadata
+    port."""
+    example = UNIT.parents[1] / "config" / name
     done = subprocess.run(
         ["nft", "--check", "-f", str(example)], capture_output=True, text=True, timeout=60
     )
@@ -126,3 +129,27 @@ def test_install_system_into_a_staging_root(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)  # fmt: skip
     rating = re.search(r"Overall exposure level for imdsd\.service: (\d+\.\d)", security.stdout)
     assert rating is not None and float(rating.group(1)) <= 2.0
+
+
+@needs_analyze
+@pytest.mark.parametrize("layout", ["devices.conf", "netns.conf"])
+def test_each_layouts_drop_in_verifies_and_rates_at_most_2(tmp_path: Path, layout: str) -> None:
+    """Issue 18's least privilege: the unit with a layout's drop-in (device-bound listeners:
+    netlink allowed; a namespace per tenant: sockets passed by imdsd-netns@.socket, no
+    CAP_SYS_ADMIN) still verifies, with the socket unit, and rates 2.0 or lower."""
+    drop_in = (UNIT.parent / "layouts" / layout).read_text()
+    granted = [line for line in drop_in.splitlines() if "CAP_" in line and line[0] != "#"]
+    assert not any("CAP_SYS_ADMIN" in line or "CAP_NET_RAW" in line for line in granted)
+    imdsd = Path(sys.executable).with_name("imdsd")
+    merged = tmp_path / "imdsd.service"
+    merged.write_text(UNIT.read_text().replace("/opt/imdsd/current/bin/imdsd", str(imdsd))
+                      + "\n" + drop_in)  # fmt: skip
+    socket_unit = tmp_path / "imdsd-netns@ovnmeta-net7.socket"
+    socket_unit.write_text((UNIT.parent / "imdsd-netns@.socket").read_text())
+    done = subprocess.run([str(ANALYZE), "verify", str(merged), str(socket_unit)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rated = subprocess.run([str(ANALYZE), "security", "--offline=true", str(merged)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    match = re.search(r"Overall exposure level for imdsd\.service: (\d+\.\d)", rated.stdout)
+    assert match is not None and float(match.group(1)) <= 2.0, rated.stdout + rated.stderr

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from imdsd.backends.base import Backend
+from imdsd.config import parse
 from imdsd.daemon import Daemon, running
 from imdsd.errors import BackendError
 from imdsd.state import Overrides, StateFile
 from tests.fakes import FakeClock, FlakyBackend, wrapping
-from tests.helpers import ROLE_B, VM_A, VM_B, VM_D, http, make_config, token_for
+from tests.helpers import ROLE_B, VM_A, VM_B, VM_D, config_text, http, make_config, token_for
 
 CREDS = "/latest/meta-data/iam/security-credentials/"
 
@@ -386,3 +387,27 @@ async def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
         subprocess.run, [sys.executable, "-m", "imdsd", *args],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
+
+
+async def test_libvirt_hook_passes_the_tap_as_host_interface(tmp_path: Path) -> None:
+    """host-interface="target": the hook adds the instance with the domain's tap
+    (<interface><target dev=...>) as its host_interface (a multi-tenant host's daemon, whose
+    listeners are bound to devices, records it)."""
+    config = config_text("").replace('listeners = ["127.0.0.1:0"]',
+                                     'listeners = ["127.0.0.1:0"]\nbind_to_devices = true\n'
+                                     'guest_devices = ["lo"]')  # fmt: skip
+    async with running(parse(config), FakeClock()) as daemon:
+        hook = Path(__file__).parents[2] / "config" / "libvirt-hook-qemu"
+        env = {**os.environ, "IMDSD": str(Path(sys.executable).with_name("imdsd")),
+               "IMDSD_ADMIN_SOCKET": str(daemon.admin_socket)}  # fmt: skip
+        xml = DOMAIN_XML.format(key=HOOK_KEY).replace(
+            'http-tokens="optional"', 'http-tokens="optional" host-interface="target"'
+        ).replace('<mac address="52:54:00:AB:CD:EF"/>',
+                  '<mac address="52:54:00:AB:CD:EF"/><target dev="vnet7"/>')  # fmt: skip
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(hook), "web-1", "started", "begin", "-"],
+            input=xml, capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        added = daemon.inventory.instance("i-0feedfeedfeedfeed")
+        assert added is not None and added.host_interface == "vnet7"

@@ -150,9 +150,10 @@ def config(imds: str, instances: str, host: str = "") -> str:
     return f'[imds]\nlisteners = ["{MD}:80"]\n{imds}\n{host}{PROFILES}{instances}'
 
 
-def daemon(directory: Path, hv: Hypervisor, imds: str, instances: str) -> Proc:
+def daemon(directory: Path, hv: Hypervisor, imds: str, instances: str,
+           sockets: dict[str, socket.socket] | None = None) -> Proc:  # fmt: skip
     text = config(imds, instances, host_sections(directory, metrics=""))
-    return Proc(directory, text, netns=hv.host, until="listening")
+    return Proc(directory, text, netns=hv.host, until="listening", sockets=sockets)
 
 
 def instance(iid: str, *, scope: str = "", addresses: str = "", profile: str = "a",
@@ -313,3 +314,34 @@ def test_check_config_refuses_what_cannot_be_served(instances: str, imds: str, p
     with pytest.raises(ConfigError) as refused:
         parse(config(imds, instances))
     assert path in [p.path for p in refused.value.problems], refused.value.problems
+
+
+async def test_a_namespace_listener_passed_by_systemd(hv: Hypervisor, tmp_path: Path) -> None:
+    """Socket activation (imdsd-netns@.socket): the listener opened inside the tenant
+    namespace by someone else and passed as FileDescriptorName=netns-NAME serves that
+    namespace's instance; imdsd does not open (or enter) the namespace itself."""
+    tenant = hv.ns("tenant")
+    ip("-n", tenant, "link", "set", "lo", "up")
+    ip("-n", tenant, "addr", "add", f"{MD}/32", "dev", "lo")
+    n1 = hv.guest("n1", "169.254.41.2", into=tenant, device="tn0")
+    opened: list[socket.socket] = []
+
+    def open_inside() -> None:  # what systemd's NetworkNamespacePath= does for the socket unit
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/run/netns/{tenant}", "rb") as target:
+            assert libc.setns(target.fileno(), 0x40000000) == 0
+        opened.append(socket.create_server((MD, 80), backlog=64))
+
+    thread = threading.Thread(target=open_inside)
+    thread.start()
+    thread.join()
+    proc = daemon(tmp_path, hv, "", instance(VM4, scope=f'host_netns = "{tenant}"',
+                                             addresses='"169.254.41.2"'),
+                  sockets={f"netns-{tenant}": opened[0]})  # fmt: skip
+    try:
+        assert (await read(n1, "/latest/meta-data/instance-id"))[1] == VM4
+        (entry,) = status(proc)["scoped_listeners"]
+        assert entry["namespace"] == tenant and entry["socket_activated"] is True
+    finally:
+        proc.stop()
+        opened[0].close()
