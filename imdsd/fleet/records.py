@@ -21,6 +21,7 @@ from imdsd.config import profiles as profile_tables
 from imdsd.config.reader import Reader, Section
 from imdsd.errors import RecordError
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
+from imdsd.whois import Directory
 
 log = structlog.get_logger("imdsd.etcd")
 PROFILE_KEYS = ("name", "path", "id", "role_arn", "external_id")
@@ -148,11 +149,12 @@ class Mirror:
         self,
     ) -> tuple[list[Instance], list[InstanceProfile], list[tuple[str, str]]]:
         """Instances, profiles and associations, as the config file's tables would give them.
-        When two instances claim one address, the older record (by etcd's create revision)
-        keeps it and the other waits, skipped: a reused address never serves two instances."""
+        When two instances claim one address in one scope (whois.py), the older record (by
+        etcd's create revision) keeps it and the other waits, skipped: a reused address never
+        serves two instances."""
         profiles: list[InstanceProfile] = []
         instances: dict[str, Instance] = {}
-        owners: dict[str, str] = {}
+        owners = Directory(())  # a scope's address (or whole device) -> its first claimant
         wanted: list[tuple[str, str]] = []
         claimed_twice: set[tuple[str, str]] = set()
         for key in sorted(self._parsed, key=lambda k: self.raw[k][0]):
@@ -160,11 +162,11 @@ class Mirror:
             if isinstance(record, InstanceProfile):
                 profiles.append(record)
             elif isinstance(record, Instance):
-                taken = [owners[a] for a in record.addresses if a in owners]
+                taken = owners.owner(record)
                 if taken:
-                    claimed_twice.add((record.id, taken[0]))
+                    claimed_twice.add((record.id, taken[1].id))
                     continue
-                owners.update(dict.fromkeys(record.addresses, record.id))
+                owners.add(record)
                 instances[record.id] = record
             else:
                 wanted.append((name, record))

@@ -58,12 +58,14 @@ class Hypervisor:
         return full
 
     def guest(self, name: str, address: str, *, into: str | None = None,
-              bridge: str | None = None, device: str | None = None) -> str:  # fmt: skip
+              bridge: str | None = None, device: str | None = None,
+              index: int | None = None) -> str:  # fmt: skip
         """A guest namespace with eth0 at `address`/24, its peer (`device`, default t-NAME) in
         the host namespace (or `into` another), enslaved to `bridge` if given."""
         guest = self.ns(name)
         outer, where = device or f"t{name}{self.tag}"[:15], into or self.host
-        ip("link", "add", outer, "netns", where, "type", "veth", "peer", "name", "eth0",
+        numbered = ["index", str(index)] if index is not None else []
+        ip("-n", where, "link", "add", outer, *numbered, "type", "veth", "peer", "name", "eth0",
            "netns", guest)  # fmt: skip
         ip("-n", guest, "link", "set", "lo", "up")
         ip("-n", guest, "addr", "add", f"{address}/24", "dev", "eth0")
@@ -202,9 +204,10 @@ async def test_same_address_on_two_taps_is_two_instances(hv: Hypervisor, tmp_pat
 async def test_a_recreated_tap_is_served_again_within_a_second(
     hv: Hypervisor, tmp_path: Path
 ) -> None:
-    """The guest's tap is deleted and made again (a new ifindex): its listener is rebound
-    and the guest is answered within a second; status and metrics show the new ifindex and
-    one rebind."""
+    """The guest's tap is deleted: its listener closes, so another device that reuses the
+    ifindex (a stranger at the same address) is never answered as that VM. The tap is made
+    again (a new ifindex): its listener is rebound and the guest answered within a second;
+    status shows the new ifindex."""
     tap = f"ta{hv.tag}"
     g1 = hv.guest("g1", "169.254.11.2", device=tap)
     proc = daemon(tmp_path, hv, "", instance(VM1, scope=f'host_interface = "{tap}"',
@@ -214,6 +217,11 @@ async def test_a_recreated_tap_is_served_again_within_a_second(
         before = status(proc)["scoped_listeners"][0]["ifindex"]
         ip("netns", "del", g1)  # its tap goes too
         hv.made.remove(g1)
+        while status(proc)["scoped_listeners"]:
+            await asyncio.sleep(0.02)
+        reuser = hv.guest("x1", "169.254.11.2", device=f"tq{hv.tag}", index=before)
+        answer = await guest_call(reuser, "GET", "/latest/meta-data/instance-id")
+        assert answer[0] in (0, 404) and VM1 not in answer[1]
         g1 = hv.guest("g1", "169.254.11.2", device=tap)
         started = time.monotonic()
         while (await read(g1, "/latest/meta-data/instance-id"))[1] != VM1:
@@ -345,3 +353,25 @@ async def test_a_namespace_listener_passed_by_systemd(hv: Hypervisor, tmp_path: 
     finally:
         proc.stop()
         opened[0].close()
+
+
+async def test_one_same_address_vms_budget_does_not_throttle_the_other(
+    hv: Hypervisor, tmp_path: Path
+) -> None:
+    """Budgets hold per instance, not per address: the VM on one tap spends its small budget
+    (429), while the VM with the same address on the other tap is answered throughout."""
+    g1 = hv.guest("g1", "169.254.12.2", device=f"ta{hv.tag}")
+    g2 = hv.guest("g2", "169.254.12.2", device=f"tb{hv.tag}")
+    same, optional = '"169.254.12.2"', 'metadata_options = { http_tokens = "optional" }\n'
+    budgets = f"[budgets.instances.{VM1}]\nrequests_per_second = 1\nburst = 3\n"
+    proc = daemon(tmp_path, hv, "",
+                  instance(VM1, scope=f'host_interface = "ta{hv.tag}"', addresses=same, extra=optional)
+                  + instance(VM2, scope=f'host_interface = "tb{hv.tag}"', addresses=same, extra=optional)
+                  + budgets)  # fmt: skip
+    try:
+        flood = [await guest_call(g1, "GET", "/latest/meta-data/instance-id") for _ in range(8)]
+        other = [await guest_call(g2, "GET", "/latest/meta-data/instance-id") for _ in range(8)]
+        assert 429 in [code for code, _ in flood]
+        assert other == [(200, VM2)] * 8
+    finally:
+        proc.stop()
