@@ -17,6 +17,8 @@ def instance_view(inventory: Inventory, instance: Instance) -> dict[str, Any]:
     return {
         "id": instance.id,
         "addresses": list(instance.addresses),
+        "host_interface": instance.host_interface,
+        "host_netns": instance.host_netns,
         "region": instance.region,
         "availability_zone": instance.availability_zone,
         "instance_type": instance.instance_type,

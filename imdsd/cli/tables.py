@@ -20,12 +20,16 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 
 def instances_table(rows: list[dict[str, Any]], last: str = "source") -> str:
     """Instances, a line each; the last column is `last` (the admin's source, the fleet's host)."""
-    header = ("INSTANCE", "ADDRESSES", "PROFILE", "TOKENS", "HOPS", "ENDPOINT", last.upper())
+    header: tuple[str, ...] = ("INSTANCE", "ADDRESSES", "PROFILE", "TOKENS", "HOPS", "ENDPOINT",
+                               last.upper())  # fmt: skip
+    if any(r.get("host_interface") or r.get("host_netns") for r in rows):
+        header = (*header[:2], "ARRIVES", *header[2:])  # only on a host that needs it
     lines = []
     for r in rows:
         o = r["metadata_options"]
-        lines.append((r["id"], ",".join(r["addresses"]), r["profile"], o["http_tokens"],
-                      o["hop_limit"], o["http_endpoint"], r[last]))  # fmt: skip
+        where = [r.get("host_interface") or r.get("host_netns") or "host"][: len(header) - 7]
+        lines.append((r["id"], ",".join(r["addresses"]) or "(its device)", *where, r["profile"],
+                      o["http_tokens"], o["hop_limit"], o["http_endpoint"], r[last]))  # fmt: skip
     return table(lines, header)
 
 

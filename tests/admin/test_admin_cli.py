@@ -411,3 +411,21 @@ async def test_libvirt_hook_passes_the_tap_as_host_interface(tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr
         added = daemon.inventory.instance("i-0feedfeedfeedfeed")
         assert added is not None and added.host_interface == "vnet7"
+
+
+def test_the_instances_table_says_where_traffic_arrives() -> None:
+    """On a host with scoped instances `instances list` shows an ARRIVES column (the device or
+    namespace, "host" for the others, "(its device)" for a VM that is its whole tap); a host
+    without any shows the table as before."""
+    from imdsd.cli.tables import instances_table
+
+    options = {"http_tokens": "required", "hop_limit": 1, "http_endpoint": "enabled"}
+    rows = [{"id": "i-1", "addresses": [], "host_interface": "tap-vm1", "profile": None,
+             "metadata_options": options, "source": "config"},
+            {"id": "i-2", "addresses": ["10.0.0.5"], "profile": "web",
+             "metadata_options": options, "source": "runtime"}]  # fmt: skip
+    lines = instances_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["INSTANCE", "ADDRESSES", "ARRIVES"]
+    assert lines[1].split()[:4] == ["i-1", "(its", "device)", "tap-vm1"]
+    assert lines[2].split()[:3] == ["i-2", "10.0.0.5", "host"]
+    assert "ARRIVES" not in instances_table(rows[1:])
