@@ -110,7 +110,7 @@ class FakeRolesAnywhere:
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.requests.append({"headers": dict(request.headers), "body": body})
+        self.requests.append({"headers": request.headers.copy(), "body": body})  # case-blind
         if self.mode == "stall":
             await asyncio.sleep(self.stall_seconds)
         try:

@@ -25,6 +25,9 @@ ROLE_A, ROLE_B = f"arn:aws:iam::{ACCOUNT}:role/role-a", f"arn:aws:iam::{ACCOUNT}
 ROLE_DENIED = f"arn:aws:iam::{ACCOUNT}:role/role-denied"
 PARTNER_ROLE = f"arn:aws:iam::{PARTNER}:role/partner-reader"
 HOST_USER = f"arn:aws:iam::{ACCOUNT}:user/imdsd-host"
+HOST_ROLE = f"arn:aws:iam::{ACCOUNT}:role/imdsd-host-role"  # the host's role via Roles Anywhere
+HOST_ROLE_SESSION_NAME = "hv-042"  # AWS trusts HOST_ROLE; moto compares principals literally,
+HOST_ROLE_SESSION = f"arn:aws:sts::{ACCOUNT}:assumed-role/imdsd-host-role/{HOST_ROLE_SESSION_NAME}"
 
 
 def _policy(*statements: dict[str, Any]) -> str:
@@ -35,7 +38,7 @@ def _allow(action: str | list[str], resource: str | list[str]) -> dict[str, Any]
     return {"Effect": "Allow", "Action": action, "Resource": resource}
 
 
-TRUST_HOST = _policy({"Effect": "Allow", "Principal": {"AWS": HOST_USER},
+TRUST_HOST = _policy({"Effect": "Allow", "Principal": {"AWS": [HOST_USER, HOST_ROLE, HOST_ROLE_SESSION]},
                       "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]})  # fmt: skip
 
 
@@ -68,7 +71,7 @@ def start_moto() -> Moto:
         lambda iam, s3, out: iam.create_user(UserName="imdsd-host"),
         lambda iam, s3, out: out.update(iam.create_access_key(UserName="imdsd-host")["AccessKey"]),
         lambda iam, s3, out: iam.put_user_policy(UserName="imdsd-host", PolicyName="assume", PolicyDocument=_policy(
-            _allow(["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"], [ROLE_A, ROLE_B]))),
+            _allow(["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"], [ROLE_A, ROLE_B, HOST_ROLE]))),
         lambda iam, s3, out: iam.create_role(RoleName="role-a", AssumeRolePolicyDocument=TRUST_HOST),
         lambda iam, s3, out: iam.create_role(RoleName="role-b", AssumeRolePolicyDocument=TRUST_HOST),
         lambda iam, s3, out: iam.create_role(RoleName="role-denied", AssumeRolePolicyDocument=TRUST_HOST),
@@ -76,6 +79,9 @@ def start_moto() -> Moto:
             _allow("s3:GetObject", "arn:aws:s3:::bucket-a/*"), _allow("sts:AssumeRole", PARTNER_ROLE))),
         lambda iam, s3, out: iam.put_role_policy(RoleName="role-b", PolicyName="p", PolicyDocument=_policy(
             _allow("s3:GetObject", "arn:aws:s3:::bucket-b/*"))),
+        lambda iam, s3, out: iam.create_role(RoleName="imdsd-host-role", AssumeRolePolicyDocument=TRUST_HOST),
+        lambda iam, s3, out: iam.put_role_policy(RoleName="imdsd-host-role", PolicyName="assume", PolicyDocument=_policy(
+            _allow(["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"], [ROLE_A, ROLE_B]))),
         lambda iam, s3, out: s3.create_bucket(Bucket="bucket-a"),
         lambda iam, s3, out: s3.create_bucket(Bucket="bucket-b"),
         lambda iam, s3, out: s3.put_object(Bucket="bucket-a", Key="hello.txt", Body=b"from a"),
