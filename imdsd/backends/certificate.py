@@ -1,24 +1,16 @@
-"""The host's X.509 identity for IAM Roles Anywhere: its files, re-read when they change, its
-validity, and the signature of one CreateSession request.
+"""The host's X.509 identity for IAM Roles Anywhere: its files, re-read when they change, and
+its validity; signing.py makes the signature with it.
 
 Operators issue short-lived certificates (step-ca, Vault PKI, cert-manager, SPIRE) and replace
-the files by rename: before each signing (and once a minute, see `watching`) the three files
+the files by rename: before each signing (and once a minute, rolesanywhere._watch) the files
 are stat()ed, and a changed (device, inode, size, mtime) re-reads them. A half-finished
 rotation (a new certificate beside the old key) keeps the previous pair until both match.
 Nothing here runs on the event loop: callers use asyncio.to_thread. Never logs, raises or
 reprs key material or a signature: errors name the key path, the file and the errno class.
-
-Signing is what AWS's credential helper does (rolesanywhere-credential-helper, and the
-iam-rolesanywhere-session package the tests cross-check with): SigV4's canonical request over
-Content-Type, Host, X-Amz-Date, X-Amz-X509 (and X-Amz-X509-Chain), its string to sign signed
-directly by the private key (PKCS#1 v1.5 SHA-256 for RSA, DER ECDSA SHA-256 for EC), and
-`Credential=<serial in decimal>/<date>/<region>/rolesanywhere/aws4_request`.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import ssl
 import threading
@@ -27,22 +19,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote, urlsplit
 
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from imdsd.backends.signing import PrivateKey, algorithm, sign
 from imdsd.clock import Clock
 from imdsd.config.backend import RolesAnywhereConfig
 from imdsd.errors import BackendError, ConfigError, Problem
 
-SERVICE = "rolesanywhere"
-CONTENT_TYPE = "application/json"
 WHERE = "backend.rolesanywhere"
 EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 Stamp = tuple[tuple[int, int, int, int], ...]
 log = structlog.get_logger("imdsd.rolesanywhere")
 T = TypeVar("T")
@@ -59,8 +48,7 @@ class Identity:
 
     @property
     def algorithm(self) -> str:
-        kind = "RSA" if isinstance(self.key, rsa.RSAPrivateKey) else "ECDSA"
-        return f"AWS4-X509-{kind}-SHA256"
+        return algorithm(self.key)
 
     @property
     def not_after(self) -> datetime:
@@ -251,7 +239,9 @@ class HostCertificate:
 
     def signed_headers(self, url: str, body: bytes) -> dict[str, str]:
         """The headers of one signed POST (in a thread)."""
-        return sign(self.usable(), self._config.region, url, body, self._clock.now())
+        identity = self.usable()
+        return sign(identity.certificate, identity.chain, identity.key, self._config.region, url,
+                    body, self._clock.now())  # fmt: skip
 
     def _check_lifetime(self, identity: Identity) -> None:
         cert = identity.certificate
@@ -282,50 +272,6 @@ class HostCertificate:
             not_after=identity.not_after.isoformat(),
             algorithm=identity.algorithm,
         )
-
-
-def sign(identity: Identity, region: str, url: str, body: bytes, now: datetime) -> dict[str, str]:
-    """The headers (Authorization included) that sign a POST of `body` to `url` at `now`."""
-    parts = urlsplit(url)
-    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-    headers = {
-        "content-type": CONTENT_TYPE,
-        "host": parts.netloc,
-        "x-amz-date": amz_date,
-        "x-amz-x509": _der64(identity.certificate),
-    }
-    if identity.chain:
-        headers["x-amz-x509-chain"] = ",".join(_der64(c) for c in identity.chain)
-    names = sorted(headers)
-    signed = ";".join(names)
-    canonical = "\n".join(
-        [
-            "POST",
-            quote(parts.path or "/", safe="/-_.~"),
-            "",
-            "".join(f"{n}:{headers[n].strip()}\n" for n in names),
-            signed,
-            hashlib.sha256(body).hexdigest(),
-        ]
-    )
-    scope = f"{amz_date[:8]}/{region}/{SERVICE}/aws4_request"
-    to_sign = "\n".join(
-        [identity.algorithm, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
-    ).encode()
-    if isinstance(identity.key, rsa.RSAPrivateKey):
-        signature = identity.key.sign(to_sign, padding.PKCS1v15(), hashes.SHA256())
-    else:
-        signature = identity.key.sign(to_sign, ec.ECDSA(hashes.SHA256()))
-    serial = identity.certificate.serial_number
-    headers["authorization"] = (
-        f"{identity.algorithm} Credential={serial}/{scope}, "
-        f"SignedHeaders={signed}, Signature={signature.hex()}"
-    )
-    return headers
-
-
-def _der64(certificate: x509.Certificate) -> str:
-    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
 
 
 def _ec2(when: datetime) -> str:

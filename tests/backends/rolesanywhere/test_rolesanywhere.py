@@ -4,6 +4,7 @@ clamp, the metric, and secrets kept out of logs and reprs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -283,3 +284,27 @@ def test_unsupported_key_and_mismatched_key_in_check_config(
         err.startswith("imdsd: backend.rolesanywhere.certificate_file: got ")
         and "No such file" in err
     )
+
+
+async def test_the_watcher_sees_a_renewal_while_nothing_signs(
+    ra: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate renewed on disk shows in the expiry (the metric) within the watch
+    interval, even when no session is due: an alert on the metric never waits for a rotation."""
+    from imdsd.backends import rolesanywhere
+
+    monkeypatch.setattr(rolesanywhere, "WATCH_SECONDS", 0.01)
+    files = ra.host("ec")
+    config = ra.config(files)
+    async with opener("rolesanywhere")(config.backend, ra.clock) as b:
+        assert isinstance(b, SignsWithCertificate)
+        key = new_key("ec")
+        renewed = leaf(ra.middle, key, ra.clock.now(), 5 * DAY)
+        replace_file(files.private_key_file, key_pem(key))
+        replace_file(files.certificate_file, renewed.public_bytes(Encoding.PEM))
+        for _ in range(200):
+            if b.certificate_expiry() == renewed.not_valid_after_utc:
+                break
+            await asyncio.sleep(0.01)
+        assert b.certificate_expiry() == renewed.not_valid_after_utc
+    assert ra.fake.requests == []
