@@ -4,9 +4,10 @@ pure functions of refresh.py).
 `Rotator` keeps every association's next refresh (refresh_at() of its session, or a backoff
 after a failure) in the timetable (timetable.py), whose one APScheduler job calls `wake()` at
 the earliest of them; tests call `wake()` themselves after moving a fake clock. The Rotator
-bounds concurrent issuer calls and makes concurrent refreshes of one association share a
-single call. An issuer failure never removes a session: the current one is served until its
-own expiry (invariant 3).
+bounds concurrent issuer calls, holds them to the rate cap it is given (the composition root
+gives one to an issuer with an upstream, none to the embedded issuer) and makes concurrent
+refreshes of one association share a single call. An issuer failure never removes a
+session: the current one is served until its own expiry (invariant 3).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ class Rotator:
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
         self._limit = asyncio.Semaphore(policy.concurrency)
-        self._rate = rate or RateLimit(policy.max_rate)  # priming, rotation, retries alike
+        # The upstream's cap, for priming, rotation and retries alike; None: an issuer with
+        # no upstream to protect (the embedded one) is not capped.
+        self._rate = rate
         self._timetable = Timetable(clock, self.wake)
         self._priming: asyncio.Future[list[None]] | None = None
         self._attempts: dict[str, int] = {}
@@ -206,12 +209,13 @@ class Rotator:
             return self._forget(key)
         try:
             async with self._limit:
-                await self._rate.acquire()
+                if self._rate is not None:
+                    await self._rate.acquire()
                 if self._inventory.association(key) is not association:
                     return None  # replaced or removed while queued: no upstream call for it
                 session = await self._backend.issue(association.profile, session_name=key)
         except BackendError as exc:
-            if exc.throttling:
+            if exc.throttling and self._rate is not None:
                 self._rate.throttled()
             return self._failed(key, association, exc)
         except Exception as exc:  # any other backend fault: keep serving, retry later

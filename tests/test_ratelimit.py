@@ -84,10 +84,12 @@ async def test_a_throttled_refresh_slows_every_refresh() -> None:
     """The Rotator halves its issuer rate when one association's refresh meets Throttling (or
     HTTP 429), not just that association's retry."""
     rig = Rig()
-    cap = rig.rotator._rate.rate
+    rate = rig.rotator._rate
+    assert rate is not None  # the rig's issuer stands for an upstream: it has a cap
+    cap = rate.rate
     rig.backend.failing = BackendError("Throttling", "Rate exceeded", status=400)
     await rig.rotator.refresh(VM_A)
-    assert rig.rotator._rate.rate == cap / 2
+    assert rate.rate == cap / 2
     rig.backend.failing = BackendError("ServiceUnavailable", "down", status=503)
     await rig.rotator.refresh(VM_A)
-    assert rig.rotator._rate.rate == cap / 2  # other failures do not slow anything
+    assert rate.rate == cap / 2  # other failures do not slow anything

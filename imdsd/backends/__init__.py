@@ -2,6 +2,8 @@
 
 Each kind's module is imported only when that kind is opened: the local backend (and every
 admin verb) never loads botocore or the aiohttp client, which only `sts` and `rolesanywhere` need.
+Whether a kind calls an upstream is said here too: `rotation.max_rate` guards upstreams (their
+quotas are shared with other hosts and tools), and the embedded issuer has none.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ OPENERS: dict[BackendKind, str] = {  # kind -> the module whose open_backend() o
     "sts": "imdsd.backends.sts",
     "rolesanywhere": "imdsd.backends.rolesanywhere",
 }
+
+# Kinds whose issue() calls an upstream endpoint: the rate cap applies to these. The local
+# issuer mints in-process in microseconds; capping it kept a 10,000-VM host waiting minutes.
+UPSTREAM: frozenset[BackendKind] = frozenset({"sts", "rolesanywhere"})
+
+
+def has_upstream(kind: BackendKind) -> bool:
+    """Whether a kind's issuer calls an upstream (and so is held to rotation.max_rate)."""
+    return kind in UPSTREAM
 
 
 def opener(kind: BackendKind) -> Opener:

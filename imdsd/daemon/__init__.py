@@ -20,7 +20,7 @@ import structlog
 
 from imdsd import __version__, systemd
 from imdsd.admin.app import make_admin_app
-from imdsd.backends import Opener, opener
+from imdsd.backends import Opener, has_upstream, opener
 from imdsd.backends.base import Backend, SignsWithCertificate
 from imdsd.backends.deferred import Deferred
 from imdsd.backends.measured import Measured
@@ -40,6 +40,7 @@ from imdsd.imds.server import GuestServer
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
 from imdsd.metrics import Metrics, make_metrics_app
+from imdsd.ratelimit import RateLimit
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
 from imdsd.signatures import open_signer
@@ -114,7 +115,8 @@ async def running(
         metrics, ready, deferred = Metrics(), asyncio.Event(), Deferred()
         known = _state(config, clock, metrics)
         rotator = Rotator(_scoped(Measured(deferred, metrics), config, clock), known.inventory,
-                          known.sessions, config.rotation, clock)  # fmt: skip
+                          known.sessions, config.rotation, clock,
+                          rate=_rate_cap(config))  # fmt: skip
         stack.push_async_callback(rotator.aclose)
         if known.vault:
             sealed = sealing(known.vault, known.inventory, known.sessions, known.tokens)
@@ -243,6 +245,11 @@ def _vault(config: Config) -> Vault | None:
     except ValueError:
         allowed = "32 random bytes, or their base64 (generated when the file does not exist)"
         raise ConfigError([Problem("state.key_file", str(path), allowed)]) from None
+
+
+def _rate_cap(config: Config) -> RateLimit | None:
+    """rotation.max_rate guards an upstream's quota; the embedded issuer has none to guard."""
+    return RateLimit(config.rotation.max_rate) if has_upstream(config.backend.kind) else None
 
 
 def _scoped(backend: Backend, config: Config, clock: Clock) -> Backend:

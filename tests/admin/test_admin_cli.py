@@ -420,10 +420,11 @@ def test_the_instances_table_says_where_traffic_arrives() -> None:
     from imdsd.cli.tables import instances_table
 
     options = {"http_tokens": "required", "hop_limit": 1, "http_endpoint": "enabled"}
-    rows = [{"id": "i-1", "addresses": [], "host_interface": "tap-vm1", "profile": None,
-             "metadata_options": options, "source": "config"},
-            {"id": "i-2", "addresses": ["10.0.0.5"], "profile": "web",
-             "metadata_options": options, "source": "runtime"}]  # fmt: skip
+    rows: list[dict[str, Any]] = [
+        {"id": "i-1", "addresses": [], "host_interface": "tap-vm1", "profile": None,
+         "metadata_options": options, "source": "config"},
+        {"id": "i-2", "addresses": ["10.0.0.5"], "profile": "web",
+         "metadata_options": options, "source": "runtime"}]  # fmt: skip
     lines = instances_table(rows).splitlines()
     assert lines[0].split()[:3] == ["INSTANCE", "ADDRESSES", "ARRIVES"]
     assert lines[1].split()[:4] == ["i-1", "(its", "device)", "tap-vm1"]
