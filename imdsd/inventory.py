@@ -71,6 +71,9 @@ class Inventory:
         self._subjects: dict[str, bytes] = dict(remembered[0]) if remembered else {}
         self._launched: dict[str, datetime] = dict(remembered[1]) if remembered else {}
         self.version = 0  # counts rebuilds: what the vault keeps may have changed
+        # The ids that came or went (a new subject and launch time, or none) since the vault
+        # last took them (vault/sealer.py); None while nobody keeps them (no vault).
+        self.changed: set[str] | None = None
         self._associations: dict[str, Association] = {}
         self._profiles: dict[str, InstanceProfile] = {}
         self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
@@ -251,6 +254,8 @@ class Inventory:
             iid: self._subjects.get(iid) or subject(iid, next(self._incarnations))
             for iid in instances
         }
+        if self.changed is not None:
+            self.changed.update(instances.keys() ^ self._instances.keys())
         associations = self._effective_associations(instances, now)
         gone = set(self._associations) | set(self._instances)
         changed = {iid for iid in gone | set(associations)

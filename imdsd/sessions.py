@@ -72,6 +72,9 @@ class SessionCache:
         self._served: dict[str, Served] = {}
         self._failures: dict[str, Failure] = {}
         self.version = 0  # counts stores and drops: what the vault keeps may have changed
+        # The keys stored or dropped since the vault last took them (vault/sealer.py); None
+        # while nobody keeps them (no vault): the set is then never grown.
+        self.changed: set[str] | None = None
 
     def store(self, key: str, session: Session, role: Role) -> Served:
         """Render and install a new session; clears the key's failure."""
@@ -81,6 +84,8 @@ class SessionCache:
         self._served[key] = served
         self._failures.pop(key, None)
         self.version += 1
+        if self.changed is not None:
+            self.changed.add(key)
         return served
 
     def fail(self, key: str, code: str, message: str, at: datetime) -> Failure:
@@ -138,6 +143,8 @@ class SessionCache:
         self._served.pop(key, None)
         self._failures.pop(key, None)
         self.version += 1
+        if self.changed is not None:
+            self.changed.add(key)
 
     def keys(self) -> list[str]:
         return list(self._served)
