@@ -1,9 +1,11 @@
-"""Identity document signing keys: per-region pairs, the default pair, and bad files."""
+"""Identity document signing keys: per-region pairs, the default pair, and bad files; the
+notary that signs off the loop and keeps its signatures in the state directory."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from cryptography.x509.oid import NameOID
 from imdsd.config import parse
 from imdsd.errors import ConfigError
 from imdsd.signatures import open_signer, wrapped
+from imdsd.signatures.cache import CACHE_FILE, COMPACT_SLACK, SignatureCache
 from tests.helpers import config_text
 
 
@@ -97,3 +100,81 @@ def test_a_first_start_generates_the_key_without_waiting(tmp_path: Path) -> None
     again = open_signer(config, state)
     assert again.certificates()[""] == signer.certificates()[""]
     assert min(p.stat().st_mode & 0o777 for p in state.iterdir()) == 0o600
+
+
+def documents(*items: tuple[str, bytes]) -> Callable[[], Iterable[tuple[str, bytes, str]]]:
+    return lambda: [(instance_id, document, "us-east-1") for instance_id, document in items]
+
+
+def kept(state: Path, *items: tuple[str, bytes]) -> SignatureCache:
+    """A notary over `state` that has read its file and signed `items`."""
+    signer = open_signer(parse(config_text()).signing, state)
+    cache = SignatureCache(signer, state)
+    cache.prepare([i for i, _ in items], documents(*items))
+    cache.start()
+    assert cache.wait(60)
+    return cache
+
+
+def test_the_notary_keeps_what_it_signed_across_a_restart(tmp_path: Path) -> None:
+    """Signed once, kept: a notary on the same state signs a changed document again and
+    nothing for unchanged ones (a record is good for as long as its document and key are)."""
+    one, two = (b'{"instanceId" : "i-1"}', b'{"instanceId" : "i-2"}')
+    first = kept(tmp_path, ("i-1", one), ("i-2", two))
+    first.close()
+    assert first.made_by_worker == 2
+    changed = b'{"instanceId" : "i-1", "pendingTime" : "later"}'
+    second = kept(tmp_path, ("i-1", changed))
+    assert second.made_by_worker == 1  # the changed document; i-2 is gone
+    assert second.signatures("i-1", changed, "us-east-1") != first.signatures(
+        "i-1", one, "us-east-1"
+    )
+    second.close()
+    third = kept(tmp_path, ("i-1", changed), ("i-2", two))
+    assert third.made_by_worker == 0  # i-2's record is still in the file, and still its own
+    third.close()
+
+
+def test_a_torn_file_costs_only_its_tail(tmp_path: Path) -> None:
+    """A crash in the middle of an append leaves a record that fails its CRC: what comes
+    before it is kept, the rest is signed again, and the file is rewritten whole."""
+    items = [(f"i-{n}", f'{{"instanceId" : "i-{n}"}}'.encode()) for n in range(3)]
+    kept(tmp_path, *items).close()
+    path = tmp_path / CACHE_FILE
+    path.write_bytes(path.read_bytes()[:-10])
+    again = kept(tmp_path, *items)
+    assert again.made_by_worker == 1
+    again.close()
+    assert kept(tmp_path, *items).made_by_worker == 0
+    path.write_bytes(b"not a signature file")
+    assert kept(tmp_path, *items).made_by_worker == 3
+
+
+def test_a_forgotten_instance_is_not_kept(tmp_path: Path) -> None:
+    """An instance removed before the worker got to it is not signed, nor written down."""
+    signer = open_signer(parse(config_text()).signing, tmp_path)
+    cache = SignatureCache(signer, tmp_path)
+    cache.prepare(["i-1"], documents(("i-1", b"{}")))
+    cache.forget(["i-1"])
+    cache.start()
+    assert cache.wait(60)
+    cache.close()
+    assert cache.made_by_worker == 0
+    assert kept(tmp_path, ("i-1", b"{}")).made_by_worker == 1
+
+
+def test_stale_records_are_compacted(tmp_path: Path) -> None:
+    """Documents that keep changing append records; past twice the current ones (and some
+    slack), the file is rewritten with only the current ones."""
+    signer = open_signer(parse(config_text()).signing, tmp_path)
+    cache = SignatureCache(signer, tmp_path)
+    cache.prepare([], documents())
+    cache.start()
+    for n in range(COMPACT_SLACK + 10):
+        cache.prepare(["i-1"], documents(("i-1", f'{{"n" : {n}}}'.encode())))
+        assert cache.wait(60)
+    cache.close()
+    path = tmp_path / CACHE_FILE
+    assert path.stat().st_size < (COMPACT_SLACK + 2) * 2000
+    again = kept(tmp_path, ("i-1", f'{{"n" : {COMPACT_SLACK + 9}}}'.encode()))
+    assert again.made_by_worker == 0

@@ -44,6 +44,7 @@ from imdsd.ratelimit import RateLimit
 from imdsd.scheduler import Rotator
 from imdsd.sessions import SessionCache
 from imdsd.signatures import open_signer
+from imdsd.signatures.cache import SignatureCache
 from imdsd.state import StateFile
 from imdsd.tokens import TokenIssuer
 from imdsd.vault import KEY_NAME as VAULT_KEY
@@ -79,6 +80,7 @@ class Daemon:
         waits: the next guest request already sees the change."""
         gone = [i for i in instance_ids if self.inventory.instance(i) is None]
         self.api.trees.forget(gone)
+        self.api.trees.prepare(self.inventory, instance_ids)  # signed off the loop, before asked
         self.api.ledger.forget(gone)
         for instance_id in instance_ids:
             self.rotator.reconcile(instance_id)
@@ -122,6 +124,7 @@ async def running(
             sealed = sealing(known.vault, known.inventory, known.sessions, known.tokens)
             await stack.enter_async_context(sealed)
         api = _guest_api(config, clock, known, metrics)
+        stack.enter_context(api.trees.signing(known.inventory))  # identity documents, off the loop
         urls, scoped = await _guest_edge(stack, config, api, known.inventory)
         metrics.watch_listeners(scoped.status, lambda: scoped.rebinds)
         metrics_url = None
@@ -211,7 +214,7 @@ def _guest_api(config: Config, clock: Clock, known: State, metrics: Metrics) -> 
     return MetadataApi(inventory=known.inventory, sessions=known.sessions, tokens=known.tokens,
                        clock=clock, metrics=metrics,
                        ledger=Ledger(config.budgets, connection_ceiling()),
-                       trees=TreeCache(signer.sign),
+                       trees=TreeCache(SignatureCache(signer, config.host.state_directory)),
                        log_requests=config.log.level == "debug")  # fmt: skip
 
 

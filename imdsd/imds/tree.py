@@ -3,17 +3,24 @@
 Listings are derived from the leaves, never written by hand. A tree is built once per
 (instance, association) pair and reused until either changes (they are immutable values,
 so an identity check tells). Credential leaves are markers: their bytes live in the
-SessionCache, which rotation refreshes.
+SessionCache, which rotation refreshes. The identity document's signatures are made off the
+loop before a guest asks (the Notary: signatures/cache.py); a tree only fetches them.
+
+A host keeps the trees of the guests that read lately (TREES_KEPT), not one per guest that
+ever booted: a tree costs ~4 KB and is rebuilt in ~50 us; listings and the values every
+instance shares are one object for all trees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 from imdsd.imds import devices, render
+from imdsd.inventory import Inventory
 from imdsd.model import Association, Instance
 
 # EC2's `GET /` lists every API version it still answers; all of them serve today's tree.
@@ -28,6 +35,14 @@ VERSION_LISTING = render.listing(VERSIONS)
 _VERSIONS = frozenset(VERSIONS)
 DEFAULT_ACCOUNT = "000000000000"
 IDENTITY_DOCUMENT = "dynamic/instance-identity/document"
+# Trees kept (~4 KB each): the guests reading now (a boot storm's crawls), with room to spare.
+TREES_KEPT = 1024
+SHARED_KEPT = 4096  # distinct shared values (listings mostly); past it, the table starts over
+# Leaves whose values many instances have in common: kept once (a path's last part).
+SHARED_LEAVES = frozenset({
+    "ami-launch-index", "instance-life-cycle", "instance-type", "availability-zone", "region",
+    "domain", "partition", "device-number", "owner-id", "security-groups", "ami", "root",
+})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +74,26 @@ class Signed(Protocol):
     def rsa2048(self) -> bytes: ...
 
 
-Sign = Callable[[bytes, str], Signed]  # (document, region) -> its signatures
+Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, document, region)
+
+
+class Notary(Protocol):
+    """Who makes the identity document's signatures (signatures.cache.SignatureCache)."""
+
+    def signatures(self, instance_id: str, document: bytes, region: str) -> Signed:
+        """Ready ones, or made now: never another document's."""
+
+    def prepare(self, instance_ids: Iterable[str], documents: Documents) -> None:
+        """Sign these off the loop (`documents` is called there)."""
+
+    def hurry(self, instance_id: str, document: bytes, region: str) -> None:
+        """A guest is reading its tree: its document goes first."""
+
+    def forget(self, instance_ids: Iterable[str]) -> None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +103,8 @@ class Tree:
     instance: Instance
     association: Association | None
     nodes: dict[str, Node] = field(repr=False)
-    sign: Sign = field(repr=False)
-    signed: list[Signed] = field(default_factory=list, repr=False)  # made on first read
+    notary: Notary = field(repr=False)
+    signed: list[Signed] = field(default_factory=list, repr=False)  # fetched on first read
 
     def lookup(self, path: str) -> bytes | CredentialLeaf | None:
         """Resolve a request path ("/latest/meta-data/", "/2021-07-15/dynamic/...")."""
@@ -82,23 +116,38 @@ class Tree:
         node = self.nodes.get(rest.rstrip("/"))
         return self._signature(node.kind) if isinstance(node, SignatureLeaf) else node
 
+    @property
+    def document(self) -> bytes:
+        document = self.nodes[IDENTITY_DOCUMENT]
+        assert isinstance(document, bytes)  # noqa: S101 -- build() puts bytes there
+        return document
+
     def _signature(self, kind: str) -> bytes:
-        """The document's signatures are made once, at the first read after it changed (a new
-        tree): never per request, and not for the instances nobody asks (RSA costs ~2 ms)."""
+        """The document's signatures, fetched once per tree: made before the guest asked
+        (never per request, and never on the loop unless the guest outran the notary)."""
         if not self.signed:
-            document = self.nodes[IDENTITY_DOCUMENT]
-            assert isinstance(document, bytes)  # noqa: S101 -- build() puts bytes there
-            self.signed.append(self.sign(document, self.instance.region))
+            self.signed.append(self.notary.signatures(self.instance.id, self.document,
+                                                      self.instance.region))  # fmt: skip
         return getattr(self.signed[0], kind)  # type: ignore[no-any-return]
 
 
-def build(instance: Instance, association: Association | None, pending: datetime,
-          sign: Sign) -> Tree:  # fmt: skip
-    """Every leaf of the instance's tree, plus the listings derived from them."""
-    partition, domain = _partition(instance.region)
-    account = instance.account_id or (
+def identity(instance: Instance, association: Association | None, pending: datetime) -> bytes:
+    """dynamic/instance-identity/document: what the tree serves and the notary signs."""
+    return render.identity_document(instance, _account(instance, association), pending)
+
+
+def _account(instance: Instance, association: Association | None) -> str:
+    return instance.account_id or (
         association.profile.role.account_id if association else DEFAULT_ACCOUNT
     )
+
+
+def build(instance: Instance, association: Association | None, pending: datetime,
+          notary: Notary, shared: dict[bytes, bytes] | None = None) -> Tree:  # fmt: skip
+    """Every leaf of the instance's tree, plus the listings derived from them. Values equal
+    to one in `shared` (listings, SHARED_LEAVES) are that object: trees share them."""
+    partition, domain = _partition(instance.region)
+    account = _account(instance, association)
     leaves: dict[str, Node] = {
         "meta-data/ami-id": instance.image_id.encode(),
         "meta-data/ami-launch-index": b"0",
@@ -139,18 +188,35 @@ def build(instance: Instance, association: Association | None, pending: datetime
         nodes |= {k: v for k, v in (unlisted | _listings(unlisted)).items() if k not in nodes}
     if keys_listing is not None:  # EC2 lists keys as "0=name", not as the directories they are
         nodes["meta-data/public-keys"] = keys_listing
-    return Tree(instance=instance, association=association, nodes=nodes, sign=sign)
+    if shared is not None:
+        _share(nodes, nodes.keys() - leaves.keys() - unlisted.keys(), shared)
+    return Tree(instance=instance, association=association, nodes=nodes, notary=notary)
+
+
+def _share(nodes: dict[str, Node], directories: set[str], shared: dict[bytes, bytes]) -> None:
+    """Listings and common leaves become the one equal object `shared` holds."""
+    if len(shared) > SHARED_KEPT:
+        shared.clear()  # a host of unlike instances: start over, never grow without bound
+    for path, node in nodes.items():
+        if type(node) is bytes and (
+            path in directories or path.rpartition("/")[2] in SHARED_LEAVES
+        ):
+            nodes[path] = shared.setdefault(node, node)
 
 
 def _listings(leaves: dict[str, Node]) -> dict[str, Node]:
     """Each directory's children, sorted; subtrees end in '/', except at the version root."""
     children: dict[str, set[str]] = {}
     for path in leaves:
-        parts = path.split("/")
-        for depth in range(len(parts)):
-            directory = "/".join(parts[:depth])
-            has_children = depth < len(parts) - 1
-            children.setdefault(directory, set()).add(parts[depth] + ("/" if has_children else ""))
+        directory, _, name = path.rpartition("/")
+        while (names := children.get(directory)) is None:  # a directory seen first: its parents
+            children[directory] = {name}
+            if not directory:
+                break
+            directory, _, name = directory.rpartition("/")
+            name += "/"
+        else:
+            names.add(name)
     # EC2 lists /latest/ as plain names ("dynamic", "meta-data"), unlike every level below it.
     children[""] = {name.rstrip("/") for name in children[""]}
     return {
@@ -168,17 +234,45 @@ def _partition(region: str) -> tuple[str, str]:
 
 
 class TreeCache:
-    """The current tree of each instance, rebuilt only when its instance or association changed
-    (its identity document signed then, never per request)."""
+    """The trees of the instances that read lately, each rebuilt when its instance or
+    association changed; the oldest built goes past TREES_KEPT (rebuilt if it reads again).
+    Each identity document is signed by the notary, off the loop, when it appears."""
 
-    def __init__(self, sign: Sign) -> None:
-        self._sign = sign
-        self._trees: dict[str, Tree] = {}
+    def __init__(self, notary: Notary, kept: int = TREES_KEPT) -> None:
+        self.notary, self._kept = notary, kept
+        self._trees: dict[str, Tree] = {}  # oldest built first
+        self._shared: dict[bytes, bytes] = {}
+
+    @contextmanager
+    def signing(self, inventory: Inventory) -> Iterator[None]:
+        """The notary's thread, for as long as the daemon runs; it starts with every
+        instance's document (those kept from the last run are not signed again)."""
+        self.prepare(inventory)
+        self.notary.start()
+        try:
+            yield
+        finally:
+            self.notary.close()
+
+    def prepare(self, inventory: Inventory, instance_ids: Iterable[str] | None = None) -> None:
+        """Have the notary sign these instances' documents (every instance's: None), as they
+        are now; the documents are rendered and signed in its thread, not on the loop."""
+        if instance_ids is None:
+            instances = inventory.instances()
+        else:
+            instances = [i for i in map(inventory.instance, instance_ids) if i is not None]
+        now = [(i, inventory.association(i.id), inventory.launched_at(i.id)) for i in instances]
+        self.notary.prepare(
+            [i.id for i in instances],
+            lambda: ((i.id, identity(i, a, p), i.region) for i, a, p in now),
+        )
 
     def forget(self, instance_ids: Iterable[str]) -> None:
-        """Drop the trees of instances that are gone (hosts with short-lived VMs)."""
+        """Drop the trees and signatures of instances that are gone (short-lived VMs)."""
+        instance_ids = list(instance_ids)
         for instance_id in instance_ids:
             self._trees.pop(instance_id, None)
+        self.notary.forget(instance_ids)
 
     def __len__(self) -> int:
         return len(self._trees)
@@ -186,5 +280,10 @@ class TreeCache:
     def get(self, instance: Instance, association: Association | None, pending: datetime) -> Tree:
         tree = self._trees.get(instance.id)
         if tree is None or tree.instance is not instance or tree.association is not association:
-            tree = self._trees[instance.id] = build(instance, association, pending, self._sign)
+            tree = build(instance, association, pending, self.notary, self._shared)
+            self._trees.pop(instance.id, None)  # the newest built goes last
+            if len(self._trees) >= self._kept:
+                del self._trees[next(iter(self._trees))]
+            self._trees[instance.id] = tree
+            self.notary.hurry(instance.id, tree.document, instance.region)
         return tree

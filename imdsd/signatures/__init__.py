@@ -10,16 +10,18 @@ certificate in place of AWS's:
   SHA-1 signatures should not be made anew): it is the same RSA SHA-256 PKCS#7 as `rsa2048`,
   so `openssl smime -verify` works on it with the operator's certificate.
 All three are base64 wrapped at 76 characters, without PEM armour, as EC2 serves them.
-Signatures are made when a document changes (the metadata tree is built), never per request.
+
+They are made off the guest loop, before a guest asks, and kept across restarts (cache.py).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -36,6 +38,7 @@ KEY_FILE, CERTIFICATE_FILE = "identity-key.pem", "identity-certificate.pem"
 KEY_BITS = 2048
 CERTIFICATE_YEARS = 10
 WRAP = 76
+DIGEST = 32  # SHA-256
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,10 @@ class Signatures:
 class _Pair:
     key: rsa.RSAPrivateKey
     certificate: x509.Certificate
+    fingerprint: bytes = field(init=False)  # what a kept signature's digest binds it to
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fingerprint", self.certificate.fingerprint(hashes.SHA256()))
 
     def __repr__(self) -> str:
         return "_Pair(key=<hidden>)"
@@ -71,8 +78,20 @@ class Signer:
             self._default = self._default.result()
         return self._default
 
+    def _pair(self, region: str) -> _Pair:
+        return self._regions.get(region) or self._default_pair()
+
     def sign(self, document: bytes, region: str) -> Signatures:
-        pair = self._regions.get(region) or self._default_pair()
+        return unpacked(self.signed(document, region))
+
+    def digest(self, document: bytes, region: str) -> bytes:
+        """What signatures of this document by this region's key are kept under: a digest of
+        the certificate and the document's exact bytes (another key or byte: another digest)."""
+        return hashlib.sha256(self._pair(region).fingerprint + document).digest()
+
+    def signed(self, document: bytes, region: str) -> bytes:
+        """The digest, then the raw signature and PKCS#7 (packed: what SignatureCache keeps)."""
+        pair = self._pair(region)
         signature = pair.key.sign(document, padding.PKCS1v15(), hashes.SHA256())
         signed = (
             pkcs7.PKCS7SignatureBuilder()
@@ -82,14 +101,20 @@ class Signer:
                 serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary, pkcs7.PKCS7Options.NoCerts]
             )
         )
-        return Signatures(
-            signature=wrapped(signature), pkcs7=wrapped(signed), rsa2048=wrapped(signed)
-        )
+        digest = hashlib.sha256(pair.fingerprint + document).digest()
+        return digest + len(signature).to_bytes(2, "big") + signature + signed
 
     def certificates(self) -> dict[str, bytes]:
         """PEM certificate by region ("" for the default): what the operator publishes."""
         pairs = {"": self._default_pair(), **self._regions}
         return {r: p.certificate.public_bytes(serialization.Encoding.PEM) for r, p in pairs.items()}
+
+
+def unpacked(entry: bytes) -> Signatures:
+    """What Signer.signed packed, as served: `pkcs7` and `rsa2048` are one object."""
+    length = int.from_bytes(entry[DIGEST : DIGEST + 2], "big")
+    signed = wrapped(entry[DIGEST + 2 + length :])
+    return Signatures(wrapped(entry[DIGEST + 2 : DIGEST + 2 + length]), signed, signed)
 
 
 def wrapped(raw: bytes) -> bytes:

@@ -1,0 +1,225 @@
+"""Each instance's identity signatures, made off the guest loop and kept across restarts.
+
+One worker thread signs each instance's document when the instance appears or its document
+changes (RSA costs ~2 ms a signature, two per document), so a booting guest finds them ready;
+they are appended to a file in the state directory and read back at start, so a restart signs
+nothing for documents that did not change. The document and its signatures are public (no
+secret is written); a record is keyed by a digest of the document and the signing certificate,
+so a changed document or key is never answered with old signatures. A guest that asks before the
+worker got to its document is answered with signatures made then.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import structlog
+
+from imdsd.files import write_atomically
+from imdsd.signatures import DIGEST, Signatures, Signer, unpacked
+
+log = structlog.get_logger("imdsd.signatures")
+CACHE_FILE = "identity-signatures"
+_MAGIC = b"imdsd identity signatures 1\n"
+_RECORD = struct.Struct(">HHI")  # the id's length, the entry's, CRC-32 of both
+SAVE_DELAY = 0.2  # seconds of quiet before what was made is written: one write per burst
+COMPACT_SLACK = 64  # stale records tolerated beyond as many as there are current ones
+LOAD_WAIT = 2.0  # a request's longest wait for the kept file being read at start
+CLOSE_WAIT = 5.0
+Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, document, region)
+
+
+class SignatureCache:
+    """Each instance's signatures, packed (~1.3 KB), made by one worker thread and appended to
+    a file in the state directory; the file is read back at start and rewritten when it holds
+    more stale records than current ones. The guest loop's calls never wait for the worker,
+    except a request at start-up, for the kept file being read (at most LOAD_WAIT)."""
+
+    def __init__(self, signer: Signer, directory: Path | None) -> None:
+        self.signer, self._path = signer, directory / CACHE_FILE if directory else None
+        self._entries: dict[str, bytes] = {}  # instance id -> what Signer.signed() made
+        self._live: set[str] = set()  # the instances whose signatures are worth keeping
+        self._jobs: queue.SimpleQueue[Documents | None] = queue.SimpleQueue()
+        self._urgent: collections.deque[tuple[str, bytes, str]] = collections.deque()
+        self._lock = threading.Lock()  # _entries and _live against the worker; _pending
+        self._pending, self._idle, self._loaded = 0, threading.Event(), threading.Event()
+        self._unsaved: list[bytes] = []
+        self._records, self._rewrite, self._closing = 0, True, False
+        self._thread: threading.Thread | None = None
+        self._idle.set()
+        self.made_by_worker = self.made_on_request = 0  # signatures made, by whom (tests, bench)
+
+    def start(self) -> None:
+        """Read the kept file, then sign what prepare() asked for: call after the first
+        prepare(), which names the instances whose kept signatures are still wanted."""
+        self._thread = threading.Thread(target=self._run, name="identity signatures", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop after the signature in hand, and write down what was made."""
+        self._closing = True
+        self._jobs.put(None)
+        if self._thread is not None:
+            self._thread.join(CLOSE_WAIT)
+
+    def prepare(self, instance_ids: Iterable[str], documents: Documents) -> None:
+        """Have these instances' documents signed by the worker; `documents` runs there."""
+        with self._lock:
+            self._live.update(instance_ids)
+        self._put(documents)
+
+    def hurry(self, instance_id: str, document: bytes, region: str) -> None:
+        """A guest has started reading its tree: its document goes first in line."""
+        self._urgent.append((instance_id, document, region))
+        self._put(_NOTHING)
+
+    def forget(self, instance_ids: Iterable[str]) -> None:
+        with self._lock:
+            for instance_id in instance_ids:
+                self._live.discard(instance_id)
+                self._entries.pop(instance_id, None)
+
+    def signatures(self, instance_id: str, document: bytes, region: str) -> Signatures:
+        """The document's signatures: the worker's, or made now if it has not got to them
+        (never another document's: the digest of the document and certificate must match)."""
+        if self._thread is not None and not self._loaded.is_set():
+            self._loaded.wait(LOAD_WAIT)
+        entry = self._entries.get(instance_id)
+        if entry is None or entry[:DIGEST] != self.signer.digest(document, region):
+            entry = self.signer.signed(document, region)
+            with self._lock:
+                self._live.add(instance_id)
+            self._keep(instance_id, entry)
+            self.made_on_request += 1
+            self._put(_NOTHING)  # the worker writes it down
+        return unpacked(entry)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether all that was asked is made and written within `timeout` seconds."""
+        return self._idle.wait(timeout)
+
+    def _put(self, job: Documents) -> None:
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        self._load()
+        while True:
+            try:
+                job = self._jobs.get(timeout=SAVE_DELAY if self._unsaved else None)
+            except queue.Empty:  # a quiet moment: write down the burst
+                self._settle(0)
+                continue
+            if job is None:
+                break
+            try:
+                for instance_id, document, region in job():
+                    self._make_urgent()
+                    if self._closing:
+                        break
+                    self._make(instance_id, document, region)
+                self._make_urgent()
+            except Exception as exc:  # a key that fails: each request then signs (and fails)
+                log.error("identity signing failed", error=exc.__class__.__name__, exc_info=exc)
+            self._settle(1)
+        self._save()
+
+    def _make_urgent(self) -> None:
+        while self._urgent and not self._closing:
+            self._make(*self._urgent.popleft())
+
+    def _make(self, instance_id: str, document: bytes, region: str) -> None:
+        if instance_id not in self._live:
+            return  # gone before its turn
+        entry = self._entries.get(instance_id)
+        if entry is not None and entry[:DIGEST] == self.signer.digest(document, region):
+            return
+        if self._keep(instance_id, self.signer.signed(document, region)):
+            self.made_by_worker += 1
+
+    def _keep(self, instance_id: str, entry: bytes) -> bool:
+        with self._lock:
+            if instance_id not in self._live:
+                return False
+            self._entries[instance_id] = entry
+            self._unsaved.append(_record(instance_id, entry))
+            return True
+
+    def _settle(self, done: int) -> None:
+        if self._pending == done and self._unsaved:
+            self._save()  # nothing else asked for: write down what was made
+        with self._lock:
+            self._pending -= done
+            if self._pending == 0 and not self._unsaved:
+                self._idle.set()
+
+    def _load(self) -> None:
+        kept: dict[str, bytes] = {}
+        if self._path is not None:
+            try:
+                kept, self._records, whole = _read(self._path)
+                self._rewrite = not whole
+            except OSError:
+                pass  # none yet: written at the first save
+        with self._lock:
+            for instance_id, entry in kept.items():
+                if instance_id in self._live:
+                    self._entries.setdefault(instance_id, entry)
+        self._loaded.set()
+
+    def _save(self) -> None:
+        with self._lock:
+            records, self._unsaved = self._unsaved, []
+            stale = self._records + len(records) > 2 * len(self._entries) + COMPACT_SLACK
+            if self._rewrite or stale:
+                records = [_record(i, e) for i, e in self._entries.items()]
+        if self._path is None or not records:
+            return
+        try:
+            if self._rewrite or stale:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(self._path, _MAGIC + b"".join(records), 0o644)
+                self._records, self._rewrite = len(records), False
+            else:  # a torn tail (a crash) fails its CRC: the next start signs those again
+                with self._path.open("ab") as out:
+                    out.write(b"".join(records))
+                self._records += len(records)
+        except OSError as exc:
+            log.warning("identity signatures not kept", path=str(self._path), error=exc.strerror)
+
+
+def _NOTHING() -> Iterable[tuple[str, bytes, str]]:
+    return ()
+
+
+def _record(instance_id: str, entry: bytes) -> bytes:
+    body = instance_id.encode() + entry
+    return _RECORD.pack(len(body) - len(entry), len(entry), zlib.crc32(body)) + body
+
+
+def _read(path: Path) -> tuple[dict[str, bytes], int, bool]:
+    """(entries by instance id, the last record of an id winning; records; whether whole)."""
+    data = path.read_bytes()
+    if not data.startswith(_MAGIC):
+        return {}, 0, False
+    entries: dict[str, bytes] = {}
+    offset, count = len(_MAGIC), 0
+    while offset < len(data):
+        header = data[offset : offset + _RECORD.size]
+        if len(header) < _RECORD.size:
+            return entries, count, False
+        name, size, crc = _RECORD.unpack(header)
+        body = data[offset + _RECORD.size : offset + _RECORD.size + name + size]
+        if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 2:
+            return entries, count, False
+        entries[body[:name].decode(errors="replace")] = body[name:]
+        offset, count = offset + _RECORD.size + name + size, count + 1
+    return entries, count, True

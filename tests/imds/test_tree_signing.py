@@ -1,0 +1,109 @@
+"""The identity document's signatures: made by the notary's worker thread before a guest asks,
+kept across a restart, never another document's (invariant 9: signing never runs on the guest
+loop when the guest does not outrun it)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from imdsd.daemon import Daemon, running
+from imdsd.signatures.cache import CACHE_FILE, SignatureCache
+from tests.fakes import FakeClock
+from tests.helpers import VM_A, VM_D, http, make_config
+
+SIGNED = "/latest/dynamic/instance-identity/"
+WAIT = 60.0  # seconds: generous for a loaded machine; an idle notary answers at once
+
+
+def notary(daemon: Daemon) -> SignatureCache:
+    cache = daemon.api.trees.notary
+    assert isinstance(cache, SignatureCache)
+    return cache
+
+
+async def settled(cache: SignatureCache) -> None:
+    assert await asyncio.to_thread(cache.wait, WAIT), "the notary did not finish"
+
+
+def verify(daemon: Daemon, document: bytes, signature: bytes) -> None:
+    pem = notary(daemon).signer.certificates()[""]
+    public = x509.load_pem_x509_certificate(pem).public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    raw = base64.b64decode(signature.replace(b"\n", b""))
+    public.verify(raw, document, padding.PKCS1v15(), hashes.SHA256())
+
+
+async def read(url: str, source: str, kind: str) -> bytes:
+    reply = await http(url, SIGNED + kind, source=source)
+    assert reply.status == 200, reply
+    return reply.body
+
+
+async def test_signatures_are_made_by_the_worker_before_the_first_read(
+    daemon: Daemon, url: str
+) -> None:
+    """Invariant 9: every instance's document is signed by the notary's thread at start; a
+    guest's first read of its signatures finds them ready (nothing signed for the request)."""
+    cache = notary(daemon)
+    await settled(cache)
+    assert cache.made_by_worker == len(daemon.inventory.instances())
+    document = await read(url, "127.0.0.2", "document")
+    verify(daemon, document, await read(url, "127.0.0.2", "signature"))
+    assert await read(url, "127.0.0.2", "pkcs7") == await read(url, "127.0.0.2", "rsa2048")
+    assert cache.made_on_request == 0
+
+
+async def test_a_new_association_is_signed_when_it_is_applied(daemon: Daemon, url: str) -> None:
+    """An association gives an instance its role's account, so its document changes: the
+    change is signed by the worker when applied, and the guest never sees the old signature."""
+    cache = notary(daemon)
+    await settled(cache)
+    before = cache.made_by_worker
+    inventory = daemon.inventory
+    daemon.apply(await inventory.commit(lambda: inventory.associate(VM_D, "profile-b")))
+    await settled(cache)
+    assert cache.made_by_worker == before + 1
+    document = await read(url, "127.0.0.5", "document")
+    assert b'"accountId" : "222222222222"' in document
+    verify(daemon, document, await read(url, "127.0.0.5", "signature"))
+    assert cache.made_on_request == 0
+
+
+async def test_a_restart_signs_nothing_for_unchanged_documents() -> None:
+    """A warm restart keeps pendingTime, so every document is unchanged: the signatures kept
+    in the state directory are served and nothing is signed again, in the worker or on the
+    loop; the second run serves the very bytes the first one made."""
+    config = make_config()
+    async with running(config, FakeClock()) as daemon:
+        cache = notary(daemon)
+        await settled(cache)
+        assert cache.made_by_worker == len(daemon.inventory.instances())
+        first = await read(daemon.urls[0], "127.0.0.2", "pkcs7")
+    assert (config.host.state_directory / CACHE_FILE).exists()
+    async with running(config, FakeClock()) as daemon:
+        cache = notary(daemon)
+        await settled(cache)
+        again = await read(daemon.urls[0], "127.0.0.2", "pkcs7")
+        verify(daemon, await read(daemon.urls[0], "127.0.0.2", "document"),
+               await read(daemon.urls[0], "127.0.0.2", "signature"))  # fmt: skip
+        assert (cache.made_by_worker, cache.made_on_request) == (0, 0)
+    assert again == first
+
+
+async def test_a_guest_that_outruns_the_worker_gets_signatures_made_then(daemon: Daemon) -> None:
+    """A document the worker has not signed yet (here: never started) is signed for the
+    request that asks, not answered with nothing or with another document's signatures."""
+    tree = daemon.api.trees
+    instance = daemon.inventory.instance(VM_A)
+    assert instance is not None
+    idle = SignatureCache(notary(daemon).signer, None)
+    built = type(tree)(idle).get(instance, None, daemon.inventory.launched_at(VM_A))
+    signature = built.lookup(SIGNED + "signature")
+    assert isinstance(signature, bytes)
+    verify(daemon, built.document, signature)
+    assert (idle.made_on_request, idle.made_by_worker) == (1, 0)
