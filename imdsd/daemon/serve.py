@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Callable
 from dataclasses import replace
@@ -53,6 +54,7 @@ async def serve(
     try:
         async with running(config, clock) as daemon:
             started.set()
+            settled_heap()
             await _serving_until(stop, reload, daemon, config, reread)
             systemd.notify("STOPPING=1")
             log.info("stopping")
@@ -91,6 +93,16 @@ async def _serving_until(
             if reload.is_set() and not stop.is_set():
                 reload.clear()
                 config = await _reload(daemon, config, reread)
+                settled_heap()
+
+
+def settled_heap() -> None:
+    """What start-up or a reload built (instances, sessions, documents) lives until the next
+    reload: moved out of the cyclic collector's sight (gc.freeze), so that its collections,
+    which stop the guest loop while they run, walk only what came after. At 10,000 instances a
+    full collection of the whole heap stops every guest for ~40-100 ms. Values replaced later
+    are still freed by their reference counts (none of them is a cycle)."""
+    gc.freeze()
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -131,7 +143,7 @@ async def _reload(daemon: Daemon, current: Config, reread: Reread | None) -> Con
         return current
     systemd.reloading()
     try:  # reading and validating the file (user data included) is off the guest loop
-        return _apply(daemon, current, await asyncio.to_thread(reread))
+        return await _apply(daemon, current, await asyncio.to_thread(reread))
     except ConfigError as exc:
         log.error("reload refused: the config is invalid; keeping the running one",
                   problems=[str(p) for p in exc.problems])  # fmt: skip
@@ -143,10 +155,13 @@ async def _reload(daemon: Daemon, current: Config, reread: Reread | None) -> Con
     return current
 
 
-def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
+async def _apply(daemon: Daemon, current: Config, new: Config) -> Config:
+    """The new file takes effect: the inventory's new view is planned in bounded steps while
+    the current one serves, installed at once, then followed (daemon.apply) before any
+    guest request is read."""
     changed: set[str] = set()
     if not daemon.inventory.managed_by:  # an etcd-sourced inventory follows etcd, not the file
-        changed = daemon.inventory.reload(new.instances, new.profiles, new.associations)
+        changed = await daemon.inventory.rebase(new.instances, new.profiles, new.associations)
     daemon.api.ledger.policy = new.budgets
     if new.log != current.log:
         configure_logging(new.log.level, new.log.format)

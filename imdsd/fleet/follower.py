@@ -31,6 +31,7 @@ from imdsd.fleet.records import Mirror
 log = structlog.get_logger("imdsd.etcd")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 10.0  # seconds; doubled per failed attempt, jittered
 Apply = Callable[[], Awaitable[None]]
+EVENTS_STEP = 100  # watch events parsed per turn of the loop (~2 ms)
 
 
 class Follower:
@@ -146,10 +147,12 @@ class Follower:
                 batch = [await queue.get()]
                 while not queue.empty():  # what arrived together is applied together
                     batch.append(queue.get_nowait())
-                for event in batch:
+                for n, event in enumerate(batch, 1):
                     if isinstance(event, BaseException):
                         raise event
-                    self._event(event)
+                    self._event(event)  # parses the one record it writes
+                    if n % EVENTS_STEP == 0:  # the guests are served between steps; the
+                        await asyncio.sleep(0)  # inventory changes only once, at the end
                 await self._changed()
         finally:
             for reader in readers:

@@ -11,6 +11,7 @@ naming its key and never takes another record down. Pure: no I/O, no etcd client
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,6 +68,8 @@ class Layout:
 
 
 Record = InstanceProfile | Instance | str  # a profile, an instance, an association's profile
+Baseline = tuple[list[Instance], list[InstanceProfile], list[tuple[str, str]]]
+STEP = 1000  # records per turn of the daemon's loop when it makes the baseline (~2 ms)
 
 
 def parse(layout: Layout, key: str, value: bytes) -> Record:
@@ -118,20 +121,32 @@ class Mirror:
         self.layout = layout
         self.revision = 0
         self.raw: dict[str, tuple[int, bytes]] = {}  # key -> (create revision, value)
+        # by create revision (oldest first, the order claims are settled in), kept in order as
+        # records come rather than sorted per batch; re-sorted only when one came out of order
         self._parsed: dict[str, Record] = {}
+        self._newest, self._unsorted = 0, False
         self._claimed_twice: set[tuple[str, str]] = set()
         self._unknown_profiles: set[tuple[str, str]] = set()
 
     def put(self, key: str, value: bytes, created: int) -> None:
-        """A record written (or read at load); a bad one is dropped with one warning."""
-        if self.raw.get(key) == (created, value):
+        """A record written (or read at load); a bad one is dropped with one warning. Only
+        this record is parsed: a batch costs what it changes."""
+        old = self.raw.get(key)
+        if old == (created, value):
             return
         self.raw[key] = (created, value)
-        self._parsed.pop(key, None)
+        if old is None or old[0] != created:  # a new key: its place is by its create revision
+            self._parsed.pop(key, None)
         try:
-            self._parsed[key] = parse(self.layout, key, value)
+            record = parse(self.layout, key, value)
         except RecordError as exc:
+            self._parsed.pop(key, None)
             log.warning("fleet record skipped", record=key, problem=str(exc))
+            return
+        if key not in self._parsed:
+            self._unsorted |= created < self._newest  # etcd's new keys come in order
+            self._newest = max(self._newest, created)
+        self._parsed[key] = record  # an existing key keeps its place
 
     def delete(self, key: str) -> None:
         self.raw.pop(key, None)
@@ -145,20 +160,34 @@ class Mirror:
             self.put(key, value, created)
         self.revision = revision
 
-    def baseline(
-        self,
-    ) -> tuple[list[Instance], list[InstanceProfile], list[tuple[str, str]]]:
+    def baseline(self) -> Baseline:
         """Instances, profiles and associations, as the config file's tables would give them.
         When two instances claim one address in one scope (whois.py), the older record (by
         etcd's create revision) keeps it and the other waits, skipped: a reused address never
         serves two instances."""
+        steps = self.baseline_in_steps()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                baseline: Baseline = done.value
+                return baseline
+
+    def baseline_in_steps(self) -> Generator[None, None, Baseline]:
+        """baseline() as a generator that yields every STEP records (the daemon runs a turn of
+        its loop between them)."""
+        if self._unsorted:
+            self._parsed = dict(sorted(self._parsed.items(), key=lambda kv: self.raw[kv[0]][0]))
+            self._unsorted = False
+            yield
         profiles: list[InstanceProfile] = []
         instances: dict[str, Instance] = {}
         owners = Directory(())  # a scope's address (or whole device) -> its first claimant
         wanted: list[tuple[str, str]] = []
         claimed_twice: set[tuple[str, str]] = set()
-        for key in sorted(self._parsed, key=lambda k: self.raw[k][0]):
-            record, (_, name) = self._parsed[key], self.layout.kind(key) or ("", "")
+        for n, (key, record) in enumerate(list(self._parsed.items()), 1):
+            if n % STEP == 0:
+                yield
             if isinstance(record, InstanceProfile):
                 profiles.append(record)
             elif isinstance(record, Instance):
@@ -169,7 +198,7 @@ class Mirror:
                 owners.add(record)
                 instances[record.id] = record
             else:
-                wanted.append((name, record))
+                wanted.append(((self.layout.kind(key) or ("", ""))[1], record))
         for iid, owner in claimed_twice - self._claimed_twice:  # once per conflict
             log.warning("fleet instance skipped: an address is another instance's",
                         instance=iid, owner=owner)  # fmt: skip

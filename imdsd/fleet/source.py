@@ -60,8 +60,16 @@ class FleetSource:
         (the sessions it needs are issued behind it), so no batch waits on another's issues."""
         from imdsd.fleet.follower import Follower
 
-        async def apply() -> None:
-            applied(inventory.reload(*self.mirror.baseline()))
+        async def apply() -> None:  # in bounded steps, the guest loop turning between them
+            steps = self.mirror.baseline_in_steps()
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    baseline = done.value
+                    break
+                await asyncio.sleep(0)
+            applied(await inventory.rebase(*baseline))
 
         started = self._clock.now()
         self._follower = follower = Follower(self._etcd, self.mirror, self.cache,
