@@ -37,6 +37,7 @@ from pathlib import Path
 
 from imdsd.model import RotationPolicy, Session
 from imdsd.refresh import first_refresh_at, refresh_at
+from tests.bench import control
 from tests.helpers import host_sections
 
 SECONDS = 5  # per run
@@ -51,8 +52,6 @@ listeners = ["127.0.0.1:0"]
 {host}
 [log]
 level = "warning"
-[rotation]
-max_rate = 10000  # the embedded issuer has no upstream to protect
 [budgets]  # the load generator is one instance: measure the path, not the throttle
 requests_per_second = 100000
 burst = 100000
@@ -341,6 +340,7 @@ def main() -> None:
         print()
         for line in memory_table(Path(tmp)):
             print(line, flush=True)
+        print("\n".join(["", *control.table(Path(tmp))]), flush=True)
     print()
     for line in spread_table():
         print(line)
