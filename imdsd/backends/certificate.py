@@ -151,7 +151,8 @@ def client_ssl(config: RolesAnywhereConfig) -> ssl.SSLContext | bool:
     try:
         return ssl.create_default_context(cafile=str(config.ca_bundle))
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not PEM"
+        ssl_error = isinstance(exc, ssl.SSLError)  # an OSError too, with OpenSSL's words
+        reason = "no PEM certificate in it" if ssl_error else exc.strerror or type(exc).__name__
         problem = Problem(f"{WHERE}.ca_bundle", f"{config.ca_bundle} ({reason})",
                           "a readable PEM CA bundle")  # fmt: skip
         raise ConfigError([problem]) from None

@@ -79,7 +79,7 @@ class FakeRolesAnywhere:
     roles: dict[str, int]  # role ARN the profile lists -> the role's MaxSessionDuration
     accept_role_session_name: bool = False
     mint: Mint = random_credentials
-    mode: str = "pass"  # pass | throttle | outage | stall
+    mode: str = "pass"  # pass | throttle | outage | stall | garbage | huge
     stall_seconds: float = 30.0
     requests: list[dict[str, Any]] = field(default_factory=list)  # headers and body as received
     issued: list[dict[str, str]] = field(default_factory=list)
@@ -113,6 +113,10 @@ class FakeRolesAnywhere:
         self.requests.append({"headers": request.headers.copy(), "body": body})  # case-blind
         if self.mode == "stall":
             await asyncio.sleep(self.stall_seconds)
+        if self.mode in ("garbage", "huge"):  # a broken proxy's 201
+            return web.Response(
+                status=201, body=b"x" * (2 << 20) if self.mode == "huge" else b"<html>"
+            )
         try:
             self._fault()
             if request.method != "POST" or request.path != "/sessions":

@@ -308,3 +308,64 @@ async def test_the_watcher_sees_a_renewal_while_nothing_signs(
             await asyncio.sleep(0.01)
         assert b.certificate_expiry() == renewed.not_valid_after_utc
     assert ra.fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "answered"), [("garbage", "without credentials"), ("huge", "too much")]
+)
+async def test_an_unreadable_answer_is_retried(ra: Rig, mode: str, answered: str) -> None:
+    """A 201 that is not CreateSession's JSON, or one over 1 MiB: InvalidResponse, retried."""
+    ra.fake.mode = mode
+    error = await issue(ra)
+    assert isinstance(error, BackendError) and error.code == "InvalidResponse" and error.retryable
+    assert answered in str(error)
+
+
+async def test_an_unreachable_endpoint_is_retried(ra: Rig) -> None:
+    """Nothing listening at the endpoint: ServiceUnavailable, retried with backoff."""
+    await ra.fake.close()
+    error = await issue(ra)
+    assert isinstance(error, BackendError)
+    assert (error.code, error.retryable, error.detail) == (
+        "ServiceUnavailable",
+        True,
+        "ClientConnectorError",
+    )
+
+
+async def test_a_role_that_refuses_even_an_hour_is_a_refusal(ra: Rig) -> None:
+    """After the one-hour fallback is refused too, the duration error stands (not retried soon)."""
+    ra.fake.roles[ROLE_A] = 900
+    error = await issue(ra)
+    assert isinstance(error, BackendError) and error.code == "ValidationException"
+    assert not error.retryable
+    assert [json.loads(r["body"])["durationSeconds"] for r in ra.fake.requests] == [21600, 3600]
+
+
+@pytest.mark.parametrize(("key", "content", "said"), [
+    ("ca_bundle", None, "No such file or directory"),
+    ("ca_bundle", b"not a certificate", "no PEM certificate in it"),
+    ("certificate_chain_file", b"-----BEGIN NOTHING-----", "not usable"),
+])  # fmt: skip
+def test_check_config_names_an_unusable_bundle_or_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        key: str, content: bytes | None, said: str) -> None:  # fmt: skip
+    """An unreadable CA bundle or a chain file that is not PEM: one line naming the key, exit 3."""
+    from imdsd.cli import main
+    from tests.backends.rolesanywhere.pki import write_host
+    from tests.helpers import config_text
+
+    clock = FakeClock()
+    ca = root_ca("CA", clock.now())
+    k = new_key("rsa")
+    files = write_host(tmp_path / "h", leaf(ca, k, clock.now(), DAY), k)
+    target = tmp_path / f"{key}.pem"
+    if content is not None:
+        target.write_bytes(content)
+    path = tmp_path / "c.toml"
+    path.write_text(config_text(
+        f'[backend]\nkind = "rolesanywhere"\n[backend.rolesanywhere]\nregion = "{REGION}"\n'
+        f'trust_anchor_arn = "{TRUST_ANCHOR}"\nprofile_arn = "{PROFILE}"\n{files.toml()}{key} = "{target}"\n'))  # fmt: skip
+    assert main(["check-config", "--config", str(path)]) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"imdsd: backend.rolesanywhere.{key}: got ")
+    assert said in lines[0]
