@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from imdsd.daemon.serve import serve  # here: only `run` pays for the daemon's imports
 
         def reread() -> Config:  # SIGHUP: the file again, the flags still winning
-            return _with_overrides(load(args.config), args=args)
+            return _with_overrides(load(args.config, beside_a_loop=True), args=args)
 
         asyncio.run(serve(config, SystemClock(), reread))
     except ConfigError as exc:  # the state file changed between the check above and the start

@@ -268,3 +268,16 @@ def test_choice_is_typed_as_its_choices(tmp_path: Path) -> None:
         f"{snippet}:7: error: Incompatible types in assignment (expression has type "
         "\"Literal['red', 'blue']\", variable has type \"Literal['s', 'm']\")  [assignment]"
     ], out
+
+
+def test_a_reload_parses_the_same_config_with_the_stdlib_parser(tmp_path: Path) -> None:
+    """SIGHUP's reread parses with tomllib (pure Python: a worker thread parsing lets the
+    guest loop run) and gets exactly the config the start-up's tomli gives; a bad file is
+    refused the same way by both."""
+    example = Path(__file__).parents[2] / "config" / "imdsd.example.toml"
+    assert load(example, beside_a_loop=True) == load(example)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[imds\n")
+    for beside in (False, True):
+        with pytest.raises(ConfigError, match="invalid TOML"):
+            load(bad, beside_a_loop=beside)
