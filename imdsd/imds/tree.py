@@ -35,8 +35,9 @@ VERSION_LISTING = render.listing(VERSIONS)
 _VERSIONS = frozenset(VERSIONS)
 DEFAULT_ACCOUNT = "000000000000"
 IDENTITY_DOCUMENT = "dynamic/instance-identity/document"
-# Trees kept (~4 KB each): the guests reading now (a boot storm's crawls), with room to spare.
-TREES_KEPT = 1024
+# Trees kept (~6 KB each, ~8 KB with signatures): the guests reading now (a boot storm's
+# crawls, 64 at a time in the bench), with room to spare.
+TREES_KEPT = 512
 SHARED_KEPT = 4096  # distinct shared values (listings mostly); past it, the table starts over
 # Leaves whose values many instances have in common: kept once (a path's last part).
 SHARED_LEAVES = frozenset({

@@ -39,6 +39,7 @@ KEY_BITS = 2048
 CERTIFICATE_YEARS = 10
 WRAP = 76
 DIGEST = 32  # SHA-256
+WHOLE = 0xFFFFFFFF  # a packed PKCS#7 that keeps its document (not found in it: never so far)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ class Signer:
         return self._regions.get(region) or self._default_pair()
 
     def sign(self, document: bytes, region: str) -> Signatures:
-        return unpacked(self.signed(document, region))
+        return unpacked(self.signed(document, region), document)
 
     def digest(self, document: bytes, region: str) -> bytes:
         """What signatures of this document by this region's key are kept under: a digest of
@@ -90,7 +91,8 @@ class Signer:
         return hashlib.sha256(self._pair(region).fingerprint + document).digest()
 
     def signed(self, document: bytes, region: str) -> bytes:
-        """The digest, then the raw signature and PKCS#7 (packed: what SignatureCache keeps)."""
+        """Packed, as SignatureCache keeps them: the digest, the raw signature, and the PKCS#7
+        without the document it embeds (a third of it: put back by unpacked())."""
         pair = self._pair(region)
         signature = pair.key.sign(document, padding.PKCS1v15(), hashes.SHA256())
         signed = (
@@ -102,7 +104,11 @@ class Signer:
             )
         )
         digest = hashlib.sha256(pair.fingerprint + document).digest()
-        return digest + len(signature).to_bytes(2, "big") + signature + signed
+        at = signed.find(document) if document else -1
+        if at >= 0:
+            signed = signed[:at] + signed[at + len(document) :]
+        return b"".join((digest, len(signature).to_bytes(2, "big"), signature,
+                         (at if at >= 0 else WHOLE).to_bytes(4, "big"), signed))  # fmt: skip
 
     def certificates(self) -> dict[str, bytes]:
         """PEM certificate by region ("" for the default): what the operator publishes."""
@@ -110,11 +116,15 @@ class Signer:
         return {r: p.certificate.public_bytes(serialization.Encoding.PEM) for r, p in pairs.items()}
 
 
-def unpacked(entry: bytes) -> Signatures:
-    """What Signer.signed packed, as served: `pkcs7` and `rsa2048` are one object."""
-    length = int.from_bytes(entry[DIGEST : DIGEST + 2], "big")
-    signed = wrapped(entry[DIGEST + 2 + length :])
-    return Signatures(wrapped(entry[DIGEST + 2 : DIGEST + 2 + length]), signed, signed)
+def unpacked(entry: bytes, document: bytes) -> Signatures:
+    """What Signer.signed packed for `document`, as served: `pkcs7` and `rsa2048` are one
+    object. The caller has checked the digest: the document is the one that was signed."""
+    end = DIGEST + 2 + int.from_bytes(entry[DIGEST : DIGEST + 2], "big")
+    at = int.from_bytes(entry[end : end + 4], "big")
+    signed = entry[end + 4 :]
+    if at != WHOLE:
+        signed = signed[:at] + document + signed[at:]
+    return Signatures(wrapped(entry[DIGEST + 2 : end]), wrapped(signed), wrapped(signed))
 
 
 def wrapped(raw: bytes) -> bytes:

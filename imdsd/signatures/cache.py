@@ -15,6 +15,7 @@ import collections
 import queue
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -49,7 +50,7 @@ class SignatureCache:
         self._urgent: collections.deque[tuple[str, bytes, str]] = collections.deque()
         self._lock = threading.Lock()  # _entries and _live against the worker; _pending
         self._pending, self._idle, self._loaded = 0, threading.Event(), threading.Event()
-        self._unsaved: list[bytes] = []
+        self._unsaved: list[str] = []  # ids whose entry is not in the file yet
         self._records, self._rewrite, self._closing = 0, True, False
         self._thread: threading.Thread | None = None
         self._idle.set()
@@ -98,7 +99,7 @@ class SignatureCache:
             self._keep(instance_id, entry)
             self.made_on_request += 1
             self._put(_NOTHING)  # the worker writes it down
-        return unpacked(entry)
+        return unpacked(entry, document)
 
     def wait(self, timeout: float) -> bool:
         """Whether all that was asked is made and written within `timeout` seconds."""
@@ -111,7 +112,9 @@ class SignatureCache:
         self._jobs.put(job)
 
     def _run(self) -> None:
+        started = time.monotonic()
         self._load()
+        first = True
         while True:
             try:
                 job = self._jobs.get(timeout=SAVE_DELAY if self._unsaved else None)
@@ -129,6 +132,12 @@ class SignatureCache:
                 self._make_urgent()
             except Exception as exc:  # a key that fails: each request then signs (and fails)
                 log.error("identity signing failed", error=exc.__class__.__name__, exc_info=exc)
+            if first:  # start-up's: every instance's document
+                log.info("identity signatures ready", signed=self.made_by_worker,
+                         kept=len(self._entries) - self.made_by_worker,
+                         seconds=round(time.monotonic() - started, 3))  # fmt: skip
+                first = False
+            del job  # its snapshot of the inventory
             self._settle(1)
         self._save()
 
@@ -150,7 +159,7 @@ class SignatureCache:
             if instance_id not in self._live:
                 return False
             self._entries[instance_id] = entry
-            self._unsaved.append(_record(instance_id, entry))
+            self._unsaved.append(instance_id)
             return True
 
     def _settle(self, done: int) -> None:
@@ -176,22 +185,30 @@ class SignatureCache:
         self._loaded.set()
 
     def _save(self) -> None:
+        """Append what was made; rewrite the file when it holds more stale records than
+        current ones. One buffer, no record kept twice (10,000 instances: ~9 MB)."""
         with self._lock:
-            records, self._unsaved = self._unsaved, []
-            stale = self._records + len(records) > 2 * len(self._entries) + COMPACT_SLACK
-            if self._rewrite or stale:
-                records = [_record(i, e) for i, e in self._entries.items()]
-        if self._path is None or not records:
+            ids, self._unsaved = self._unsaved, []
+            rewrite = self._rewrite or (
+                self._records + len(ids) > 2 * len(self._entries) + COMPACT_SLACK
+            )
+            entries = list(self._entries.items()) if rewrite else [
+                (i, self._entries[i]) for i in ids if i in self._entries
+            ]  # fmt: skip
+        if self._path is None or not entries:
             return
+        data = bytearray(_MAGIC if rewrite else b"")
+        for instance_id, entry in entries:
+            data += _record(instance_id, entry)
         try:
-            if self._rewrite or stale:
+            if rewrite:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(self._path, _MAGIC + b"".join(records), 0o644)
-                self._records, self._rewrite = len(records), False
+                write_atomically(self._path, bytes(data), 0o644)
+                self._records, self._rewrite = len(entries), False
             else:  # a torn tail (a crash) fails its CRC: the next start signs those again
                 with self._path.open("ab") as out:
-                    out.write(b"".join(records))
-                self._records += len(records)
+                    out.write(data)
+                self._records += len(entries)
         except OSError as exc:
             log.warning("identity signatures not kept", path=str(self._path), error=exc.strerror)
 
@@ -218,7 +235,7 @@ def _read(path: Path) -> tuple[dict[str, bytes], int, bool]:
             return entries, count, False
         name, size, crc = _RECORD.unpack(header)
         body = data[offset + _RECORD.size : offset + _RECORD.size + name + size]
-        if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 2:
+        if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 6:
             return entries, count, False
         entries[body[:name].decode(errors="replace")] = body[name:]
         offset, count = offset + _RECORD.size + name + size, count + 1
