@@ -157,6 +157,7 @@ def public_keys(t: Section) -> tuple[str, ...]:
         return ()
     if not value:
         return ()
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
     keys: list[str] = []
@@ -166,7 +167,7 @@ def public_keys(t: Section) -> tuple[str, ...]:
             if not isinstance(key, str) or "\n" in key.strip() or len(key) > 16384:
                 raise ValueError(key)
             load_ssh_public_key(key.strip().encode())
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             shown = "(not a string)" if not isinstance(key, str) else _shown_key(key, exc)
             t.reader.problem(where, shown, PUBLIC_KEYS_ALLOWED)
             continue

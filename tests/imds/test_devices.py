@@ -144,6 +144,7 @@ async def test_the_default_interface_is_the_instance(full: Daemon) -> None:
     [
         ('public_keys = ["ssh-ed25519 AAAAnotbase64!"]', "instances[4].public_keys[0]"),
         ('public_keys = ["ssh-dss AAAAB3NzaC1kc3MAAACBAP"]', "instances[4].public_keys[0]"),
+        ('public_keys = ["0 0"]', "instances[4].public_keys[0]"),  # an unknown key type
         ('public_keys = "ssh-ed25519 AAAA"', "instances[4].public_keys"),
         (
             'network_interfaces = [{ mac = "02:00:00:00:00:01", addresses = ["10.0.1.5"], '
