@@ -37,7 +37,7 @@ Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, d
 
 
 class SignatureCache:
-    """Each instance's signatures, packed (~1.3 KB), made by one worker thread and appended to
+    """Each instance's signatures, packed (~0.9 KB), made by one worker thread and appended to
     a file in the state directory; the file is read back at start and rewritten when it holds
     more stale records than current ones. The guest loop's calls never wait for the worker,
     except a request at start-up, for the kept file being read (at most LOAD_WAIT)."""

@@ -147,7 +147,7 @@ def settled(directory: Path, count: int, port: int) -> None:
         size = path.stat().st_size if path.exists() else 0
         if size != last:
             last, since = size, time.monotonic()
-        elif size > count * 1_000 and time.monotonic() - since > 1.0:
+        elif size > count * 500 and time.monotonic() - since > 1.0:
             return
         time.sleep(0.1)
 
