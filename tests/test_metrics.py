@@ -138,3 +138,20 @@ async def test_earliest_expiry_on_a_host_that_needs_no_session(clock: FakeClock)
         await daemon.inventory.commit(lambda: daemon.inventory.associate(VM_A, "profile-a"))
         m = await scrape(daemon)  # associated, but no session issued yet (no sync)
         assert m[("imdsd_session_earliest_expiry_seconds", ())] == 0.0
+
+
+def test_scoped_listeners_are_exported_with_their_device_and_rebinds() -> None:
+    """imdsd_scoped_listeners has one series per device (with its ifindex) or namespace,
+    valued by its sockets; imdsd_listener_rebinds_total counts rebinds."""
+    from prometheus_client import generate_latest
+
+    from imdsd.metrics import Metrics
+
+    metrics = Metrics()
+    status = [{"device": "tap-vm1", "ifindex": 7, "scope": "dev:tap-vm1", "listening": ["a", "b"]},
+              {"namespace": "ovn7", "scope": "netns:ovn7", "listening": ["c"]}]  # fmt: skip
+    metrics.watch_listeners(lambda: status, lambda: 3)
+    text = generate_latest(metrics.registry).decode()
+    assert 'imdsd_scoped_listeners{device="tap-vm1",ifindex="7",namespace=""} 2.0' in text
+    assert 'imdsd_scoped_listeners{device="",ifindex="",namespace="ovn7"} 1.0' in text
+    assert "imdsd_listener_rebinds_total 3.0" in text

@@ -375,3 +375,28 @@ async def test_one_same_address_vms_budget_does_not_throttle_the_other(
         assert other == [(200, VM2)] * 8
     finally:
         proc.stop()
+
+
+async def test_a_namespace_that_appears_later_is_picked_up(hv: Hypervisor, tmp_path: Path) -> None:
+    """An instance names a tenant namespace that does not exist yet: "no guest listener yet",
+    no error; once the namespace appears (and its guest), it is served within about a second."""
+    name = f"imdsd-late-{hv.tag}"
+    proc = daemon(tmp_path, hv, "", instance(VM4, scope=f'host_netns = "{name}"',
+                                             addresses='"169.254.42.2"'))  # fmt: skip
+    try:
+        assert status(proc)["scoped_listeners"] == []
+        assert "no guest listener yet: not on this host" in {e.get("event") for e in proc.events()}
+        ip("netns", "add", name)
+        hv.made.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "addr", "add", f"{MD}/32", "dev", "lo")
+        n1 = hv.guest("n1", "169.254.42.2", into=name, device="tn0")
+        started, ttl = time.monotonic(), {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+        while True:
+            code, tok = await guest_call(n1, "PUT", "/latest/api/token", headers=ttl)
+            if code == 200 and (await read(n1, "/latest/meta-data/instance-id", tok))[1] == VM4:
+                break
+            assert time.monotonic() - started < 3.0, "the late namespace was not picked up"
+            await asyncio.sleep(0.1)
+    finally:
+        proc.stop()
