@@ -185,8 +185,10 @@ class SignatureCache:
         self._loaded.set()
 
     def _save(self) -> None:
-        """Append what was made; rewrite the file when it holds more stale records than
-        current ones. One buffer, no record kept twice (10,000 instances: ~9 MB)."""
+        """Append what was made; start the file over when it holds more stale records than
+        current ones (atomically, then appended to: a crash between costs some signing
+        again, never a wrong signature). Record by record: no second copy of ~9 MB of
+        signatures (10,000 instances), which the allocator would keep."""
         with self._lock:
             ids, self._unsaved = self._unsaved, []
             rewrite = self._rewrite or (
@@ -197,18 +199,15 @@ class SignatureCache:
             ]  # fmt: skip
         if self._path is None or not entries:
             return
-        data = bytearray(_MAGIC if rewrite else b"")
-        for instance_id, entry in entries:
-            data += _record(instance_id, entry)
         try:
             if rewrite:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(self._path, bytes(data), 0o644)
-                self._records, self._rewrite = len(entries), False
-            else:  # a torn tail (a crash) fails its CRC: the next start signs those again
-                with self._path.open("ab") as out:
-                    out.write(data)
-                self._records += len(entries)
+                write_atomically(self._path, _MAGIC, 0o644)
+                self._records, self._rewrite = 0, False
+            with self._path.open("ab") as out:  # a torn tail fails its CRC: signed again
+                for instance_id, entry in entries:
+                    out.write(_record(instance_id, entry))
+            self._records += len(entries)
         except OSError as exc:
             log.warning("identity signatures not kept", path=str(self._path), error=exc.strerror)
 
@@ -223,20 +222,20 @@ def _record(instance_id: str, entry: bytes) -> bytes:
 
 
 def _read(path: Path) -> tuple[dict[str, bytes], int, bool]:
-    """(entries by instance id, the last record of an id winning; records; whether whole)."""
-    data = path.read_bytes()
-    if not data.startswith(_MAGIC):
-        return {}, 0, False
+    """(entries by instance id, the last record of an id winning; records; whether whole),
+    read record by record."""
     entries: dict[str, bytes] = {}
-    offset, count = len(_MAGIC), 0
-    while offset < len(data):
-        header = data[offset : offset + _RECORD.size]
-        if len(header) < _RECORD.size:
+    count = 0
+    with path.open("rb") as file:
+        if file.read(len(_MAGIC)) != _MAGIC:
             return entries, count, False
-        name, size, crc = _RECORD.unpack(header)
-        body = data[offset + _RECORD.size : offset + _RECORD.size + name + size]
-        if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 6:
-            return entries, count, False
-        entries[body[:name].decode(errors="replace")] = body[name:]
-        offset, count = offset + _RECORD.size + name + size, count + 1
+        while header := file.read(_RECORD.size):
+            if len(header) < _RECORD.size:
+                return entries, count, False
+            name, size, crc = _RECORD.unpack(header)
+            body = file.read(name + size)
+            if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 6:
+                return entries, count, False
+            entries[body[:name].decode(errors="replace")] = body[name:]
+            count += 1
     return entries, count, True
