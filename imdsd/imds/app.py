@@ -20,9 +20,8 @@ from aiohttp import web
 from imdsd.budgets import STRANGERS, Incident, Ledger
 from imdsd.clock import Clock
 from imdsd.errors import Ec2Error
-from imdsd.imds import render
 from imdsd.imds.handlers import TOKEN_PATH, answer
-from imdsd.imds.prepared import SERVER, Prepared
+from imdsd.imds.prepared import Prepared, refusal
 from imdsd.imds.tree import TreeCache
 from imdsd.inventory import Inventory
 from imdsd.metrics import Metrics, PathClass
@@ -35,16 +34,6 @@ TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 -- a header name
 METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
 log = structlog.get_logger("imdsd.imds")
 UNSUPPORTED_VERSION = web.RequestKey("unsupported_version", bool)  # set by the connection layer
-
-
-def error_page(status: int) -> web.Response:
-    """EC2's page for a status, with EC2's Server header (never the framework's banner)."""
-    return web.Response(
-        status=status,
-        body=render.ERROR_PAGES[status],
-        content_type="text/html",
-        headers={"Server": SERVER},
-    )
 
 
 def path_class(path: str) -> PathClass:
@@ -92,13 +81,14 @@ class MetadataApi:
             self.token_policy(request, instance)
             response = answer(self, request, instance)
         except Ec2Error as exc:
-            response, reason = error_page(exc.http_status), str(exc)
-            if exc.close:
-                response.force_close()
+            head = request.method == "HEAD"
+            response = refusal(exc.http_status, close=exc.close, head=head)
+            reason = str(exc) if self.log_requests else None
         except Exception as exc:
             # imdsd's own bug: its class, never the guest's bytes (the path is the guest's).
             log.error("request failed", error=exc.__class__.__name__, exc_info=exc)
-            response, reason = error_page(500), "internal error"
+            response = refusal(500, head=request.method == "HEAD")
+            reason = "internal error"
         kind = path_class(request.path)
         self.metrics.request(kind, response.status)
         if self.log_requests:  # the path class and a fixed reason: no guest bytes in the log
@@ -130,7 +120,9 @@ class MetadataApi:
     def supported_version(self, request: web.BaseRequest, instance: Instance) -> None:
         """Threat: request lines the parser tolerates but EC2 does not serve (HTTP/0.9, /2.0,
         /9.9 ...): answered 400 like any request the parser refuses, and counted as one."""
-        if request.get(UNSUPPORTED_VERSION):
+        # len() first: the request's state is empty for every supported request, and a lookup
+        # that misses costs a KeyError inside Mapping.get on each of them.
+        if len(request) and request.get(UNSUPPORTED_VERSION):
             self.incident(instance.id, "bad_request")
             raise Ec2Error(400, "unsupported HTTP version", close=True)
 

@@ -1,7 +1,8 @@
 """Thin answers: the token endpoint, and the instance's tree as prepared bytes.
 
 The credential path does one dict lookup and one expiry comparison (SessionCache.answer);
-everything else was rendered at rotation or association time.
+everything else was rendered at rotation or association time. The token PUT is one MAC and
+one prepared write (no response object, no header dict).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from aiohttp import web
 
 from imdsd.clock import Clock
 from imdsd.errors import Ec2Error
-from imdsd.imds.prepared import SERVER, TEXT, Prepared
+from imdsd.imds import prepared
+from imdsd.imds.prepared import TTL_HEADER, Prepared
 from imdsd.imds.tree import CredentialLeaf, TreeCache
 from imdsd.inventory import Inventory
 from imdsd.model import Instance
@@ -33,11 +35,9 @@ class Reads(Protocol):
 
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
-TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-_HEADERS = {"Server": SERVER}
 
 
-def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response | Prepared:
+def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared:
     """The token endpoint takes PUT, the tree takes GET and HEAD."""
     if request.path == TOKEN_PATH:
         if request.method != "PUT":
@@ -48,7 +48,7 @@ def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Resp
     return metadata(api, request, instance)
 
 
-def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response | Prepared:
+def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared:
     """GET of any tree path: a leaf, a listing, or the role's credential document."""
     inventory = api.inventory
     association = inventory.association(instance.id)
@@ -64,10 +64,10 @@ def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Re
         body, closing = node, b""
     if request.method == "GET":
         return Prepared(body, closing)  # the hot path: one prepared write
-    return web.Response(body=body + closing, content_type=TEXT, headers=_HEADERS)  # HEAD
+    return prepared.head_only(body, closing)
 
 
-def token(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Response:
+def token(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared:
     """PUT /latest/api/token: a session token for the calling instance."""
     if "X-Forwarded-For" in request.headers:
         # EC2 refuses tokens to requests that went through a proxy.
@@ -77,19 +77,24 @@ def token(api: Reads, request: web.BaseRequest, instance: Instance) -> web.Respo
     except ValueError:
         raise Ec2Error(400, "missing or invalid token TTL") from None
     set_hop_limit(request, instance.options.hop_limit)
-    body = api.tokens.mint(api.inventory.token_subject(instance.id), ttl).encode()
-    return web.Response(body=body, content_type=TEXT, headers={**_HEADERS, TTL_HEADER: str(ttl)})
+    value = api.tokens.mint(api.inventory.token_subject(instance.id), ttl)
+    return prepared.token(value.encode(), ttl)
 
 
 def set_hop_limit(request: web.BaseRequest, hops: int) -> None:
     """EC2's HttpPutResponseHopLimit: the token reply's packets leave with this IP TTL (IPv6
     hop limit), so a caller more hops away (a container behind the VM) never receives it.
-    The setting stays on the connection: a caller too far away never got this reply anyway."""
+    The setting stays on the connection (a caller too far away never got this reply anyway),
+    so a connection's next PUT costs no system call unless the instance's hop limit changed."""
+    protocol = request.protocol
+    if protocol.hop_limit == hops:  # type: ignore[attr-defined]
+        return
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport else None
     if sock is None:
         return
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
-    if sock.family == socket.AF_INET or request.protocol.peer.startswith("::ffff:"):  # type: ignore[attr-defined]
+    if sock.family == socket.AF_INET or protocol.peer.startswith("::ffff:"):  # type: ignore[attr-defined]
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, hops)
+    protocol.hop_limit = hops  # type: ignore[attr-defined]

@@ -27,7 +27,8 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import ERROR, RequestHandler
 
 from imdsd.budgets import STRANGERS, Incident
-from imdsd.imds.app import UNSUPPORTED_VERSION, MetadataApi, error_page
+from imdsd.imds.app import UNSUPPORTED_VERSION, MetadataApi
+from imdsd.imds.prepared import refusal
 
 log = structlog.get_logger("imdsd.imds")
 MAX_LINE_BYTES = 8190  # request line and each header line, as aiohttp's defaults
@@ -42,7 +43,7 @@ _ERROR_11 = ERROR._replace(version=HttpVersion11)
 class GuestConnection(RequestHandler):
     """One guest connection: admitted by the ledger under `key`, held to its deadlines."""
 
-    __slots__ = ("_api", "_deadline", "_head_started", "_key", "peer", "scope")
+    __slots__ = ("_api", "_deadline", "_head_started", "_key", "hop_limit", "peer", "scope")
 
     def __init__(
         self, server: GuestServer, key: str, peer: str, scope: str | None, **kwargs: Any
@@ -55,6 +56,7 @@ class GuestConnection(RequestHandler):
         # Where the connection arrived (its listener's scope) and its socket peer address: the
         # only things that identify a guest, never what it sends.
         self.peer, self.scope = peer, scope
+        self.hop_limit: int | None = None  # the IP TTL its socket was given (handlers.token)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -102,9 +104,8 @@ class GuestConnection(RequestHandler):
             log.error("guest connection failed", status=status, exc_info=exc)
             status = 500
         self._api.metrics.request("metadata", status)
-        response = error_page(status)
-        response.force_close()
-        return response
+        head = request.method == "HEAD"
+        return cast(web.StreamResponse, refusal(status, close=True, head=head))  # quacks alike
 
     def _arm(self, which: Incident) -> None:
         if self._deadline is not None:
