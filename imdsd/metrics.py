@@ -11,6 +11,7 @@ import asyncio
 import math
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Literal, get_args
 
@@ -34,6 +35,10 @@ PathClass = Literal["token", "credentials", "identity", "metadata"]
 STATUSES = (200, 400, 401, 403, 404, 405, 429, 500)
 SESSION_STATES = get_args(SessionState)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# The loop-lag probe: a callback this often on the guest loop (a stall shows to within it), and
+# the gauge is the worst lateness over the last one to two windows.
+LOOP_LAG_INTERVAL_SECONDS = 0.005
+LOOP_LAG_WINDOW_SECONDS = 10.0
 
 
 class Metrics:
@@ -91,6 +96,20 @@ class Metrics:
         """The host's X.509 certificate (IAM Roles Anywhere): seconds until it expires."""
         self.registry.register(_CertificateCollector(expiry, clock))
 
+    @contextmanager
+    def watch_loop(
+        self,
+        interval: float = LOOP_LAG_INTERVAL_SECONDS,
+        window: float = LOOP_LAG_WINDOW_SECONDS,
+    ) -> Iterator[LoopLag]:
+        """The running loop's lag, by a probe on it, while the context lasts."""
+        probe = LoopLag(asyncio.get_running_loop(), interval, window)
+        self.registry.register(_LoopLagCollector(probe))
+        try:
+            yield probe
+        finally:
+            probe.close()
+
     def watch(self, inventory: Inventory, sessions: SessionCache, clock: Clock) -> None:
         """Session gauges, computed at scrape time from the live state."""
         self.registry.register(_SessionCollector(inventory, sessions, clock))
@@ -115,6 +134,52 @@ class _GuestCollector(Collector):
         for result in ("issued", "refused", "rejected"):
             tokens.add_metric([result], self._tokens[result])
         yield tokens
+
+
+class LoopLag:
+    """A callback scheduled every `interval` on the loop; how late it runs is the loop's lag
+    (anything that holds the loop, a parse, a sort, a C call holding the GIL, delays it by as
+    long). Keeps the worst lateness of the current window and of the previous one: per tick,
+    a float compared and stored, and asyncio's own timer handle."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, window: float) -> None:
+        self._loop, self._interval, self._window = loop, interval, window
+        self._current = self._previous = 0.0
+        self._due = loop.time() + interval
+        self._window_ends = self._due + window
+        self._callback = self._tick  # bound once: a tick allocates no method object
+        self._handle = loop.call_at(self._due, self._callback)
+
+    def worst(self) -> float:
+        """The greatest lateness seen over the last one to two windows, in seconds."""
+        return max(self._current, self._previous)
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        if now >= self._window_ends:
+            self._previous, self._current = self._current, 0.0
+            self._window_ends = now + self._window
+        late = now - self._due
+        if late > self._current:
+            self._current = late
+        self._due = now + self._interval
+        self._handle = self._loop.call_at(self._due, self._callback)
+
+
+class _LoopLagCollector(Collector):
+    def __init__(self, probe: LoopLag) -> None:
+        self._probe = probe
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "imdsd_loop_lag_seconds",
+            "Worst lateness of a callback scheduled every few ms on the guest loop, over the "
+            "last 10-20 s: how long a guest may have waited behind the daemon's own work.",
+            value=self._probe.worst(),
+        )
 
 
 class _SourceCollector(Collector):

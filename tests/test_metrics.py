@@ -6,8 +6,10 @@ import asyncio
 import json
 import math
 import socket
+import time
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -148,10 +150,37 @@ def test_scoped_listeners_are_exported_with_their_device_and_rebinds() -> None:
     from imdsd.metrics import Metrics
 
     metrics = Metrics()
-    status = [{"device": "tap-vm1", "ifindex": 7, "scope": "dev:tap-vm1", "listening": ["a", "b"]},
-              {"namespace": "ovn7", "scope": "netns:ovn7", "listening": ["c"]}]  # fmt: skip
+    status: list[dict[str, Any]] = [
+        {"device": "tap-vm1", "ifindex": 7, "scope": "dev:tap-vm1", "listening": ["a", "b"]},
+        {"namespace": "ovn7", "scope": "netns:ovn7", "listening": ["c"]},
+    ]
     metrics.watch_listeners(lambda: status, lambda: 3)
     text = generate_latest(metrics.registry).decode()
     assert 'imdsd_scoped_listeners{device="tap-vm1",ifindex="7",namespace=""} 2.0' in text
     assert 'imdsd_scoped_listeners{device="",ifindex="",namespace="ovn7"} 1.0' in text
     assert "imdsd_listener_rebinds_total 3.0" in text
+
+
+async def test_loop_lag_reports_a_stall_of_the_guest_loop(daemon: Daemon) -> None:
+    """imdsd_loop_lag_seconds: the probe on the daemon's loop sees the loop held for 50 ms
+    (what a parse or a sort on the loop does to every guest) and reports it when scraped."""
+    time.sleep(0.05)  # noqa: ASYNC251 -- the stall is the thing measured: the daemon's loop
+    await asyncio.sleep(0.02)  # the probe's overdue tick runs
+    lag = (await scrape(daemon))[("imdsd_loop_lag_seconds", ())]
+    assert 0.04 <= lag < 10
+
+
+async def test_loop_lag_is_the_worst_over_its_window_then_forgotten() -> None:
+    """The probe keeps the worst lateness of the current and the previous window: a stall is
+    reported for at least one window, and forgotten two windows later."""
+    from imdsd.metrics import Metrics
+
+    with Metrics().watch_loop(interval=0.001, window=0.1) as probe:
+        await asyncio.sleep(0.01)
+        time.sleep(0.3)  # noqa: ASYNC251 -- the stall is the thing measured (over a window)
+        await asyncio.sleep(0.01)
+        assert probe.worst() >= 0.25
+        await asyncio.sleep(0.05)
+        assert probe.worst() >= 0.25  # still inside the window after the stall
+        await asyncio.sleep(0.35)
+        assert probe.worst() < 0.25

@@ -127,6 +127,7 @@ async def running(
         stack.enter_context(api.trees.signing(known.inventory))  # identity documents, off the loop
         urls, scoped = await _guest_edge(stack, config, api, known.inventory)
         metrics.watch_listeners(scoped.status, lambda: scoped.rebinds)
+        stack.enter_context(metrics.watch_loop())  # the guest loop's lag, by a probe on it
         metrics_url = None
         if config.host.metrics is not None:
             sites = serving(make_metrics_app(metrics, ready), (config.host.metrics,))
