@@ -43,7 +43,8 @@ _ERROR_11 = ERROR._replace(version=HttpVersion11)
 class GuestConnection(RequestHandler):
     """One guest connection: admitted by the ledger under `key`, held to its deadlines."""
 
-    __slots__ = ("_api", "_deadline", "_head_started", "_key", "hop_limit", "peer", "scope")
+    __slots__ = ("_api", "_due", "_head_started", "_key", "_timer", "_which", "hop_limit", "peer",
+                 "scope")  # fmt: skip
 
     def __init__(
         self, server: GuestServer, key: str, peer: str, scope: str | None, **kwargs: Any
@@ -51,7 +52,12 @@ class GuestConnection(RequestHandler):
         super().__init__(server, **kwargs)
         self._api = server.api
         self._key: str | None = key  # the ledger account holding this connection
-        self._deadline: asyncio.TimerHandle | None = None
+        # The deadline running (loop time; None while the pipeline answers) and the one timer
+        # that enforces it: a deadline moved later leaves the timer where it is (it fires, sees
+        # the new deadline and waits on), so a request costs no timer of its own.
+        self._due: float | None = None
+        self._which: Incident = "idle_timeout"
+        self._timer: asyncio.TimerHandle | None = None
         self._head_started = False
         # Where the connection arrived (its listener's scope) and its socket peer address: the
         # only things that identify a guest, never what it sends.
@@ -66,18 +72,21 @@ class GuestConnection(RequestHandler):
         if self._key is not None:
             self._api.ledger.close(self._key)
             self._key = None
-        self._disarm()
+        self._due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._deadline is not None and not self._head_started:
+        if self._due is not None and not self._head_started:
             self._head_started = True  # the first byte of a request: the head deadline runs
             self._arm("head_timeout")
         super().data_received(data)
 
     def head_received(self) -> None:
         """A complete request head is in: no deadline while the pipeline answers it."""
-        self._disarm()
+        self._due = None  # the timer, if any, finds nothing due when it fires
         self._head_started = False
 
     def log_access(
@@ -108,21 +117,26 @@ class GuestConnection(RequestHandler):
         return cast(web.StreamResponse, refusal(status, close=True, head=head))  # quacks alike
 
     def _arm(self, which: Incident) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
         policy = self._api.ledger.policy
         seconds = policy.idle_timeout if which == "idle_timeout" else policy.head_timeout
-        self._deadline = self._loop.call_later(seconds.total_seconds(), self._expired, which)
+        self._due, self._which = self._loop.time() + seconds.total_seconds(), which
+        timer = self._timer
+        if timer is None or timer.when() > self._due:  # it would fire too late: set it earlier
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(self._due, self._expired, self._due)
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expired(self, which: Incident) -> None:
-        self._deadline = None
+    def _expired(self, at: float) -> None:
+        due = self._due
+        if due is not None and due > at:  # the deadline moved on since: wait for it
+            self._timer = self._loop.call_at(due, self._expired, due)
+            return
+        self._timer = None
+        if due is None:  # no deadline runs (the pipeline is answering): nothing to enforce
+            return
+        self._due = None
         if self._key is not None:
-            self._api.incident(self._key, which)
+            self._api.incident(self._key, self._which)
         self.force_close()
 
 
