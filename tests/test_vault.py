@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -13,7 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from structlog.testing import capture_logs
 
 from imdsd.backends.base import Backend
@@ -25,8 +26,10 @@ from imdsd.model import Session
 from imdsd.sessions import SessionCache
 from imdsd.tokens import TokenIssuer
 from imdsd.vault import FILE_NAME, KEY_NAME, Snapshot, Vault, issuing, sealing, vault_key
+from imdsd.vault.rows import session_row
+from imdsd.vault.store import DROPPED, Rows
 from tests.fakes import START, FakeClock, FlakyBackend, wrapping
-from tests.helpers import VM_A, VM_B, http, make_config, token_for
+from tests.helpers import ROLE_A, VM_A, VM_B, http, make_config, token_for
 
 SESSION = Session(access_key_id="ASIAEXAMPLEEXAMPLE00", secret_access_key="s" * 40,
                   token="t0ken-sealed-not-in-clear", issued_at=START, expiration=START + timedelta(hours=6))  # fmt: skip
@@ -36,39 +39,78 @@ SNAPSHOT = Snapshot(token_key=b"k" * 32, subjects={VM_A: b"i-0a\x00x"}, launched
 
 
 def test_round_trip_and_nothing_in_clear(tmp_path: Path) -> None:
-    """What is saved loads back equal; the file holds no secret in any form, and the file and
-    its key are 0600."""
-    vault = Vault(tmp_path, vault_key(tmp_path / KEY_NAME), LOCAL)
+    """What is saved loads back equal; neither the file nor its WAL (after a row changed)
+    holds a secret in any form, and the file, its WAL and the key are 0600."""
+    key = vault_key(tmp_path / KEY_NAME)
+    vault = Vault(tmp_path, key, LOCAL)
     vault.save(SNAPSHOT)
     assert vault.load() == SNAPSHOT
-    sealed = (tmp_path / FILE_NAME).read_bytes()
+    vault.commit({"session/" + VM_B: session_row(ROLE_A, SESSION, vault.issuing)})
+    wal = tmp_path / (FILE_NAME + "-wal")
+    sealed = (tmp_path / FILE_NAME).read_bytes() + wal.read_bytes()
     for secret in (SESSION.secret_access_key, SESSION.token, "k" * 32):
         for form in (secret.encode(), base64.b64encode(secret.encode())):
             assert form not in sealed
-    assert (tmp_path / FILE_NAME).stat().st_mode & 0o777 == 0o600
-    assert (tmp_path / KEY_NAME).stat().st_mode & 0o777 == 0o600
+    for path in (tmp_path / FILE_NAME, wal, tmp_path / KEY_NAME):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    vault.close()
+    assert not wal.exists()  # checkpointed into the file at close
+    assert Vault(tmp_path, key, LOCAL).load() == replace(
+        SNAPSHOT, sessions={**SNAPSHOT.sessions, VM_B: (ROLE_A, SESSION)}
+    )
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "other-key", "garbage"])
+def flip_in_row(path: Path, key: str) -> None:
+    """Flip one bit in the middle of a row's sealed bytes, where it sits in the file."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (blob,) = db.execute("SELECT sealed FROM rows WHERE key = ?", (key,)).fetchone()
+    data = bytearray(path.read_bytes())
+    at = data.find(blob) + len(blob) // 2
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def swap_rows(path: Path, one: str, other: str) -> None:
+    """Exchange two rows' sealed bytes (VM A's session under B's key and back)."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        blobs = dict(db.execute("SELECT key, sealed FROM rows WHERE key IN (?, ?)", (one, other)))
+        db.execute("UPDATE rows SET sealed = ? WHERE key = ?", (blobs[other], one))
+        db.execute("UPDATE rows SET sealed = ? WHERE key = ?", (blobs[one], other))
+
+
+@pytest.mark.parametrize(
+    "damage", ["flip", "swap", "truncate", "truncate-tail", "other-key", "garbage", "no-rows"]
+)
 def test_damaged_vault_is_ignored_with_one_warning(tmp_path: Path, damage: str) -> None:
-    """Tampered with, truncated, sealed under another key, or not a vault at all: load() gives
-    None (a cold start) and says so once, without the file's contents."""
-    Vault(tmp_path, b"a" * 32, LOCAL).save(SNAPSHOT)
+    """A row changed or moved under another instance's key, a file truncated, sealed under
+    another key, not a vault at all, or an SQLite file of something else: load() gives None
+    (a cold start) and says so once, without the file's contents; the next seal replaces it."""
+    two = replace(SNAPSHOT, sessions={**SNAPSHOT.sessions, VM_B: (ROLE_A, SESSION)})
+    Vault(tmp_path, b"a" * 32, LOCAL).save(two)
     path = tmp_path / FILE_NAME
-    sealed = bytearray(path.read_bytes())
     if damage == "flip":
-        sealed[40] ^= 1
-    elif damage == "truncate":
-        sealed = sealed[:-10]
+        flip_in_row(path, "session/" + VM_A)
+    elif damage == "swap":
+        swap_rows(path, "session/" + VM_A, "session/" + VM_B)
+    elif damage.startswith("truncate"):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-10])
     elif damage == "garbage":
-        sealed = bytearray(b"not a vault")
-    path.write_bytes(bytes(sealed))
+        path.write_bytes(b"not a vault")
+    elif damage == "no-rows":
+        path.unlink()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("CREATE TABLE rows (key TEXT PRIMARY KEY, sealed BLOB NOT NULL)")
     key = b"b" * 32 if damage == "other-key" else b"a" * 32
+    vault = Vault(tmp_path, key, LOCAL)
     with capture_logs() as logs:
-        assert Vault(tmp_path, key, LOCAL).load() is None
+        assert vault.load() is None
     assert [e["event"] for e in logs] == [
         "vault tampered with, truncated or sealed under another key; starting cold"
     ]
+    assert vault.held is None  # the first seal writes a whole new file over it
+    vault.save(SNAPSHOT)
+    assert Vault(tmp_path, key, LOCAL).load() == SNAPSHOT
 
 
 def test_key_file_forms(tmp_path: Path) -> None:
@@ -162,7 +204,6 @@ async def test_warm_restart_can_be_turned_off(clock: FakeClock) -> None:
 
 
 STS = BackendConfig(kind="sts")
-DROPPED = "sessions sealed under another issuing configuration dropped; they are issued anew"
 
 
 @pytest.mark.parametrize(
@@ -212,22 +253,6 @@ def test_sessions_of_another_issuing_configuration_are_dropped(tmp_path: Path) -
     assert [(e["event"], e["log_level"], e["dropped"]) for e in logs] == [(DROPPED, "info", 1)]
 
 
-def test_a_vault_sealed_before_the_digest_drops_its_sessions(tmp_path: Path) -> None:
-    """A vault written before sessions carried the digest of their issuing configuration
-    cannot tell which one issued them: its sessions are dropped (issued anew), the rest kept."""
-    key = b"a" * 32
-    Vault(tmp_path, key, LOCAL).save(SNAPSHOT)
-    path, aead = tmp_path / FILE_NAME, AESGCM(key)
-    sealed = path.read_bytes()
-    plain = json.loads(aead.decrypt(sealed[:12], sealed[12:], b"imdsd vault 1"))
-    del plain["issuing"]
-    path.write_bytes(sealed[:12] + aead.encrypt(sealed[:12], json.dumps(plain).encode(),
-                                                b"imdsd vault 1"))  # fmt: skip
-    with capture_logs() as logs:
-        assert Vault(tmp_path, key, LOCAL).load() == replace(SNAPSHOT, sessions={})
-    assert [e["event"] for e in logs] == [DROPPED]
-
-
 async def test_restart_under_another_issuer_key_issues_sessions_anew(clock: FakeClock) -> None:
     """A restart on the same state with another local issuer key serves none of the sessions
     the previous key issued: A and B get new ones from the new issuer at start, while guests'
@@ -260,14 +285,14 @@ class SlowVault(Vault):
         super().__init__(directory, key, LOCAL)
         self.waiting, self.release, self.written = (threading.Event() for _ in range(3))
 
-    def save(self, snapshot: Snapshot) -> None:
+    def commit(self, rows: Rows, *, whole: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():
-            super().save(snapshot)
-            return
+            return super().commit(rows, whole=whole)
         self.waiting.set()
         self.release.wait(10)
-        super().save(snapshot)
+        written = super().commit(rows, whole=whole)
         self.written.set()
+        return written
 
 
 async def test_shutdown_seal_waits_for_a_seal_in_progress(tmp_path: Path, clock: FakeClock) -> None:
