@@ -148,3 +148,7 @@ class SessionCache:
 
     def keys(self) -> list[str]:
         return list(self._served)
+
+    def served(self) -> dict[str, Served]:
+        """Every served session by key: a copy of the references (for the vault's first seal)."""
+        return dict(self._served)

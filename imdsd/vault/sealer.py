@@ -73,7 +73,7 @@ class Sealer:
         keys, self._sessions.changed = self._sessions.changed or set(), set()
         ids, self._inventory.changed = self._inventory.changed or set(), set()
         if self._first:
-            served = {k: s for k in self._sessions.keys() if (s := self._sessions.get(k))}
+            served = self._sessions.served()
             subjects, launched = self._inventory.remembered()
             return Changes(served, subjects, launched, everything=True,
                            token_key=self._tokens.key, final=final)  # fmt: skip
