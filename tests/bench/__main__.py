@@ -37,7 +37,7 @@ from pathlib import Path
 
 from imdsd.model import RotationPolicy, Session
 from imdsd.refresh import first_refresh_at, refresh_at
-from tests.bench import control, storm
+from tests.bench import control, storm, vault
 from tests.helpers import host_sections
 
 SECONDS = 5  # per run
@@ -342,6 +342,7 @@ def main() -> None:
             print(line, flush=True)
         print("\n".join(["", *control.table(Path(tmp))]), flush=True)
         print("\n".join(["", *storm.table(Path(tmp))]), flush=True)
+        print("\n".join(["", *vault.table(Path(tmp))]), flush=True)
     print()
     for line in spread_table():
         print(line)
