@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from imdsd.imds import render
 from imdsd.inventory import Inventory
@@ -80,6 +81,8 @@ def test_a_seal_after_one_change_writes_one_row(tmp_path: Path, clock: FakeClock
 
     rotate(inventory, sessions, range(7, 8), generation=1)
     changes = sealer.take()
+    for secret in (session(7, 1).secret_access_key, session(7, 1).token, KEY.decode()):
+        assert secret not in repr(changes) and secret not in repr(vault)
     assert (dict(changes.sessions), changes.subjects, changes.everything) == (
         {ids(SIZE)[7]: sessions.get(ids(SIZE)[7])},
         {},
@@ -171,17 +174,21 @@ class FailingOnce(Vault):
 async def test_what_a_failed_seal_did_not_write_the_next_one_does(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    """A seal the disk refused (one warning) leaves its keys recorded: the next seal writes
-    them, and a restart finds the session that changed before the failure."""
+    """A seal the disk refused (one warning, naming no secret) leaves its keys recorded: the
+    next seal writes them, and a restart finds the session that changed before the failure."""
     inventory, sessions = host(clock, 10)
     vault = FailingOnce(tmp_path, KEY, make_config().backend)
-    async with sealing(vault, inventory, sessions, TokenIssuer(clock), every=0.01):
-        while not (tmp_path / FILE_NAME).exists():
-            await asyncio.sleep(0.01)
-        rotate(inventory, sessions, range(2, 3), generation=3)
-        while wal(tmp_path) == 0:  # written by the seal after the failed one
-            await asyncio.sleep(0.01)
-        assert vault.failed
+    with capture_logs() as logs:
+        async with sealing(vault, inventory, sessions, TokenIssuer(clock), every=0.01):
+            while not (tmp_path / FILE_NAME).exists():
+                await asyncio.sleep(0.01)
+            rotate(inventory, sessions, range(2, 3), generation=3)
+            while wal(tmp_path) == 0:  # written by the seal after the failed one
+                await asyncio.sleep(0.01)
+            assert vault.failed
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("vault not written", "No space left on device")
+    ]
     assert sessions.changed is None and inventory.changed is None  # nobody records any more
     taken = Vault(tmp_path, KEY, make_config().backend).load()
     assert taken is not None and taken.sessions[ids(10)[2]][1] == session(2, 3)
