@@ -104,7 +104,8 @@ class Prepared:
         keep_alive = self.keep_alive = self.keep_alive and request.keep_alive
         ending = _KEEP_ALIVE if keep_alive else _CLOSE
         transport.write(b"".join((self.head, _now(), ending, self.body, self.closing)))
-        await request._payload_writer.drain()  # returns at once unless the guest stopped reading
+        if transport.get_write_buffer_size():  # all sent (the usual case): nothing to wait for
+            await request._payload_writer.drain()  # waits only if the guest stopped reading
 
     async def write_eof(self, data: bytes = b"") -> None:
         return None
