@@ -10,8 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from imdsd.config.backend import BackendConfig
 from imdsd.vault import Vault
+
+pytestmark = pytest.mark.slow  # eight writer processes, killed at random instants
 
 ROWS = 300
 KEY = b"c" * 32
@@ -21,6 +25,8 @@ WRITER = f"""
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from imdsd.config.backend import BackendConfig
 from imdsd.model import Session
