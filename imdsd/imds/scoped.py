@@ -174,8 +174,11 @@ class ScopedListeners:
         """Resync on a link event or an inventory change, and every POLL_SECONDS anyway (a
         namespace appearing has no event we can read)."""
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and this loop would then outlive close() for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), POLL_SECONDS)
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._changed.wait()
             self._changed.clear()
             try:
                 await self.sync()
