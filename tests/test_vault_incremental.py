@@ -19,7 +19,7 @@ from imdsd.sessions import SessionCache
 from imdsd.tokens import TokenIssuer
 from imdsd.vault import FILE_NAME, Vault, restore, sealing
 from imdsd.vault.database import PAGE_SIZE
-from imdsd.vault.sealer import Sealer
+from imdsd.vault.sealer import PENDING_SEAL, Sealer
 from imdsd.vault.store import Rows
 from tests.fakes import START, FakeClock
 from tests.helpers import make_config
@@ -192,3 +192,22 @@ async def test_what_a_failed_seal_did_not_write_the_next_one_does(
     assert sessions.changed is None and inventory.changed is None  # nobody records any more
     taken = Vault(tmp_path, KEY, make_config().backend).load()
     assert taken is not None and taken.sessions[ids(10)[2]][1] == session(2, 3)
+
+
+async def test_many_waiting_keys_are_sealed_before_their_time(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """PENDING_SEAL keys waiting make a seal due at once, not at the next tick (an hour away
+    here): a host cycling through short-lived VMs keeps no more removed ids than that."""
+    inventory, sessions = host(clock, PENDING_SEAL)
+    async with sealing(Vault(tmp_path, KEY, make_config().backend), inventory, sessions,
+                       TokenIssuer(clock), every=3600):  # fmt: skip
+        rotate(inventory, sessions, range(PENDING_SEAL), generation=1)
+        async with asyncio.timeout(10):  # the first seal: a new file
+            while not (tmp_path / FILE_NAME).exists():
+                await asyncio.sleep(0.01)
+        rotate(inventory, sessions, range(PENDING_SEAL), generation=2)
+        async with asyncio.timeout(10):  # the next: the WAL
+            while wal(tmp_path) == 0:
+                await asyncio.sleep(0.01)
+        assert sessions.changed is not None and len(sessions.changed) < PENDING_SEAL

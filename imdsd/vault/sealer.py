@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,8 +37,31 @@ from imdsd.vault.rows import (
 )
 from imdsd.vault.store import Rows, Vault
 
-VAULT_SECONDS = 5.0  # sealed at most this often: a SIGKILL loses at most that much
+VAULT_SECONDS = 5.0  # sealed this often (if anything changed): a SIGKILL loses at most that
+PENDING_SEAL = 256  # keys waiting that make a seal due before its time
 log = structlog.get_logger("imdsd.vault")
+
+
+class Pending(set[str]):
+    """The keys a SessionCache or an Inventory records for the next seal. Past PENDING_SEAL of
+    them the seal is due at once: a host cycling through short-lived VMs must not keep
+    thousands of removed ids until the next tick (nor a priming its 10,000 keys)."""
+
+    __slots__ = ("_full",)
+
+    def __init__(self, full: asyncio.Event) -> None:
+        super().__init__()
+        self._full = full
+
+    def add(self, key: str) -> None:
+        super().add(key)
+        if len(self) >= PENDING_SEAL:
+            self._full.set()
+
+    def update(self, *keys: Iterable[str]) -> None:
+        super().update(*keys)
+        if len(self) >= PENDING_SEAL:
+            self._full.set()
 
 
 @dataclass(slots=True)
@@ -60,7 +83,8 @@ class Sealer:
                  tokens: TokenIssuer) -> None:  # fmt: skip
         self._vault, self._inventory, self._sessions, self._tokens = (
             vault, inventory, sessions, tokens)  # fmt: skip
-        sessions.changed, inventory.changed = set(), set()  # kept from here on
+        self.full = asyncio.Event()  # PENDING_SEAL keys wait: seal now
+        sessions.changed, inventory.changed = Pending(self.full), Pending(self.full)  # from now
         self._first = True
         self.issuing = vault.issuing
 
@@ -70,8 +94,8 @@ class Sealer:
     def take(self, *, final: bool = False) -> Changes:
         """On the loop: the keys recorded since the last seal, looked up (or, for the first
         seal, references to everything: dict copies, once per process)."""
-        keys, self._sessions.changed = self._sessions.changed or set(), set()
-        ids, self._inventory.changed = self._inventory.changed or set(), set()
+        keys, self._sessions.changed = self._sessions.changed or set(), Pending(self.full)
+        ids, self._inventory.changed = self._inventory.changed or set(), Pending(self.full)
         if self._first:
             served = self._sessions.served()
             subjects, launched = self._inventory.remembered()
@@ -104,8 +128,10 @@ class Sealer:
         if written:
             self._first = self._first and not changes.everything
         elif not changes.everything:
-            self._sessions.changed = (self._sessions.changed or set()) | changes.sessions.keys()
-            self._inventory.changed = (self._inventory.changed or set()) | changes.subjects.keys()
+            for pending, keys in ((self._sessions.changed, changes.sessions),
+                                  (self._inventory.changed, changes.subjects)):  # fmt: skip
+                if pending is not None:
+                    pending.update(keys)
 
     def stop(self) -> None:
         """Nothing is recorded for the vault any more."""
@@ -178,9 +204,10 @@ async def sealing(
     *,
     every: float = VAULT_SECONDS,
 ) -> AsyncIterator[None]:
-    """Keep the vault current: what changed is sealed in a worker thread (at most every
-    `every` seconds, so a SIGKILL loses at most that much), and once more at the end, after
-    the worker's seal in progress (if any) has finished, so the last seal is the newest."""
+    """Keep the vault current: what changed is sealed in a worker thread every `every`
+    seconds (so a SIGKILL loses at most that much), sooner once PENDING_SEAL keys wait, and
+    once more at the end, after the worker's seal in progress (if any) has finished, so the
+    last seal is the newest."""
     sealer = Sealer(vault, inventory, sessions, tokens)
     worker: asyncio.Task[bool] | None = None  # the seal in a thread, until settled
     given = Changes({}, {}, {})
@@ -188,7 +215,9 @@ async def sealing(
     async def keep() -> None:
         nonlocal worker, given
         while True:
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sealer.full.wait(), every)
+            sealer.full.clear()
             if sealer.due():
                 given = sealer.take()
                 # Shielded: cancelling this loop must not abandon a thread that is still writing
