@@ -38,6 +38,9 @@ IDENTITY_DOCUMENT = "dynamic/instance-identity/document"
 # Trees kept (~6 KB each, ~8 KB with signatures): the guests reading now (a boot storm's
 # crawls, 64 at a time in the bench), with room to spare.
 TREES_KEPT = 512
+# Listings that name what is the instance's own (its MACs): sharing them saves nothing and
+# would fill the shared table with one value per instance a host has ever served.
+UNIQUE_LISTINGS = frozenset({"meta-data/network/interfaces/macs"})
 SHARED_KEPT = 4096  # distinct shared values (listings mostly); past it, the table starts over
 # Leaves whose values many instances have in common: kept once (a path's last part).
 SHARED_LEAVES = frozenset({
@@ -200,7 +203,8 @@ def _share(nodes: dict[str, Node], directories: set[str], shared: dict[bytes, by
         shared.clear()  # a host of unlike instances: start over, never grow without bound
     for path, node in nodes.items():
         if type(node) is bytes and (
-            path in directories or path.rpartition("/")[2] in SHARED_LEAVES
+            (path in directories and path not in UNIQUE_LISTINGS)
+            or path.rpartition("/")[2] in SHARED_LEAVES
         ):
             nodes[path] = shared.setdefault(node, node)
 
