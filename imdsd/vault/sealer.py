@@ -215,8 +215,11 @@ async def sealing(
     async def keep() -> None:
         nonlocal worker, given
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and this loop would then outlive the stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sealer.full.wait(), every)
+                async with asyncio.timeout(every):
+                    await sealer.full.wait()
             sealer.full.clear()
             if sealer.due():
                 given = sealer.take()
