@@ -1,7 +1,7 @@
 """[identity], read into SigningConfig: which key signs the instance identity documents (the
 config side only; "identity" alone means who is who).
 
-Without files, the host generates its own key on first start (signatures.py); with them, the
+Without files, the host generates its own key on first start (imdsd.signatures); with them, the
 operator's key and certificate sign, per region where `[identity.regions.<region>]` says so.
 Key files may sit wherever systemd's LoadCredential= puts them (/run/credentials/imdsd.service/).
 Imports no cryptography: reading the config stays cheap for the CLI.
