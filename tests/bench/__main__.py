@@ -38,6 +38,7 @@ from pathlib import Path
 from imdsd.model import RotationPolicy, Session
 from imdsd.refresh import first_refresh_at, refresh_at
 from tests.bench import control, storm, vault
+from tests.bench.baseline import BASELINE
 from tests.helpers import host_sections
 
 SECONDS = 5  # per run
@@ -67,18 +68,6 @@ metadata_options = {{ http_tokens = "{tokens}" }}
 [[associations]]
 instance = "i-{n:017x}"
 profile = "bench"
-"""
-BASELINE = """
-import socket, sys
-from aiohttp import web
-body = b"x" * int(sys.argv[1])
-async def handler(request):
-    return web.Response(body=body, content_type="text/plain")
-app = web.Application()
-app.router.add_route("*", "/{path:.*}", handler)
-sock = socket.create_server(("127.0.0.1", 0))
-print(sock.getsockname()[1], flush=True)
-web.run_app(app, sock=sock, print=None, access_log=None)
 """
 
 

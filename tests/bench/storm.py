@@ -32,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from tests.bench.baseline import BASELINE
 from tests.helpers import host_sections
 
 STORM = 1_000
@@ -64,19 +65,6 @@ user_data = "#cloud-config\\nhostname: vm-{n}\\n"
 [[associations]]
 instance = "i-{n:017x}"
 profile = "bench"
-"""
-# The bench's bare-aiohttp baseline (__main__.BASELINE): one catch-all route, a constant body.
-BASELINE = """
-import socket, sys
-from aiohttp import web
-body = b"x" * int(sys.argv[1])
-async def handler(request):
-    return web.Response(body=body, content_type="text/plain")
-app = web.Application()
-app.router.add_route("*", "/{path:.*}", handler)
-sock = socket.create_server(("127.0.0.1", 0))
-print(sock.getsockname()[1], flush=True)
-web.run_app(app, sock=sock, print=None, access_log=None)
 """
 
 
