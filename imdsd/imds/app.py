@@ -80,6 +80,8 @@ class MetadataApi:
             self.endpoint_enabled(instance)
             self.token_policy(request, instance)
             response = answer(self, request, instance)
+            if not isinstance(response, Prepared):
+                response = await response  # a signature being made off the loop
         except Ec2Error as exc:
             head = request.method == "HEAD"
             response = refusal(exc.http_status, close=exc.close, head=head)

@@ -8,6 +8,7 @@ one prepared write (no response object, no header dict).
 from __future__ import annotations
 
 import socket
+from collections.abc import Coroutine
 from typing import Protocol
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from imdsd.clock import Clock
 from imdsd.errors import Ec2Error
 from imdsd.imds import prepared
 from imdsd.imds.prepared import TTL_HEADER, Prepared
-from imdsd.imds.tree import CredentialLeaf, TreeCache
+from imdsd.imds.tree import CredentialLeaf, SignatureLeaf, Tree, TreeCache
 from imdsd.inventory import Inventory
 from imdsd.model import Instance
 from imdsd.sessions import SessionCache
@@ -34,11 +35,13 @@ class Reads(Protocol):
     trees: TreeCache
 
 
+Answer = Prepared | Coroutine[None, None, Prepared]
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 -- a URL path, not a password
 
 
-def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared:
-    """The token endpoint takes PUT, the tree takes GET and HEAD."""
+def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> Answer:
+    """The token endpoint takes PUT, the tree takes GET and HEAD. Prepared bytes at once, or
+    (a signature the notary has not handed this tree yet) a coroutine that awaits them."""
     if request.path == TOKEN_PATH:
         if request.method != "PUT":
             raise Ec2Error(405, "wrong method on the token path")
@@ -48,7 +51,7 @@ def answer(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared
     return metadata(api, request, instance)
 
 
-def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared:
+def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> Answer:
     """GET of any tree path: a leaf, a listing, or the role's credential document."""
     inventory = api.inventory
     association = inventory.association(instance.id)
@@ -60,11 +63,19 @@ def metadata(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepar
         body, closing = api.sessions.answer(
             instance.id, node.role_arn, extended=node.extended, now=api.clock.now()
         )
+    elif isinstance(node, SignatureLeaf):
+        return signature(tree, node.kind, request.method == "GET")
     else:
         body, closing = node, b""
     if request.method == "GET":
         return Prepared(body, closing)  # the hot path: one prepared write
     return prepared.head_only(body, closing)
+
+
+async def signature(tree: Tree, kind: str, get: bool) -> Prepared:
+    """A signature the tree fetches once from the notary (made off the loop)."""
+    body = await tree.signature(kind)
+    return Prepared(body) if get else prepared.head_only(body)
 
 
 def token(api: Reads, request: web.BaseRequest, instance: Instance) -> Prepared:

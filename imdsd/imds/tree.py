@@ -84,8 +84,8 @@ Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, d
 class Notary(Protocol):
     """Who makes the identity document's signatures (signatures.cache.SignatureCache)."""
 
-    def signatures(self, instance_id: str, document: bytes, region: str) -> Signed:
-        """Ready ones, or made now: never another document's."""
+    async def signatures(self, instance_id: str, document: bytes, region: str) -> Signed:
+        """Ready ones, or made now off the loop: never another document's."""
 
     def prepare(self, instance_ids: Iterable[str], documents: Documents) -> None:
         """Sign these off the loop (`documents` is called there)."""
@@ -110,15 +110,18 @@ class Tree:
     notary: Notary = field(repr=False)
     signed: list[Signed] = field(default_factory=list, repr=False)  # fetched on first read
 
-    def lookup(self, path: str) -> bytes | CredentialLeaf | None:
-        """Resolve a request path ("/latest/meta-data/", "/2021-07-15/dynamic/...")."""
+    def lookup(self, path: str) -> Node | None:
+        """Resolve a request path ("/latest/meta-data/", "/2021-07-15/dynamic/..."). A
+        signature is its bytes once fetched; before that, its leaf (see `signature`)."""
         if path == "/":
             return VERSION_LISTING
         version, _, rest = path[1:].partition("/")
         if version not in _VERSIONS:
             return None
         node = self.nodes.get(rest.rstrip("/"))
-        return self._signature(node.kind) if isinstance(node, SignatureLeaf) else node
+        if isinstance(node, SignatureLeaf) and self.signed:
+            return getattr(self.signed[0], node.kind)  # type: ignore[no-any-return]
+        return node
 
     @property
     def document(self) -> bytes:
@@ -126,12 +129,14 @@ class Tree:
         assert isinstance(document, bytes)  # noqa: S101 -- build() puts bytes there
         return document
 
-    def _signature(self, kind: str) -> bytes:
-        """The document's signatures, fetched once per tree: made before the guest asked
-        (never per request, and never on the loop unless the guest outran the notary)."""
+    async def signature(self, kind: str) -> bytes:
+        """The document's signatures, fetched once per tree: made before the guest asked,
+        or, when the guest outran the notary, made then in a thread (never on the loop)."""
         if not self.signed:
-            self.signed.append(self.notary.signatures(self.instance.id, self.document,
-                                                      self.instance.region))  # fmt: skip
+            signed = await self.notary.signatures(self.instance.id, self.document,
+                                                  self.instance.region)  # fmt: skip
+            if not self.signed:  # another request's fetch may have finished first
+                self.signed.append(signed)
         return getattr(self.signed[0], kind)  # type: ignore[no-any-return]
 
 

@@ -6,11 +6,12 @@ they are appended to a file in the state directory and read back at start, so a 
 nothing for documents that did not change. The document and its signatures are public (no
 secret is written); a record is keyed by a digest of the document and the signing certificate,
 so a changed document or key is never answered with old signatures. A guest that asks before the
-worker got to its document is answered with signatures made then.
+worker got to its document is answered with signatures made then, in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import queue
 import struct
@@ -39,8 +40,8 @@ Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, d
 class SignatureCache:
     """Each instance's signatures, packed (~0.9 KB), made by one worker thread and appended to
     a file in the state directory; the file is read back at start and rewritten when it holds
-    more stale records than current ones. The guest loop's calls never wait for the worker,
-    except a request at start-up, for the kept file being read (at most LOAD_WAIT)."""
+    more stale records than current ones. The guest loop never waits: what is not ready is
+    made in a thread while the request awaits it."""
 
     def __init__(self, signer: Signer, directory: Path | None) -> None:
         self.signer, self._path = signer, directory / CACHE_FILE if directory else None
@@ -86,20 +87,36 @@ class SignatureCache:
                 self._live.discard(instance_id)
                 self._entries.pop(instance_id, None)
 
-    def signatures(self, instance_id: str, document: bytes, region: str) -> Signatures:
-        """The document's signatures: the worker's, or made now if it has not got to them
-        (never another document's: the digest of the document and certificate must match)."""
-        if self._thread is not None and not self._loaded.is_set():
-            self._loaded.wait(LOAD_WAIT)
+    async def signatures(self, instance_id: str, document: bytes, region: str) -> Signatures:
+        """The document's signatures: the worker's, or made now in a thread if it has not got
+        to them (never another document's: the digest of the document and certificate must
+        match). Nothing here blocks the loop: a request at start-up waits for the kept file in
+        that thread, not on the loop (invariant 9)."""
+        entry = self._current(instance_id, document, region) if self._loaded.is_set() else None
+        if entry is None:
+            entry = await asyncio.to_thread(self._made_now, instance_id, document, region)
+        return unpacked(entry, document)
+
+    def _current(self, instance_id: str, document: bytes, region: str) -> bytes | None:
         entry = self._entries.get(instance_id)
         if entry is None or entry[:DIGEST] != self.signer.digest(document, region):
+            return None
+        return entry
+
+    def _made_now(self, instance_id: str, document: bytes, region: str) -> bytes:
+        """In a request's thread: the kept file read first (at most LOAD_WAIT), then the
+        worker's entry if it made one meanwhile, else signed here."""
+        if self._thread is not None:
+            self._loaded.wait(LOAD_WAIT)
+        entry = self._current(instance_id, document, region)
+        if entry is None:
             entry = self.signer.signed(document, region)
             with self._lock:
                 self._live.add(instance_id)
+                self.made_on_request += 1
             self._keep(instance_id, entry)
-            self.made_on_request += 1
             self._put(_NOTHING)  # the worker writes it down
-        return unpacked(entry, document)
+        return entry
 
     def wait(self, timeout: float) -> bool:
         """Whether all that was asked is made and written within `timeout` seconds."""

@@ -19,7 +19,7 @@ PENDING = datetime(2026, 1, 1, tzinfo=UTC)
 class Unsigned:
     """A notary that is never asked for signatures here (the trees' memory is the point)."""
 
-    def signatures(self, instance_id: str, document: bytes, region: str) -> Signed:
+    async def signatures(self, instance_id: str, document: bytes, region: str) -> Signed:
         raise AssertionError("not read here")
 
     def prepare(self, instance_ids: Iterable[str], documents: Documents) -> None: ...

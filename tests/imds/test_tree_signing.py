@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from imdsd.daemon import Daemon, running
+from imdsd.imds.tree import SignatureLeaf
 from imdsd.signatures.cache import CACHE_FILE, SignatureCache
 from tests.fakes import FakeClock
 from tests.helpers import VM_A, VM_D, http, make_config
@@ -97,13 +99,63 @@ async def test_a_restart_signs_nothing_for_unchanged_documents() -> None:
 
 async def test_a_guest_that_outruns_the_worker_gets_signatures_made_then(daemon: Daemon) -> None:
     """A document the worker has not signed yet (here: never started) is signed for the
-    request that asks, not answered with nothing or with another document's signatures."""
+    request that asks, in a thread (invariant 9: not on the guest loop), not answered with
+    nothing or with another document's signatures."""
     tree = daemon.api.trees
     instance = daemon.inventory.instance(VM_A)
     assert instance is not None
     idle = SignatureCache(notary(daemon).signer, None)
     built = type(tree)(idle).get(instance, None, daemon.inventory.launched_at(VM_A))
-    signature = built.lookup(SIGNED + "signature")
-    assert isinstance(signature, bytes)
+    assert isinstance(built.lookup(SIGNED + "signature"), SignatureLeaf)  # not fetched yet
+    on_loop = threading.get_ident()
+    signers: list[int] = []
+    sign = idle.signer.signed
+
+    def spied(document: bytes, region: str) -> bytes:
+        signers.append(threading.get_ident())
+        return sign(document, region)
+
+    idle.signer.signed = spied  # type: ignore[method-assign]
+    signature = await built.signature("signature")
     verify(daemon, built.document, signature)
+    assert built.lookup(SIGNED + "signature") == signature  # fetched once, kept by the tree
     assert (idle.made_on_request, idle.made_by_worker) == (1, 0)
+    assert signers and on_loop not in signers
+
+
+class SlowToLoad(SignatureCache):
+    """A notary whose kept file takes until `release` is set to read (a slow disk at start)."""
+
+    release = threading.Event()
+
+    def _load(self) -> None:
+        self.release.wait(WAIT)
+        super()._load()
+
+
+async def test_a_read_while_the_kept_file_loads_never_blocks_the_loop() -> None:
+    """Invariant 9: a guest asking for its signatures while the kept file is still being read
+    at start waits off the loop (other guests are served meanwhile), then gets the kept
+    signatures, not new ones."""
+    config = make_config()
+    async with running(config, FakeClock()) as daemon:
+        await settled(notary(daemon))
+        instance = daemon.inventory.instance(VM_A)
+        assert instance is not None
+        document = daemon.api.trees.get(instance, None, daemon.inventory.launched_at(VM_A)).document
+    slow = SlowToLoad(notary(daemon).signer, config.host.state_directory)
+    slow.prepare([VM_A], lambda: ())
+    slow.start()
+    try:
+        asking = asyncio.create_task(slow.signatures(VM_A, document, instance.region))
+        ticks = 0
+        for _ in range(20):  # the loop keeps turning while the request waits
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert not asking.done() and ticks == 20
+        slow.release.set()
+        signed = await asyncio.wait_for(asking, WAIT)
+    finally:
+        slow.release.set()
+        await asyncio.to_thread(slow.close)
+    assert signed.signature and slow.made_on_request == 0
