@@ -13,8 +13,10 @@ session: the current one is served until its own expiry (invariant 3).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import random
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -67,6 +69,8 @@ class Rotator:
         self._flights: set[asyncio.Task[None]] = set()  # every refresh running, until it ends
         self._started = False
         self._shares: dict[str, float] = {}  # a cold start's wave: key -> its first-refresh share
+        self._due: collections.deque[str] = collections.deque()  # woken, waiting for a worker
+        self._workers: set[asyncio.Task[None]] = set()
 
     async def prime(self, deadline: float | None = None) -> bool:
         """Get a session for every association, waiting at most `deadline` seconds; True when
@@ -102,13 +106,8 @@ class Rotator:
         # key would hold 10,000 frames at once for no extra speed (the semaphore admits
         # `concurrency` anyway), and leave the heap fragmented after them.
         work = iter(keys)
-
-        async def worker() -> None:
-            for key in work:
-                await self.refresh(key)
-
         workers = min(len(keys), self._policy.concurrency)
-        self._priming = asyncio.gather(*(worker() for _ in range(workers)))
+        self._priming = asyncio.gather(*(self._work(work) for _ in range(workers)))
         try:
             await asyncio.wait_for(asyncio.shield(self._priming), deadline)
         except TimeoutError:
@@ -133,7 +132,7 @@ class Rotator:
         """Stop: no more wake-ups; priming and every issuer call in flight are cancelled and
         awaited, so nothing is left running (or unretrieved) when the backend closes."""
         self._timetable.shutdown()
-        tasks: list[asyncio.Future[Any]] = list(self._flights)  # superseded ones included
+        tasks: list[asyncio.Future[Any]] = [*self._flights, *self._workers]  # superseded too
         if self._priming is not None:
             tasks.append(self._priming)
         for task in tasks:
@@ -149,8 +148,25 @@ class Rotator:
         join) every refresh due on the injected clock, set the job at the next due time, and
         return the refreshes started without waiting for them. It must not wait: APScheduler
         skips a job's run while its previous one is running, and a skipped wake-up would leave
-        every later refresh unscheduled. APScheduler drops the tasks; a test awaits them."""
-        return [self._launch(key) for key in self._timetable.pop_due()]
+        every later refresh unscheduled. The keys go to at most `concurrency` workers (the
+        tasks returned, which end when no key is left); APScheduler drops them, a test awaits
+        them."""
+        self._due.extend(self._timetable.pop_due())
+        # A worker that found the deque empty is done at once, but leaves the set only when
+        # its callback runs: it must not count as one still taking keys.
+        running = sum(1 for worker in self._workers if not worker.done())
+        for _ in range(min(len(self._due), self._policy.concurrency - running)):
+            worker = asyncio.create_task(self._work(_popping(self._due)), name="rotation")
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+        return list(self._workers)
+
+    async def _work(self, keys: Iterator[str]) -> None:
+        """One of at most `concurrency` workers, each refreshing the next key in turn: 1,000
+        refreshes due at once (an etcd batch, a reload) are never 1,000 tasks started in one
+        turn of the guest loop, and the semaphore admits no more than this anyway."""
+        for key in keys:
+            await self.refresh(key)
 
     def reconcile(self, key: str) -> None:
         """Bring one instance's rotation in line with its association, at once and without
@@ -299,3 +315,9 @@ class Rotator:
         self._timetable.drop(key)
         self._attempts.pop(key, None)
         self._shares.pop(key, None)
+
+
+def _popping(keys: collections.deque[str]) -> Iterator[str]:
+    """The deque's keys, each taken off as a worker takes it (later ones included)."""
+    while keys:
+        yield keys.popleft()

@@ -288,6 +288,29 @@ async def test_concurrency_is_bounded() -> None:
     assert rig.backend.max_in_flight == 1 and rig.backend.calls == 2
 
 
+async def test_refreshes_due_together_take_at_most_concurrency_tasks() -> None:
+    """A wake-up with many refreshes due (an etcd batch, a reload) starts no more tasks than
+    rotation.concurrency, which take the keys in turn: never one task per key started in one
+    turn of the guest loop. Every due key is refreshed all the same."""
+    rig = Rig(RotationPolicy(concurrency=1))
+    await rig.rotator.prime()
+    before = {key: rig.key_id(key) for key in (VM_A, VM_B)}
+    rig.rotator.start()
+    try:
+        rig.clock.advance(12 * H)  # both sessions' refreshes are due
+        rig.backend.gate = asyncio.Event()
+        workers = await rig.rotator.wake()
+        while rig.backend.in_flight == 0:
+            await asyncio.sleep(0)
+        assert len(workers) == 1 and len(rig.rotator._flights) == 1
+        rig.backend.gate.set()
+        await asyncio.gather(*workers)
+    finally:
+        await rig.rotator.aclose()
+    assert all(rig.key_id(key) != before[key] for key in before)
+    assert rig.backend.max_in_flight == 1
+
+
 async def test_reconcile_replaced_and_removed_association() -> None:
     """Replacing a profile serves the new role's session at once; disassociating drops it."""
     rig = Rig()
