@@ -47,6 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "imdsd.log",
         "imdsd.files",
         "imdsd.systemd",
+        "imdsd.heap",
     ),
     ("imdsd.model", "imdsd.errors", "imdsd.clock", "imdsd"),
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from imdsd import __version__, systemd
+from imdsd import __version__, heap, systemd
 from imdsd.admin.app import make_admin_app
 from imdsd.backends import Opener, has_upstream, opener
 from imdsd.backends.base import Backend, SignsWithCertificate
@@ -114,6 +114,10 @@ async def running(
         # The backend opens after the listeners (opening may wait on the network) but closes
         # after them too, so requests in flight finish with it: its own stack, entered first.
         backend_stack = await stack.enter_async_context(AsyncExitStack())
+        # Start-up builds what lives until a reload: no cyclic collection meanwhile (each
+        # would walk it all, stopping the guests), then frozen (daemon/heap.py).
+        resume_collections = heap.paused()
+        stack.callback(resume_collections)  # start-up failed or was cancelled
         metrics, ready, deferred = Metrics(), asyncio.Event(), Deferred()
         known = _state(config, clock, metrics)
         rotator = Rotator(_scoped(Measured(deferred, metrics), config, clock), known.inventory,
@@ -153,6 +157,7 @@ async def running(
         # to the start-up deadline; what is still waiting then carries on in the background.
         rotator.start()
         await rotator.prime(deadline)
+        resume_collections()
         yield daemon
 
 

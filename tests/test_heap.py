@@ -1,0 +1,62 @@
+"""The collector's pauses around bulk work (imdsd/heap.py): no cyclic collection while
+start-up or a reload builds its objects, frozen after, and never left off by accident."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from imdsd import heap
+
+
+@pytest.fixture(autouse=True)
+def collector() -> Iterator[None]:
+    """Each test starts with collections on and leaves them on, nothing frozen by it."""
+    gc.enable()
+    yield
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_a_bulk_pauses_collections_then_freezes_what_it_built() -> None:
+    """Inside: no automatic collection; after: collections on, and the objects built inside
+    are out of the collector's sight (frozen), so its next full pass does not walk them."""
+    gc.unfreeze()
+    with heap.bulk():
+        assert not gc.isenabled()
+        built = [[n] for n in range(1000)]
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(built)
+
+
+def test_overlapping_pauses_resume_once_the_last_ends() -> None:
+    """A reload's thread and the loop may pause together: collections resume only when
+    both have ended, in whatever order, and a resume called twice counts once."""
+    first = heap.paused()
+    second: list[heap.Resume] = []
+    thread = threading.Thread(target=lambda: second.append(heap.paused()))
+    thread.start()
+    thread.join()
+    first()
+    first()  # a second call of the same resume changes nothing
+    assert not gc.isenabled()
+    second[0]()
+    assert gc.isenabled()
+
+
+def test_collections_left_off_by_the_host_stay_off() -> None:
+    """A process that turned collections off itself (an embedding host) keeps them off."""
+    gc.disable()
+    with heap.bulk():
+        pass
+    assert not gc.isenabled()
+
+
+def test_an_exception_inside_still_resumes() -> None:
+    """A start-up that fails (a bad backend, a stop) never leaves collections paused."""
+    with pytest.raises(RuntimeError), heap.bulk():
+        raise RuntimeError("start-up failed")
+    assert gc.isenabled()
