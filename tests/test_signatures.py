@@ -3,6 +3,7 @@ notary that signs off the loop and keeps its signatures in the state directory."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 from collections.abc import Callable, Iterable
@@ -126,8 +127,8 @@ def test_the_notary_keeps_what_it_signed_across_a_restart(tmp_path: Path) -> Non
     changed = b'{"instanceId" : "i-1", "pendingTime" : "later"}'
     second = kept(tmp_path, ("i-1", changed))
     assert second.made_by_worker == 1  # the changed document; i-2 is gone
-    assert second.signatures("i-1", changed, "us-east-1") != first.signatures(
-        "i-1", one, "us-east-1"
+    assert asyncio.run(second.signatures("i-1", changed, "us-east-1")) != asyncio.run(
+        first.signatures("i-1", one, "us-east-1")
     )
     second.close()
     third = kept(tmp_path, ("i-1", changed), ("i-2", two))

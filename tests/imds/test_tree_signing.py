@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from imdsd.daemon import Daemon, running
-from imdsd.imds.tree import SignatureLeaf
+from imdsd.imds.tree import SignatureLeaf, identity
 from imdsd.signatures.cache import CACHE_FILE, SignatureCache
 from tests.fakes import FakeClock
 from tests.helpers import VM_A, VM_D, http, make_config
@@ -142,7 +142,8 @@ async def test_a_read_while_the_kept_file_loads_never_blocks_the_loop() -> None:
         await settled(notary(daemon))
         instance = daemon.inventory.instance(VM_A)
         assert instance is not None
-        document = daemon.api.trees.get(instance, None, daemon.inventory.launched_at(VM_A)).document
+        association = daemon.inventory.association(VM_A)
+        document = identity(instance, association, daemon.inventory.launched_at(VM_A))
     slow = SlowToLoad(notary(daemon).signer, config.host.state_directory)
     slow.prepare([VM_A], lambda: ())
     slow.start()
