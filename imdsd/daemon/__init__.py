@@ -129,7 +129,9 @@ async def running(
             await stack.enter_async_context(sealed)
         api = _guest_api(config, clock, known, metrics)
         stack.enter_context(api.trees.signing(known.inventory))  # identity documents, off the loop
+        open_backend = open_backend or opener(config.backend.kind)  # its import: not after
         urls, scoped = await _guest_edge(stack, config, api, known.inventory)
+        await asyncio.sleep(0)  # from here on, guests are answered between each phase's steps
         metrics.watch_listeners(scoped.status, lambda: scoped.rebinds)
         stack.enter_context(metrics.watch_loop())  # the guest loop's lag, by a probe on it
         metrics_url = None
@@ -140,10 +142,10 @@ async def running(
                         inventory=known.inventory, sessions=known.sessions, rotator=rotator,
                         api=api, listeners=scoped)  # fmt: skip
         await stack.enter_async_context(_control(config, clock, daemon, known))
+        await asyncio.sleep(0)
         log.info("listening", listening=list(urls), admin_socket=str(config.host.admin_socket))
         # Invariant 8: the backend opens only now (the sts backend resolves the host's
         # credentials, maybe over the network); a backend that cannot open still exits 1.
-        open_backend = open_backend or opener(config.backend.kind)
         backend = await backend_stack.enter_async_context(open_backend(config.backend, clock))
         deferred.open(backend)
         if isinstance(backend, SignsWithCertificate):  # imdsd_host_certificate_expiry_seconds
