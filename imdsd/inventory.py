@@ -28,9 +28,9 @@ from imdsd.whois import Directory
 
 Origin = Literal["config", "runtime", "modified", "etcd"]
 log = structlog.get_logger("imdsd.inventory")
-# Records a stepwise rebuild handles per turn of the loop (~1-2 ms at 10,000 instances): the
-# longest a guest waits on a reload or an etcd batch (invariant 9).
-STEP = 1000
+# Records a stepwise rebuild handles per turn of the loop (~0.5 ms): the longest a guest
+# waits on a reload or an etcd batch's planning (invariant 9).
+STEP = 250
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,17 @@ class _View:
     launched: dict[str, datetime]
     subjects: dict[str, bytes]
     changed: set[str]  # the ids whose association changed or went, and those that left
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """What changed in a managed (etcd) baseline, to apply without re-planning the rest: each
+    maps a name to its new record, None for gone. `associations` names every instance whose
+    association must be looked at again (with the profile its record wants, or None)."""
+
+    instances: dict[str, Instance | None]
+    profiles: dict[str, InstanceProfile | None]
+    associations: dict[str, str | None]
 
 
 def _directory(instances: Iterable[Instance]) -> Generator[None, None, Directory]:
@@ -196,6 +207,59 @@ class Inventory:
             self._baseline = Baseline(tuple(instances), tuple(profiles), tuple(associations))
             return await self._rebuilt_in_steps()
 
+    def patch(self, patch: Patch) -> set[str]:
+        """An etcd batch as a change, applied at once and at its own size (a managed inventory
+        has no overrides: its effective view is its baseline, which is not rebuilt; the next
+        full rebase() brings a new one). Returns the ids whose association changed or went,
+        and those that left, as rebase() does."""
+        assert self.managed_by and not self._lock.locked()  # noqa: S101 -- the follower's path
+        now, changed, came_or_went = self._clock.now(), set(), set()
+        for name, profile in patch.profiles.items():
+            if profile is None:
+                self._profiles.pop(name, None)
+            else:
+                self._profiles[name] = profile
+        for iid, instance in patch.instances.items():
+            old = self._instances.pop(iid, None)
+            if old is not None:
+                self._whois.discard(old)
+            if instance is not None and instance.host_interface and not self.devices_bound:
+                log.warning("instance names host_interface on a host without device-bound"
+                            " listeners; skipped", instance=iid)  # fmt: skip
+                instance = None
+            if instance is None:
+                if old is not None:  # gone: a later record is a new incarnation
+                    came_or_went.add(iid)
+                    self._launched.pop(iid, None)
+                    self._subjects.pop(iid, None)
+                continue
+            self._instances[iid] = instance = self._same(old, instance)
+            self._whois.add(instance)
+            if old is None:
+                came_or_went.add(iid)
+                self._launched.setdefault(iid, now)
+                if iid not in self._subjects:
+                    self._subjects[iid] = subject(iid, next(self._incarnations))
+        for iid in patch.associations.keys() | came_or_went:
+            wanted = patch.associations.get(iid)
+            profile = self._profiles.get(wanted) if wanted else None
+            old_association = self._associations.get(iid)
+            if iid not in self._instances or profile is None:
+                if wanted and iid in self._instances:
+                    log.warning(
+                        "association to an unknown profile skipped", instance=iid, profile=wanted
+                    )
+                if self._associations.pop(iid, None) is not None:
+                    changed.add(iid)
+            elif old_association is None or old_association.profile != profile:
+                self._associations[iid] = Association(instance_id=iid, profile=profile,
+                                                      associated_at=now)  # fmt: skip
+                changed.add(iid)
+        self.version += 1
+        if self.changed is not None:
+            self.changed.update(came_or_went)
+        return changed | {iid for iid in came_or_went if iid not in self._instances}
+
     # Each change below only plans: it validates against the effective view and returns the
     # overrides that would make it, changing nothing until commit() persists and applies them.
 
@@ -304,21 +368,30 @@ class Inventory:
         profiles = {p.name: p for p in self._baseline.profiles}
         instances = yield from self._effective_instances()
         now = self._clock.now()
-        launched = {iid: self._launched.get(iid, now) for iid in instances}
-        yield
-        subjects = {
-            iid: self._subjects.get(iid) or subject(iid, next(self._incarnations))
-            for iid in instances
-        }
-        yield
+        launched: dict[str, datetime] = {}
+        subjects: dict[str, bytes] = {}
+        for n, iid in enumerate(instances, 1):
+            launched[iid] = self._launched.get(iid, now)
+            subjects[iid] = self._subjects.get(iid) or subject(iid, next(self._incarnations))
+            if n % STEP == 0:
+                yield
         associations = yield from self._effective_associations(instances, profiles, now)
-        gone = set(self._associations) | set(self._instances)
-        changed = {iid for iid in gone | set(associations)
-                   if self._associations.get(iid) is not associations.get(iid)
-                   or iid not in instances}  # fmt: skip
-        yield
+        changed = yield from self._changed_ids(instances, associations)
         whois = yield from _directory(instances.values())
         return _View(profiles, instances, associations, whois, launched, subjects, changed)
+
+    def _changed_ids(
+        self, instances: dict[str, Instance], associations: dict[str, Association]
+    ) -> Generator[None, None, set[str]]:
+        """The ids whose association changed or went, and those that left the inventory."""
+        changed: set[str] = set()
+        ids = itertools.chain(self._associations, self._instances, associations)
+        for n, iid in enumerate(ids, 1):
+            if self._associations.get(iid) is not associations.get(iid) or iid not in instances:
+                changed.add(iid)
+            if n % STEP == 0:
+                yield
+        return changed
 
     def _install(self, view: _View) -> set[str]:
         """Swap the planned view in (one step); returns the ids whose association changed or
@@ -333,12 +406,18 @@ class Inventory:
 
     def _effective_instances(self) -> Generator[None, None, dict[str, Instance]]:
         o = self._overrides
-        out = {i.id: i for i in self._baseline.instances if i.id not in o.removed}
-        unserved = [i for i in out.values() if i.host_interface and not self.devices_bound]
-        for instance in unserved:  # an etcd record on a host whose listeners are device-less
-            log.warning("instance names host_interface on a host without device-bound"
-                        " listeners; skipped", instance=instance.id)  # fmt: skip
-            del out[instance.id]
+        out: dict[str, Instance] = {}
+        for n, instance in enumerate(self._baseline.instances, 1):
+            if n % STEP == 0:
+                yield
+            if instance.id in o.removed:
+                continue
+            if instance.host_interface and not self.devices_bound:
+                # an etcd record on a host whose listeners are device-less
+                log.warning("instance names host_interface on a host without device-bound"
+                            " listeners; skipped", instance=instance.id)  # fmt: skip
+                continue
+            out[instance.id] = instance
         yield
         if o.added:  # a runtime instance never takes an address from the config's
             whois = yield from _directory(out.values())

@@ -25,7 +25,8 @@ def claims(instance: Instance) -> list[tuple[str | None, str]]:
 
 
 class Directory:
-    """Scope -> address -> instance, made once per inventory change (values are immutable)."""
+    """Scope -> address -> instance, made once per inventory change (values are immutable),
+    or changed claim by claim for a managed inventory's patch."""
 
     def __init__(self, instances: Iterable[Instance]) -> None:
         self._scopes: dict[str | None, dict[str, Instance]] = {None: {}}
@@ -38,6 +39,13 @@ class Directory:
         table = self._scopes.setdefault(instance.scope, {})
         for _, address in claims(instance):
             table[address] = instance
+
+    def discard(self, instance: Instance) -> None:
+        """Release what `instance` claims (only where it is still the claimant)."""
+        table = self._scopes.get(instance.scope, {})
+        for _, address in claims(instance):
+            if table.get(address) is instance:
+                del table[address]
 
     def instance_at(self, address: str, scope: str | None = None) -> Instance | None:
         """The instance a socket peer address in `scope` belongs to (IPv4-mapped IPv6

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -21,12 +21,14 @@ from imdsd.config import instances as tables
 from imdsd.config import profiles as profile_tables
 from imdsd.config.reader import Reader, Section
 from imdsd.errors import RecordError
+from imdsd.inventory import Patch
 from imdsd.model import IAM_NAME, INSTANCE_ID, Instance, InstanceProfile
 from imdsd.whois import Directory
 
 log = structlog.get_logger("imdsd.etcd")
 PROFILE_KEYS = ("name", "path", "id", "role_arn", "external_id")
 Kind = Literal["profile", "instance", "association"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,12 @@ class Mirror:
         self._newest, self._unsorted = 0, False
         self._claimed_twice: set[tuple[str, str]] = set()
         self._unknown_profiles: set[tuple[str, str]] = set()
+        # What the last baseline made, kept up to date by patch(): a batch costs its records.
+        self._touched: set[str] | None = None  # keys since; None: only a baseline can tell
+        self._winners: dict[str, Instance] = {}  # the instances served (their claims won)
+        self._owners = Directory(())
+        self._profiles: dict[str, InstanceProfile] = {}
+        self._wanted: dict[str, str] = {}  # instance id -> the profile its record names
 
     def put(self, key: str, value: bytes, created: int) -> None:
         """A record written (or read at load); a bad one is dropped with one warning. Only
@@ -135,6 +143,8 @@ class Mirror:
         if old == (created, value):
             return
         self.raw[key] = (created, value)
+        if self._touched is not None:
+            self._touched.add(key)
         if old is None or old[0] != created:  # a new key: its place is by its create revision
             self._parsed.pop(key, None)
         try:
@@ -151,9 +161,12 @@ class Mirror:
     def delete(self, key: str) -> None:
         self.raw.pop(key, None)
         self._parsed.pop(key, None)
+        if self._touched is not None:
+            self._touched.add(key)
 
     def reset(self, records: dict[str, tuple[int, bytes]], revision: int) -> None:
         """A full load: every key not in `records` is gone."""
+        self._touched = None
         for key in set(self.raw) - set(records):
             self.delete(key)
         for key, (created, value) in records.items():
@@ -211,4 +224,57 @@ class Mirror:
                 "fleet association to an unknown profile skipped", instance=iid, profile=name
             )
         self._unknown_profiles = unknown
+        self._touched, self._winners, self._owners = set(), instances, owners
+        self._profiles = {p.name: p for p in profiles}
+        self._wanted = dict(wanted)
         return list(instances.values()), profiles, associations
+
+    def patch(self) -> Patch | None:
+        """The records changed since the last baseline or patch, as an inventory Patch; None
+        when only a whole baseline can tell (and until one is made): after a full load, or
+        where an address is claimed twice (who keeps it is settled among all claimants,
+        oldest first)."""
+        touched, self._touched = self._touched, None  # set again when the patch is whole
+        if touched is None:
+            return None
+        instances: dict[str, Instance | None] = {}
+        profiles: dict[str, InstanceProfile | None] = {}
+        associations: dict[str, str | None] = {}
+        for key in touched:
+            kind = self.layout.kind(key)
+            record = self._parsed.get(key)
+            if kind is None:
+                continue
+            what, name = kind
+            if what == "profile":
+                profile = record if isinstance(record, InstanceProfile) else None
+                profiles[name] = profile
+                self._set(self._profiles, name, profile)
+                associations.update((i, p) for i, p in self._wanted.items() if p == name)
+            elif what == "association":
+                wanted = record if isinstance(record, str) else None
+                associations[name] = self._set(self._wanted, name, wanted)
+            else:
+                instance = record if isinstance(record, Instance) else None
+                if any(name in pair for pair in self._claimed_twice):
+                    return None
+                old = self._winners.pop(name, None)
+                if old is not None:
+                    self._owners.discard(old)
+                if instance is not None:
+                    if self._owners.owner(instance) is not None:
+                        return None
+                    self._owners.add(instance)
+                    self._winners[name] = instance
+                instances[name] = instance
+                associations[name] = self._wanted.get(name)
+        self._touched = set()
+        return Patch(instances, profiles, associations)
+
+    @staticmethod
+    def _set(table: dict[str, T], name: str, value: T | None) -> T | None:
+        if value is None:
+            table.pop(name, None)
+        else:
+            table[name] = value
+        return value

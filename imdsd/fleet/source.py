@@ -60,7 +60,12 @@ class FleetSource:
         (the sessions it needs are issued behind it), so no batch waits on another's issues."""
         from imdsd.fleet.follower import Follower
 
-        async def apply() -> None:  # in bounded steps, the guest loop turning between them
+        async def apply() -> None:
+            patch = self.mirror.patch()
+            if patch is not None:  # a batch: at its own size, in one step
+                applied(inventory.patch(patch))
+                return
+            # a whole load: in bounded steps, the guest loop turning between them
             steps = self.mirror.baseline_in_steps()
             while True:
                 try:
