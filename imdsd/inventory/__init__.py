@@ -5,6 +5,9 @@ state file and applied on top, so a restart or a reload loses nothing acknowledg
 change is validated, persisted, then applied by rebuilding the effective view; values are
 immutable and unchanged ones keep their identity, so readers (the request path) never see a
 half-made change and caches keyed on identity stay warm. Never imports aiohttp.
+
+Here: the Inventory (reading; commit, reload, rebase, patch; the admin API's change planners).
+plan.py plans the effective view in steps; patch.py applies an etcd batch in place.
 """
 
 from __future__ import annotations
@@ -13,67 +16,21 @@ import asyncio
 import itertools
 import secrets
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import Literal
 
-import structlog
-
 from imdsd.clock import Clock
 from imdsd.errors import ConflictError, NotFoundError
+from imdsd.inventory.patch import Patch, apply
+from imdsd.inventory.plan import STEP, Baseline, Planned, View, effective_view
 from imdsd.model import Association, Instance, InstanceProfile, MetadataOptions
 from imdsd.state import Overrides, StateFile
-from imdsd.tokens import subject
 from imdsd.whois import Directory
 
+__all__ = ["STEP", "Baseline", "Inventory", "Origin", "Patch"]
+
 Origin = Literal["config", "runtime", "modified", "etcd"]
-log = structlog.get_logger("imdsd.inventory")
-# Records a stepwise rebuild handles per turn of the loop (~0.5 ms): the longest a guest
-# waits on a reload or an etcd batch's planning (invariant 9).
-STEP = 250
-
-
-@dataclass(frozen=True, slots=True)
-class Baseline:
-    """What the config file says."""
-
-    instances: tuple[Instance, ...]
-    profiles: tuple[InstanceProfile, ...]
-    associations: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _View:
-    """An effective view, planned and not yet installed."""
-
-    profiles: dict[str, InstanceProfile]
-    instances: dict[str, Instance]
-    associations: dict[str, Association]
-    whois: Directory
-    launched: dict[str, datetime]
-    subjects: dict[str, bytes]
-    changed: set[str]  # the ids whose association changed or went, and those that left
-
-
-@dataclass(frozen=True, slots=True)
-class Patch:
-    """What changed in a managed (etcd) baseline, to apply without re-planning the rest: each
-    maps a name to its new record, None for gone. `associations` names every instance whose
-    association must be looked at again (with the profile its record wants, or None)."""
-
-    instances: dict[str, Instance | None]
-    profiles: dict[str, InstanceProfile | None]
-    associations: dict[str, str | None]
-
-
-def _directory(instances: Iterable[Instance]) -> Generator[None, None, Directory]:
-    """Who is who for these instances, made in steps of STEP."""
-    whois = Directory(())
-    for n, instance in enumerate(instances, 1):
-        whois.add(instance)
-        if n % STEP == 0:
-            yield
-    return whois
 
 
 class Inventory:
@@ -213,52 +170,12 @@ class Inventory:
         full rebase() brings a new one). Returns the ids whose association changed or went,
         and those that left, as rebase() does."""
         assert self.managed_by and not self._lock.locked()  # noqa: S101 -- the follower's path
-        now, changed, came_or_went = self._clock.now(), set(), set()
-        for name, profile in patch.profiles.items():
-            if profile is None:
-                self._profiles.pop(name, None)
-            else:
-                self._profiles[name] = profile
-        for iid, instance in patch.instances.items():
-            old = self._instances.pop(iid, None)
-            if old is not None:
-                self._whois.discard(old)
-            if instance is not None and instance.host_interface and not self.devices_bound:
-                log.warning("instance names host_interface on a host without device-bound"
-                            " listeners; skipped", instance=iid)  # fmt: skip
-                instance = None
-            if instance is None:
-                if old is not None:  # gone: a later record is a new incarnation
-                    came_or_went.add(iid)
-                    self._launched.pop(iid, None)
-                    self._subjects.pop(iid, None)
-                continue
-            self._instances[iid] = instance = self._same(old, instance)
-            self._whois.add(instance)
-            if old is None:
-                came_or_went.add(iid)
-                self._launched.setdefault(iid, now)
-                if iid not in self._subjects:
-                    self._subjects[iid] = subject(iid, next(self._incarnations))
-        for iid in patch.associations.keys() | came_or_went:
-            wanted = patch.associations.get(iid)
-            profile = self._profiles.get(wanted) if wanted else None
-            old_association = self._associations.get(iid)
-            if iid not in self._instances or profile is None:
-                if wanted and iid in self._instances:
-                    log.warning(
-                        "association to an unknown profile skipped", instance=iid, profile=wanted
-                    )
-                if self._associations.pop(iid, None) is not None:
-                    changed.add(iid)
-            elif old_association is None or old_association.profile != profile:
-                self._associations[iid] = Association(instance_id=iid, profile=profile,
-                                                      associated_at=now)  # fmt: skip
-                changed.add(iid)
+        affected, came_or_went = apply(patch, self._view(), self._clock.now(), self._incarnations,
+                                       devices_bound=self.devices_bound)  # fmt: skip
         self.version += 1
         if self.changed is not None:
             self.changed.update(came_or_went)
-        return changed | {iid for iid in came_or_went if iid not in self._instances}
+        return affected
 
     # Each change below only plans: it validates against the effective view and returns the
     # overrides that would make it, changing nothing until commit() persists and applies them.
@@ -362,38 +279,18 @@ class Inventory:
                 return self._install(done.value)
             await asyncio.sleep(0)
 
-    def _plan(self) -> Generator[None, None, _View]:
+    def _plan(self) -> Generator[None, None, Planned]:
         """The effective view the baseline and the overrides make now, changing nothing: a
-        generator that yields every STEP records (unchanged values keep their identity)."""
-        profiles = {p.name: p for p in self._baseline.profiles}
-        instances = yield from self._effective_instances()
-        now = self._clock.now()
-        launched: dict[str, datetime] = {}
-        subjects: dict[str, bytes] = {}
-        for n, iid in enumerate(instances, 1):
-            launched[iid] = self._launched.get(iid, now)
-            subjects[iid] = self._subjects.get(iid) or subject(iid, next(self._incarnations))
-            if n % STEP == 0:
-                yield
-        associations = yield from self._effective_associations(instances, profiles, now)
-        changed = yield from self._changed_ids(instances, associations)
-        whois = yield from _directory(instances.values())
-        return _View(profiles, instances, associations, whois, launched, subjects, changed)
+        generator that yields every STEP records (plan.py)."""
+        return effective_view(self._baseline, self._overrides, self._view(), self._clock,
+                              self._incarnations, devices_bound=self.devices_bound)  # fmt: skip
 
-    def _changed_ids(
-        self, instances: dict[str, Instance], associations: dict[str, Association]
-    ) -> Generator[None, None, set[str]]:
-        """The ids whose association changed or went, and those that left the inventory."""
-        changed: set[str] = set()
-        ids = itertools.chain(self._associations, self._instances, associations)
-        for n, iid in enumerate(ids, 1):
-            if self._associations.get(iid) is not associations.get(iid) or iid not in instances:
-                changed.add(iid)
-            if n % STEP == 0:
-                yield
-        return changed
+    def _view(self) -> View:
+        """The view being served (its values, not copies)."""
+        return View(self._profiles, self._instances, self._associations, self._whois,
+                    self._launched, self._subjects)  # fmt: skip
 
-    def _install(self, view: _View) -> set[str]:
+    def _install(self, view: Planned) -> set[str]:
         """Swap the planned view in (one step); returns the ids whose association changed or
         went, and those that left the inventory (what was kept for them must go too)."""
         self.version += 1
@@ -403,65 +300,3 @@ class Inventory:
         self._whois = view.whois
         self._instances, self._associations = view.instances, view.associations
         return view.changed
-
-    def _effective_instances(self) -> Generator[None, None, dict[str, Instance]]:
-        o = self._overrides
-        out: dict[str, Instance] = {}
-        for n, instance in enumerate(self._baseline.instances, 1):
-            if n % STEP == 0:
-                yield
-            if instance.id in o.removed:
-                continue
-            if instance.host_interface and not self.devices_bound:
-                # an etcd record on a host whose listeners are device-less
-                log.warning("instance names host_interface on a host without device-bound"
-                            " listeners; skipped", instance=instance.id)  # fmt: skip
-                continue
-            out[instance.id] = instance
-        yield
-        if o.added:  # a runtime instance never takes an address from the config's
-            whois = yield from _directory(out.values())
-            for iid, added in o.added.items():
-                if iid in out or whois.owner(added) is not None:
-                    log.warning("runtime instance conflicts with the config; skipped", instance=iid)
-                    continue
-                out[iid] = added
-                whois.add(added)
-        for iid, options in o.options.items():
-            if iid in out:
-                out[iid] = replace(out[iid], options=options)
-        same: dict[str, Instance] = {}
-        for n, (iid, instance) in enumerate(out.items(), 1):
-            same[iid] = self._same(self._instances.get(iid), instance)
-            if n % STEP == 0:
-                yield
-        return same
-
-    def _effective_associations(
-        self, instances: dict[str, Instance], profiles: dict[str, InstanceProfile], now: datetime
-    ) -> Generator[None, None, dict[str, Association]]:
-        wanted: dict[str, str | None] = dict(self._baseline.associations)
-        wanted.update(self._overrides.associations)
-        out: dict[str, Association] = {}
-        for n, (iid, name) in enumerate(wanted.items(), 1):
-            if n % STEP == 0:
-                yield
-            profile = profiles.get(name) if name else None
-            if iid not in instances or profile is None:
-                if name and iid in instances:
-                    log.warning(
-                        "association to an unknown profile skipped", instance=iid, profile=name
-                    )
-                continue
-            old = self._associations.get(iid)
-            keep = old is not None and old.profile == profile
-            out[iid] = (
-                old
-                if keep and old
-                else Association(instance_id=iid, profile=profile, associated_at=now)
-            )
-        return out
-
-    @staticmethod
-    def _same(old: Instance | None, new: Instance) -> Instance:
-        return old if old is not None and old == new else new
