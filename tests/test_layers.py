@@ -49,7 +49,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "imdsd.systemd",
         "imdsd.heap",
     ),
-    ("imdsd.model", "imdsd.errors", "imdsd.clock", "imdsd"),
+    ("imdsd.model", "imdsd.errors", "imdsd.clock", "imdsd.steps", "imdsd"),
 )
 
 

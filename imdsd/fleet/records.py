@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
+from imdsd import steps
 from imdsd.config import instances as tables
 from imdsd.config import profiles as profile_tables
 from imdsd.config.reader import Reader, Section
@@ -178,13 +179,7 @@ class Mirror:
         When two instances claim one address in one scope (whois.py), the older record (by
         etcd's create revision) keeps it and the other waits, skipped: a reused address never
         serves two instances."""
-        steps = self.baseline_in_steps()
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                baseline: Baseline = done.value
-                return baseline
+        return steps.at_once(self.baseline_in_steps())
 
     def baseline_in_steps(self) -> Generator[None, None, Baseline]:
         """baseline() as a generator that yields every STEP records (the daemon runs a turn of

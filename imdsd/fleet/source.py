@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from imdsd import steps
 from imdsd.clock import Clock
 from imdsd.config.inventory import EtcdConfig
 from imdsd.fleet.cache import Cache
@@ -66,14 +67,7 @@ class FleetSource:
                 applied(inventory.patch(patch))
                 return
             # a whole load: in bounded steps, the guest loop turning between them
-            steps = self.mirror.baseline_in_steps()
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    baseline = done.value
-                    break
-                await asyncio.sleep(0)
+            baseline = await steps.between_turns(self.mirror.baseline_in_steps())
             applied(await inventory.rebase(*baseline))
 
         started = self._clock.now()

@@ -20,6 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Literal
 
+from imdsd import steps
 from imdsd.clock import Clock
 from imdsd.errors import ConflictError, NotFoundError
 from imdsd.inventory.patch import Patch, apply
@@ -261,23 +262,12 @@ class Inventory:
 
     def _rebuild(self) -> set[str]:
         """Recompute the effective view and install it at once (an admin commit, a start)."""
-        plan = self._plan()
-        while True:
-            try:
-                next(plan)
-            except StopIteration as done:
-                return self._install(done.value)
+        return self._install(steps.at_once(self._plan()))
 
     async def _rebuilt_in_steps(self) -> set[str]:
         """The same, planned in steps of STEP records, each a turn of the loop: the guests are
         served (by the current view) between them. Installing the plan is one step."""
-        plan = self._plan()
-        while True:
-            try:
-                next(plan)
-            except StopIteration as done:
-                return self._install(done.value)
-            await asyncio.sleep(0)
+        return self._install(await steps.between_turns(self._plan()))
 
     def _plan(self) -> Generator[None, None, Planned]:
         """The effective view the baseline and the overrides make now, changing nothing: a
