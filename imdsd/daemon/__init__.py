@@ -159,6 +159,7 @@ async def running(
         # to the start-up deadline; what is still waiting then carries on in the background.
         rotator.start()
         await rotator.prime(deadline)
+        api.trees.resume_signing()  # a cold start's documents, now that priming is done
         resume_collections()
         yield daemon
 

@@ -95,7 +95,10 @@ class Notary(Protocol):
 
     def forget(self, instance_ids: Iterable[str]) -> None: ...
 
-    def start(self) -> None: ...
+    def start(self, *, held: bool = False) -> None: ...
+
+    def resume(self) -> None:
+        """Signing in bulk may run now (held at start until priming is done)."""
 
     def close(self) -> None: ...
 
@@ -256,13 +259,17 @@ class TreeCache:
     @contextmanager
     def signing(self, inventory: Inventory) -> Iterator[None]:
         """The notary's thread, for as long as the daemon runs; it starts with every
-        instance's document (those kept from the last run are not signed again)."""
+        instance's document (those kept from the last run are not signed again), signed in
+        bulk once `resume_signing()` says start-up's own work is done."""
         self.prepare(inventory)
-        self.notary.start()
+        self.notary.start(held=True)
         try:
             yield
         finally:
             self.notary.close()
+
+    def resume_signing(self) -> None:
+        self.notary.resume()
 
     def prepare(self, inventory: Inventory, instance_ids: Iterable[str] | None = None) -> None:
         """Have the notary sign these instances' documents (every instance's: None), as they

@@ -34,6 +34,7 @@ SAVE_DELAY = 0.2  # seconds of quiet before what was made is written: one write 
 COMPACT_SLACK = 64  # stale records tolerated beyond as many as there are current ones
 LOAD_WAIT = 2.0  # a request's longest wait for the kept file being read at start
 CLOSE_WAIT = 5.0
+HOLD_POLL = 0.01  # seconds: how soon a hurried document is signed while bulk signing is held
 Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, document, region)
 
 
@@ -55,13 +56,22 @@ class SignatureCache:
         self._records, self._rewrite, self._closing = 0, True, False
         self._thread: threading.Thread | None = None
         self._idle.set()
+        self._resumed = threading.Event()  # bulk signing may run (start-up's priming is done)
         self.made_by_worker = self.made_on_request = 0  # signatures made, by whom (tests, bench)
 
-    def start(self) -> None:
+    def start(self, *, held: bool = False) -> None:
         """Read the kept file, then sign what prepare() asked for: call after the first
-        prepare(), which names the instances whose kept signatures are still wanted."""
+        prepare(), which names the instances whose kept signatures are still wanted. `held`:
+        documents are signed in bulk only after resume() (a cold start's 10,000 signatures
+        would take half the CPU priming needs), a guest's hurried one at once all the same."""
+        if not held:
+            self._resumed.set()
         self._thread = threading.Thread(target=self._run, name="identity signatures", daemon=True)
         self._thread.start()
+
+    def resume(self) -> None:
+        """Bulk signing may run now."""
+        self._resumed.set()
 
     def close(self) -> None:
         """Stop after the signature in hand, and write down what was made."""
@@ -140,6 +150,8 @@ class SignatureCache:
                 continue
             if job is None:
                 break
+            while not self._resumed.wait(HOLD_POLL) and not self._closing:
+                self._make_urgent()  # held: only what a guest hurried
             try:
                 for instance_id, document, region in job():
                     self._make_urgent()
