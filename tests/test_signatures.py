@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -179,3 +180,27 @@ def test_stale_records_are_compacted(tmp_path: Path) -> None:
     assert path.stat().st_size < (COMPACT_SLACK + 2) * 2000
     again = kept(tmp_path, ("i-1", f'{{"n" : {COMPACT_SLACK + 9}}}'.encode()))
     assert again.made_by_worker == 0
+
+
+def test_held_bulk_signing_waits_for_resume_but_a_hurried_document_does_not(
+    tmp_path: Path,
+) -> None:
+    """A cold start holds the notary's bulk work until priming is done (resume), so the two
+    do not split the CPU; a document a guest hurries meanwhile is signed at once."""
+    signer = open_signer(parse(config_text()).signing, tmp_path)
+    cache = SignatureCache(signer, tmp_path)
+    items = [("i-1", b'{"instanceId" : "i-1"}'), ("i-2", b'{"instanceId" : "i-2"}')]
+    cache.prepare(["i-1", "i-2"], documents(*items))
+    cache.start(held=True)
+    try:
+        cache.hurry("i-2", items[1][1], "us-east-1")
+        deadline = time.monotonic() + 60
+        while cache.made_by_worker < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # time enough for the bulk job, were it not held
+        assert cache.made_by_worker == 1
+        cache.resume()
+        assert cache.wait(60)
+        assert cache.made_by_worker == 2
+    finally:
+        cache.close()
