@@ -18,6 +18,7 @@ only; every load is bounded in time.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import json
 import multiprocessing
 import os
@@ -322,6 +323,9 @@ def machine() -> str:
 
 
 def main() -> None:
+    # The daemon starts as an install runs it: with its bytecode compiled (pip compiles at
+    # install; a tree run with PYTHONDONTWRITEBYTECODE=1 would compile imdsd at every start).
+    compileall.compile_dir(Path(__file__).parents[2] / "imdsd", quiet=1)
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         for line in requests_table(Path(tmp)):
