@@ -45,6 +45,7 @@ async def serve(
     bad file and keeping the running config. A stop during start-up (etcd's first load, the
     backend opening, priming) ends start-up at once and shuts down the same way."""
     sys.setswitchinterval(SWITCH_INTERVAL)
+    heap.one_malloc_arena()  # before any thread starts
     stop, reload, started = asyncio.Event(), asyncio.Event(), asyncio.Event()
     starting = asyncio.current_task()
 
