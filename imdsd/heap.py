@@ -3,10 +3,11 @@ collector around the daemon's bulk work.
 
 The collector: start-up and a reload build tens of thousands of long-lived objects (10,000
 instances, their sessions and documents), and each full collection while they are built walks
-all of them, stopping the guest loop for 10-30 ms, also when it runs in a reload's worker thread (it holds the GIL). So collections are
-paused while the bulk is built, and what was built is then moved out of the collector's sight
-(gc.freeze): later collections walk only what came after. Frozen objects are still freed by
-their reference counts when replaced (instances, sessions and documents hold no cycles)."""
+all of them, stopping the guest loop for 10-30 ms, also when it runs in a reload's worker
+thread (it holds the GIL). So collections are paused while the bulk is built, and what was
+built is then moved out of the collector's sight (gc.freeze): later collections walk only
+what came after. Frozen objects are still freed by their reference counts when replaced
+(instances, sessions and documents hold no cycles)."""
 
 from __future__ import annotations
 
