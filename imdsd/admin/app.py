@@ -49,7 +49,7 @@ from imdsd.sessions import SessionCache
 
 log = structlog.get_logger("imdsd.admin")
 routes = web.RouteTableDef()
-LISTING_STEP = 100  # rows made per turn of the loop in a listing (~1-2 ms)
+LISTING_STEP = 50  # rows made per turn of the loop in a listing (~0.5-1 ms)
 T = TypeVar("T")
 
 

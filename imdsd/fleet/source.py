@@ -63,7 +63,8 @@ class FleetSource:
 
         async def apply() -> None:
             patch = self.mirror.patch()
-            if patch is not None:  # a batch: at its own size, in one step
+            if patch is not None:  # a batch: at its own size, applied in one step
+                await asyncio.sleep(0)  # the guests' turn (the mirror does not change)
                 applied(inventory.patch(patch))
                 return
             # a whole load: in bounded steps, the guest loop turning between them
