@@ -34,9 +34,10 @@ SAVE_DELAY = 0.2  # seconds of quiet before what was made is written: one write 
 COMPACT_SLACK = 64  # stale records tolerated beyond as many as there are current ones
 LOAD_WAIT = 2.0  # a request's longest wait for the kept file being read at start
 CLOSE_WAIT = 5.0
-# Bulk work (10,000 documents rendered, digested and maybe signed) runs PACE_WORK, then rests
-# PACE_REST: while it holds the GIL the guest loop waits at each of its system calls, so the
-# loop gets at least half of it (a warm start's checks took a request 5-8 ms for 200 ms).
+# Bulk work (10,000 documents rendered, digested and maybe signed; the kept file read back)
+# runs PACE_WORK, then rests PACE_REST: while it holds the GIL the guest loop waits at each of
+# its system calls, so the loop gets at least half of it (a warm start's first request took
+# 8-16 ms while the kept file was read unpaced, 6-7 ms with the read out of the way).
 PACE_WORK, PACE_REST = 0.002, 0.002
 HOLD_POLL = 0.01  # seconds: how soon a hurried document is signed while bulk signing is held
 Documents = Callable[[], Iterable[tuple[str, bytes, str]]]  # -> (instance id, document, region)
@@ -157,15 +158,13 @@ class SignatureCache:
             while not self._resumed.wait(HOLD_POLL) and not self._closing:
                 self._make_urgent()  # held: only what a guest hurried
             try:
-                rested = time.monotonic()
+                pace = _Pace()
                 for instance_id, document, region in job():
                     self._make_urgent()
                     if self._closing:
                         break
                     self._make(instance_id, document, region)
-                    if time.monotonic() - rested >= PACE_WORK:  # the guest loop's turn
-                        time.sleep(PACE_REST)
-                        rested = time.monotonic()
+                    pace()
                 self._make_urgent()
             except Exception as exc:  # a key that fails: each request then signs (and fails)
                 log.error("identity signing failed", error=exc.__class__.__name__, exc_info=exc)
@@ -211,7 +210,7 @@ class SignatureCache:
         kept: dict[str, bytes] = {}
         if self._path is not None:
             try:
-                kept, self._records, whole = _read(self._path)
+                kept, self._records, whole = _read(self._path, _Pace())
                 self._rewrite = not whole
             except OSError:
                 pass  # none yet: written at the first save
@@ -258,21 +257,37 @@ def _record(instance_id: str, entry: bytes) -> bytes:
     return _RECORD.pack(len(body) - len(entry), len(entry), zlib.crc32(body)) + body
 
 
-def _read(path: Path) -> tuple[dict[str, bytes], int, bool]:
+class _Pace:
+    """Called after each piece of bulk work: rests PACE_REST once PACE_WORK has passed."""
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._since >= PACE_WORK:  # the guest loop's turn
+            time.sleep(PACE_REST)
+            self._since = time.monotonic()
+
+
+def _read(path: Path, pace: Callable[[], None]) -> tuple[dict[str, bytes], int, bool]:
     """(entries by instance id, the last record of an id winning; records; whether whole),
-    read record by record."""
+    read at once and parsed record by record (paced: ~9 MB at 10,000 instances)."""
     entries: dict[str, bytes] = {}
     count = 0
-    with path.open("rb") as file:
-        if file.read(len(_MAGIC)) != _MAGIC:
+    data = memoryview(path.read_bytes())
+    if data[: len(_MAGIC)] != _MAGIC:
+        return entries, count, False
+    at = len(_MAGIC)
+    while at < len(data):
+        if len(data) - at < _RECORD.size:
             return entries, count, False
-        while header := file.read(_RECORD.size):
-            if len(header) < _RECORD.size:
-                return entries, count, False
-            name, size, crc = _RECORD.unpack(header)
-            body = file.read(name + size)
-            if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 6:
-                return entries, count, False
-            entries[body[:name].decode(errors="replace")] = body[name:]
-            count += 1
+        name, size, crc = _RECORD.unpack_from(data, at)
+        at += _RECORD.size
+        body = bytes(data[at : at + name + size])
+        at += name + size
+        if len(body) != name + size or zlib.crc32(body) != crc or size < DIGEST + 6:
+            return entries, count, False
+        entries[body[:name].decode(errors="replace")] = body[name:]
+        count += 1
+        pace()
     return entries, count, True
