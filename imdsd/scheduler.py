@@ -16,7 +16,7 @@ import asyncio
 import collections
 import functools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -70,6 +70,10 @@ class Rotator:
         self._started = False
         self._shares: dict[str, float] = {}  # a cold start's wave: key -> its first-refresh share
         self._due: collections.deque[str] = collections.deque()  # woken, waiting for a worker
+        # The keys in _due still wanting their refresh: one entry a key, and a key whose
+        # refresh finished meanwhile (an admin's, settle()'s) leaves it, so none is issued twice.
+        self._queued: set[str] = set()
+        self._closed = False
         self._workers: set[asyncio.Task[None]] = set()
         self._hiring = False  # a _hire() is due behind the current turn of the loop
 
@@ -133,6 +137,9 @@ class Rotator:
         """Stop: no more wake-ups; priming and every issuer call in flight are cancelled and
         awaited, so nothing is left running (or unretrieved) when the backend closes."""
         self._timetable.shutdown()
+        self._closed = True  # a _hire() already scheduled starts nothing now
+        self._due.clear()
+        self._queued.clear()
         tasks: list[asyncio.Future[Any]] = [*self._flights, *self._workers]  # superseded too
         if self._priming is not None:
             tasks.append(self._priming)
@@ -141,8 +148,10 @@ class Rotator:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def due(self, key: str) -> datetime | None:
-        """When the association's next refresh (or retry) is due, on the injected clock."""
-        return self._timetable.due(key)
+        """When the association's next refresh (or retry) is due, on the injected clock (now,
+        for one waiting for a worker)."""
+        due = self._timetable.due(key)
+        return self._clock.now() if due is None and key in self._queued else due
 
     async def wake(self) -> list[asyncio.Task[None]]:
         """The APScheduler job (and tests' one way in after moving the fake clock): start (or
@@ -152,17 +161,25 @@ class Rotator:
         every later refresh unscheduled. The keys go to at most `concurrency` workers (the
         tasks returned, which end when no key is left); APScheduler drops them, a test awaits
         them."""
-        self._due.extend(self._timetable.pop_due())
+        self._enqueue(self._timetable.pop_due())
         return self._hire()
+
+    def _enqueue(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            if key not in self._queued:
+                self._queued.add(key)
+                self._due.append(key)
 
     def _hire(self) -> list[asyncio.Task[None]]:
         """Workers for the keys waiting, up to `concurrency` in all; every worker running."""
         self._hiring = False
+        if self._closed:
+            return []
         # A worker that found the deque empty is done at once, but leaves the set only when
         # its callback runs: it must not count as one still taking keys.
         running = sum(1 for worker in self._workers if not worker.done())
         for _ in range(min(len(self._due), self._policy.concurrency - running)):
-            worker = asyncio.create_task(self._work(_popping(self._due)), name="rotation")
+            worker = asyncio.create_task(self._work(self._taking()), name="rotation")
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
         return list(self._workers)
@@ -172,7 +189,19 @@ class Rotator:
         refreshes due at once (an etcd batch, a reload) are never 1,000 tasks started in one
         turn of the guest loop, and the semaphore admits no more than this anyway."""
         for key in keys:
-            await self.refresh(key)
+            try:
+                await self.refresh(key)
+            except Exception as exc:  # a bug past the backend's own handling: the next key
+                log.error("rotation bug", instance=key, error=exc.__class__.__name__, exc_info=exc)
+
+    def _taking(self) -> Iterator[str]:
+        """The waiting keys, each taken off as a worker takes it; one that got its refresh
+        meanwhile is passed over."""
+        while self._due:
+            key = self._due.popleft()
+            if key in self._queued:
+                self._queued.discard(key)
+                yield key
 
     def reconcile(self, key: str) -> None:
         """Bring one instance's rotation in line with its association, at once and without
@@ -186,10 +215,12 @@ class Rotator:
         self._forget(
             key, keep_session=association is not None and self._served_for(key, association)
         )
-        if association is not None and self._started:
+        if association is None:
+            self._queued.discard(key)
+        elif self._started:
             # Due now: straight to the workers (behind this call), not through the timetable
             # and its job: a batch of 1,000 changes costs the loop ~1 us a key here.
-            self._due.append(key)
+            self._enqueue((key,))
             if not self._hiring:
                 self._hiring = True
                 asyncio.get_running_loop().call_soon(self._hire)
@@ -263,6 +294,7 @@ class Rotator:
     def _stored(self, key: str, association: Association, session: Session) -> None:
         if self._inventory.association(key) is not association:
             return  # replaced or removed while the issuer worked: reconcile() saw to its successor
+        self._queued.discard(key)  # this association has its refresh
         self._sessions.store(key, session, association.profile.role)
         self._attempts.pop(key, None)
         share = self._shares.pop(key, None)
@@ -293,6 +325,7 @@ class Rotator:
     def _failed(self, key: str, association: Association, exc: BackendError) -> None:
         if self._inventory.association(key) is not association:
             return  # the old association's failure is not its successor's (nor a removed one's)
+        self._queued.discard(key)  # retried on the timetable's backoff, not at once again
         attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
         now = self._clock.now()
@@ -326,9 +359,3 @@ class Rotator:
         self._timetable.drop(key)
         self._attempts.pop(key, None)
         self._shares.pop(key, None)
-
-
-def _popping(keys: collections.deque[str]) -> Iterator[str]:
-    """The deque's keys, each taken off as a worker takes it (later ones included)."""
-    while keys:
-        yield keys.popleft()

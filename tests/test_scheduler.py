@@ -311,6 +311,68 @@ async def test_refreshes_due_together_take_at_most_concurrency_tasks() -> None:
     assert rig.backend.max_in_flight == 1
 
 
+async def test_a_changed_association_is_issued_once_however_it_is_asked_for() -> None:
+    """Reconciled three times while the workers are busy, then settled by the admin verb
+    that promises a session: one issuer call for the new association, not one per ask (the
+    workers pass over a key whose refresh finished meanwhile)."""
+    rig = Rig(RotationPolicy(concurrency=1))
+    await rig.rotator.prime()
+    rig.rotator.start()
+    try:
+        before = rig.backend.calls
+        await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
+        for _ in range(3):
+            rig.rotator.reconcile(VM_A)
+        assert rig.rotator.due(VM_A) == rig.clock.now()  # waiting for a worker: due now
+        await rig.rotator.settle(VM_A)
+        await asyncio.gather(*await rig.rotator.wake())
+        assert rig.backend.calls == before + 1
+        entry = rig.sessions.get(VM_A)
+        assert entry is not None and entry.role_arn.endswith("role-b")
+    finally:
+        await rig.rotator.aclose()
+
+
+async def test_nothing_is_issued_after_aclose() -> None:
+    """A refresh reconciled just before the stop (its workers not hired yet) starts nothing
+    after aclose(): no issuer call outlives the backend."""
+    rig = Rig()
+    await rig.rotator.prime()
+    rig.rotator.start()
+    before = rig.backend.calls
+    await rig.inventory.commit(lambda: rig.inventory.replace_association(VM_A, "profile-b"))
+    rig.rotator.reconcile(VM_A)
+    await rig.rotator.aclose()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert rig.backend.calls == before and rig.backend.in_flight == 0
+
+
+async def test_a_worker_outlives_a_bug_in_one_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault past the backend's own handling (here: storing VM_A's session) is logged and
+    the worker goes on to the next key: VM_B still gets its refresh."""
+    rig = Rig(RotationPolicy(concurrency=1))
+    await rig.rotator.prime()
+    rig.rotator.start()
+    stored = rig.rotator._stored
+
+    def broken(key: str, *args: object) -> None:
+        if key == VM_A:
+            raise RuntimeError("bug")
+        stored(key, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rig.rotator, "_stored", broken)
+    try:
+        before = rig.key_id(VM_B)
+        rig.clock.advance(12 * H)
+        with capture_logs() as logs:
+            await asyncio.gather(*await rig.rotator.wake())
+        assert rig.key_id(VM_B) != before
+        assert any(e["event"] == "rotation bug" and e["instance"] == VM_A for e in logs)
+    finally:
+        await rig.rotator.aclose()
+
+
 async def test_reconcile_replaced_and_removed_association() -> None:
     """Replacing a profile serves the new role's session at once; disassociating drops it."""
     rig = Rig()
