@@ -4,10 +4,11 @@ collector around the daemon's bulk work.
 The collector: start-up and a reload build tens of thousands of long-lived objects (10,000
 instances, their sessions and documents), and each full collection while they are built walks
 all of them, stopping the guest loop for 10-30 ms, also when it runs in a reload's worker
-thread (it holds the GIL). So collections are paused while the bulk is built, and what was
-built is then moved out of the collector's sight (gc.freeze): later collections walk only
-what came after. Frozen objects are still freed by their reference counts when replaced
-(instances, sessions and documents hold no cycles)."""
+thread (it holds the GIL). So full collections are paused while the bulk is built (young
+ones go on: short-lived garbage still dies young), and what was built is then moved out of
+the collector's sight (gc.freeze): later collections walk only what came after. Frozen
+objects are still freed by their reference counts when replaced (instances, sessions and
+documents hold no cycles)."""
 
 from __future__ import annotations
 
@@ -18,23 +19,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 M_ARENA_MAX = -8  # glibc's mallopt() parameter
+NEVER = 1 << 30  # a generation-2 threshold no count reaches
 _lock = threading.Lock()
 _depth = 0  # pauses under way (a reload's thread and the loop may overlap)
-_enabled = True  # whether collections were on before the first pause began
-
+_thresholds = gc.get_threshold()  # as they were before the first pause began
 
 Resume = Callable[[], None]
 
 
 def paused() -> Resume:
-    """No cyclic collection until the returned `resume` is called (once counts: later calls do
-    nothing); when the last pause resumes, everything alive is frozen and collections resume."""
-    global _depth, _enabled
+    """No full collection until the returned `resume` is called (once counts: later calls do
+    nothing). The young generations are still collected, so the garbage guests' requests make
+    meanwhile dies young as always; when the last pause resumes, the young garbage left is
+    collected, everything alive is frozen, and full collections resume."""
+    global _depth, _thresholds
     with _lock:
         _depth += 1
         if _depth == 1:
-            _enabled = gc.isenabled()
-            gc.disable()
+            _thresholds = gc.get_threshold()
+            gc.set_threshold(_thresholds[0], _thresholds[1], NEVER)
     done = threading.Event()
 
     def resume() -> None:
@@ -45,9 +48,9 @@ def paused() -> Resume:
             done.set()
             _depth -= 1
             if _depth == 0:
+                gc.collect(1)  # young garbage is freed, not frozen for good
                 gc.freeze()
-                if _enabled:
-                    gc.enable()
+                gc.set_threshold(*_thresholds)
 
     return resume
 
