@@ -72,6 +72,9 @@ class Layout:
 
 Record = InstanceProfile | Instance | str  # a profile, an instance, an association's profile
 Baseline = tuple[list[Instance], list[InstanceProfile], list[tuple[str, str]]]
+# Records a batch may touch to be a patch (one step on the loop, ~3 ms per 1,000): a bigger
+# one is a whole baseline, made in steps.
+PATCH_MOST = 2_000
 STEP = 250  # records per turn of the daemon's loop when it makes the baseline (~0.5 ms)
 
 
@@ -134,7 +137,6 @@ class Mirror:
         self._touched: set[str] | None = None  # keys since; None: only a baseline can tell
         self._winners: dict[str, Instance] = {}  # the instances served (their claims won)
         self._owners = Directory(())
-        self._profiles: dict[str, InstanceProfile] = {}
         self._wanted: dict[str, str] = {}  # instance id -> the profile its record names
 
     def put(self, key: str, value: bytes, created: int) -> None:
@@ -220,7 +222,6 @@ class Mirror:
             )
         self._unknown_profiles = unknown
         self._touched, self._winners, self._owners = set(), instances, owners
-        self._profiles = {p.name: p for p in profiles}
         self._wanted = dict(wanted)
         return list(instances.values()), profiles, associations
 
@@ -230,10 +231,9 @@ class Mirror:
         where an address is claimed twice (who keeps it is settled among all claimants,
         oldest first)."""
         touched, self._touched = self._touched, None  # set again when the patch is whole
-        if touched is None:
+        if touched is None or len(touched) > PATCH_MOST:
             return None
         instances: dict[str, Instance | None] = {}
-        profiles: dict[str, InstanceProfile | None] = {}
         associations: dict[str, str | None] = {}
         for key in touched:
             kind = self.layout.kind(key)
@@ -242,11 +242,8 @@ class Mirror:
                 continue
             what, name = kind
             if what == "profile":
-                profile = record if isinstance(record, InstanceProfile) else None
-                profiles[name] = profile
-                self._set(self._profiles, name, profile)
-                associations.update((i, p) for i, p in self._wanted.items() if p == name)
-            elif what == "association":
+                return None  # every association may change with it: a whole baseline
+            if what == "association":
                 wanted = record if isinstance(record, str) else None
                 associations[name] = self._set(self._wanted, name, wanted)
             else:
@@ -264,7 +261,11 @@ class Mirror:
                 instances[name] = instance
                 associations[name] = self._wanted.get(name)
         self._touched = set()
-        return Patch(instances, profiles, associations)
+        return Patch(instances, associations)
+
+    def patch_no_more(self) -> None:
+        """The next patch() is None (a whole baseline), whatever it would have been."""
+        self._touched = None
 
     @staticmethod
     def _set(table: dict[str, T], name: str, value: T | None) -> T | None:

@@ -65,8 +65,13 @@ class FleetSource:
             patch = self.mirror.patch()
             if patch is not None:  # a batch: at its own size, applied in one step
                 await asyncio.sleep(0)  # the guests' turn (the mirror does not change)
-                applied(inventory.patch(patch))
-                return
+                try:
+                    applied(inventory.patch(patch))
+                    return
+                except Exception as exc:  # a bug: the view may be half-patched; rebuild it
+                    log.error("fleet patch failed; rebuilding the inventory",
+                              error=exc.__class__.__name__, exc_info=exc)  # fmt: skip
+                    self.mirror.patch_no_more()
             # a whole load: in bounded steps, the guest loop turning between them
             baseline = await steps.between_turns(self.mirror.baseline_in_steps())
             applied(await inventory.rebase(*baseline))

@@ -14,7 +14,7 @@ from datetime import datetime
 import structlog
 
 from imdsd.inventory.plan import View, same
-from imdsd.model import Association, Instance, InstanceProfile
+from imdsd.model import Association, Instance
 from imdsd.tokens import subject
 
 log = structlog.get_logger("imdsd.inventory")
@@ -22,12 +22,14 @@ log = structlog.get_logger("imdsd.inventory")
 
 @dataclass(frozen=True, slots=True)
 class Patch:
-    """What changed in a managed (etcd) baseline, to apply without re-planning the rest: each
-    maps a name to its new record, None for gone. `associations` names every instance whose
-    association must be looked at again (with the profile its record wants, or None)."""
+    """What changed in a managed (etcd) baseline, to apply without re-planning the rest:
+    instances by id, None for gone; `associations` names every instance whose association
+    must be looked at again (with the profile its record wants, or None). A changed profile
+    is no patch: every association may change with it, so the view is rebuilt in steps.
+    Instances a patch replaces move to the end of the served order (a rebuild orders them by
+    their records' creation): listings may show them in another order, nothing else."""
 
     instances: dict[str, Instance | None]
-    profiles: dict[str, InstanceProfile | None]
     associations: dict[str, str | None]
 
 
@@ -36,11 +38,6 @@ def apply(
 ) -> tuple[set[str], set[str]]:
     """Edit the served view in place. Returns the ids whose association changed or went, and
     those that left (as a rebase reports them); then the ids that came or went."""
-    for name, profile in patch.profiles.items():
-        if profile is None:
-            served.profiles.pop(name, None)
-        else:
-            served.profiles[name] = profile
     came_or_went = _instances(patch, served, now, incarnations, devices_bound=devices_bound)
     changed = _associations(patch, served, came_or_went, now)
     return changed | {iid for iid in came_or_went if iid not in served.instances}, came_or_went
