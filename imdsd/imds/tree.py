@@ -13,6 +13,7 @@ instance shares are one object for all trees.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class Tree:
     nodes: dict[str, Node] = field(repr=False)
     notary: Notary = field(repr=False)
     signed: list[Signed] = field(default_factory=list, repr=False)  # fetched on first read
+    fetching: list[asyncio.Future[Signed]] = field(default_factory=list, repr=False)
 
     def lookup(self, path: str) -> Node | None:
         """Resolve a request path ("/latest/meta-data/", "/2021-07-15/dynamic/..."). A
@@ -136,9 +138,17 @@ class Tree:
         """The document's signatures, fetched once per tree: made before the guest asked,
         or, when the guest outran the notary, made then in a thread (never on the loop)."""
         if not self.signed:
-            signed = await self.notary.signatures(self.instance.id, self.document,
-                                                  self.instance.region)  # fmt: skip
-            if not self.signed:  # another request's fetch may have finished first
+            if not self.fetching:  # one fetch per tree, however many requests wait on it
+                self.fetching.append(asyncio.ensure_future(self.notary.signatures(
+                    self.instance.id, self.document, self.instance.region)))  # fmt: skip
+            fetch = self.fetching[0]
+            try:
+                signed = await asyncio.shield(fetch)
+            except Exception:
+                if self.fetching and self.fetching[0] is fetch:
+                    self.fetching.clear()  # the next request tries again
+                raise
+            if not self.signed:
                 self.signed.append(signed)
         return getattr(self.signed[0], kind)  # type: ignore[no-any-return]
 

@@ -19,6 +19,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -34,6 +35,7 @@ SAVE_DELAY = 0.2  # seconds of quiet before what was made is written: one write 
 COMPACT_SLACK = 64  # stale records tolerated beyond as many as there are current ones
 LOAD_WAIT = 2.0  # a request's longest wait for the kept file being read at start
 CLOSE_WAIT = 5.0
+ON_REQUEST_THREADS = 2
 # Bulk work (10,000 documents rendered, digested and maybe signed; the kept file read back)
 # runs PACE_WORK, then rests PACE_REST: while it holds the GIL the guest loop waits at each of
 # its system calls, so the loop gets at least half of it (a warm start's first request took
@@ -60,6 +62,10 @@ class SignatureCache:
         self._unsaved: list[str] = []  # ids whose entry is not in the file yet
         self._records, self._rewrite, self._closing = 0, True, False
         self._thread: threading.Thread | None = None
+        # Requests the notary has not served yet sign here: threads of their own, so neither
+        # they nor a wait for the kept file take the default executor's (an upstream's
+        # signing, the vault, state saves) from the rest of the daemon.
+        self._on_request = ThreadPoolExecutor(ON_REQUEST_THREADS, "signatures on request")
         self._idle.set()
         self._resumed = threading.Event()  # bulk signing may run (start-up's priming is done)
         self.made_by_worker = self.made_on_request = 0  # signatures made, by whom (tests, bench)
@@ -82,6 +88,7 @@ class SignatureCache:
         """Stop after the signature in hand, and write down what was made."""
         self._closing = True
         self._jobs.put(None)
+        self._on_request.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(CLOSE_WAIT)
 
@@ -109,7 +116,9 @@ class SignatureCache:
         that thread, not on the loop (invariant 9)."""
         entry = self._current(instance_id, document, region) if self._loaded.is_set() else None
         if entry is None:
-            entry = await asyncio.to_thread(self._made_now, instance_id, document, region)
+            loop = asyncio.get_running_loop()
+            entry = await loop.run_in_executor(self._on_request, self._made_now, instance_id,
+                                               document, region)  # fmt: skip
         return unpacked(entry, document)
 
     def _current(self, instance_id: str, document: bytes, region: str) -> bytes | None:
@@ -127,10 +136,9 @@ class SignatureCache:
         if entry is None:
             entry = self.signer.signed(document, region)
             with self._lock:
-                self._live.add(instance_id)
                 self.made_on_request += 1
-            self._keep(instance_id, entry)
-            self._put(_NOTHING)  # the worker writes it down
+            if self._keep(instance_id, entry):  # kept only while the instance is (forget())
+                self._put(_NOTHING)  # the worker writes it down
         return entry
 
     def wait(self, timeout: float) -> bool:

@@ -160,3 +160,33 @@ async def test_a_read_while_the_kept_file_loads_never_blocks_the_loop() -> None:
         slow.release.set()
         await asyncio.to_thread(slow.close)
     assert signed.signature and slow.made_on_request == 0
+
+
+async def test_concurrent_reads_of_one_tree_sign_once(daemon: Daemon) -> None:
+    """Three requests for a tree's signatures before the notary made them share one signing
+    (in the notary's own request threads), and all get the same bytes."""
+    instance = daemon.inventory.instance(VM_A)
+    assert instance is not None
+    idle = SignatureCache(notary(daemon).signer, None)
+    try:
+        built = type(daemon.api.trees)(idle).get(instance, None, daemon.inventory.launched_at(VM_A))
+        answers = await asyncio.gather(*(built.signature("signature") for _ in range(3)))
+        assert len(set(answers)) == 1 and idle.made_on_request == 1
+    finally:
+        idle.close()
+
+
+async def test_an_instance_forgotten_while_signed_on_request_is_not_kept(daemon: Daemon) -> None:
+    """An instance removed while its signatures are made for a request is not brought back:
+    the request gets them, the notary keeps nothing for it (nor writes it down)."""
+    instance = daemon.inventory.instance(VM_A)
+    assert instance is not None
+    idle = SignatureCache(notary(daemon).signer, None)
+    try:
+        idle.prepare([VM_A], lambda: ())
+        idle.forget([VM_A])
+        document = identity(instance, None, daemon.inventory.launched_at(VM_A))
+        signed = await idle.signatures(VM_A, document, instance.region)
+        assert signed.signature and VM_A not in idle._entries and VM_A not in idle._live
+    finally:
+        idle.close()
