@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import math
 import os
 import resource
 import selectors
@@ -77,8 +78,10 @@ def timed_fetches(url: str, source: str, count: int, path: str = ROLE_PATH) -> l
 
 
 def p99(samples: list[float]) -> float:
+    """The 99th percentile, nearest rank: of 100 samples the 99th smallest (the maximum is
+    the 100th; it was taken here, so one slow fetch of 100 failed a p99 bound)."""
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return ordered[max(0, math.ceil(len(ordered) * 0.99) - 1)]
 
 
 def test_5000_idle_connections_from_one_instance_cost_others_nothing(
