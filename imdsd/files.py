@@ -21,7 +21,7 @@ from typing import Any
 def write_atomically(path: Path, data: bytes, mode: int) -> None:
     """Replace `path` with `data` (mode `mode`); OSError if the disk says no (the temporary
     file is then removed)."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    temporary = temporary_beside(path)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(descriptor, "wb") as out:
@@ -34,6 +34,17 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    fsync_directory(path)
+
+
+def temporary_beside(path: Path) -> Path:
+    """A name of its own for a temporary file next to `path` (hidden, random: two writers
+    never share one)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename of `path` durable: fsync the folder that holds it."""
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)

@@ -14,10 +14,11 @@ file. Only sealed bytes ever reach this module. Never imports aiohttp.
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+
+from imdsd.files import fsync_directory, temporary_beside
 
 HEADER = b"SQLite format 3\0"  # a file without it is the previous version's single sealed file
 APPLICATION_ID = 0x696D6473  # "imds": this is a vault, not any SQLite file
@@ -88,7 +89,7 @@ def write_whole(path: Path, rows: Iterable[tuple[str, bytes]]) -> None:
     removed first: replayed onto the new file it would corrupt it."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a write a crash interrupted
         stale.unlink(missing_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    temporary = temporary_beside(path)
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         os.chmod(temporary, 0o600)  # whatever the umask
@@ -99,11 +100,7 @@ def write_whole(path: Path, rows: Iterable[tuple[str, bytes]]) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_directory(path)
 
 
 def _build(path: Path, rows: Iterable[tuple[str, bytes]]) -> None:
