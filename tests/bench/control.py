@@ -109,6 +109,9 @@ with open(out, "w") as f:
 """
 
 
+Row = tuple[str, float, int]  # an operation, the worst latency during it, the answers then
+
+
 def iid(n: int) -> str:
     return f"i-{n:017x}"
 
@@ -179,12 +182,6 @@ def probing(directory: Path, port: int, source: str) -> Iterator[Callable[[], li
         stop()
 
 
-def measure(windows: list[tuple[str, float, float]], name: str, action: Callable[[], None]) -> None:
-    started = time.monotonic()
-    action()
-    windows.append((name, started, time.monotonic()))
-
-
 def worst(records: list[list[float]], start: float, end: float) -> tuple[float, int]:
     """(the worst latency of the answers overlapping [start, end], how many there were)."""
     during = [lat for t, lat in records if t <= end and t + lat >= start]
@@ -196,7 +193,7 @@ def settle(seconds: float = 0.5) -> None:
     time.sleep(seconds)
 
 
-def file_rows(directory: Path) -> list[tuple[str, float, float]]:
+def file_rows(directory: Path) -> list[Row]:
     """The file-sourced daemon: idle, SIGHUP, both lists, a warm start."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -212,38 +209,53 @@ def file_rows(directory: Path) -> list[tuple[str, float, float]]:
         path.write_text(text)
 
     write(0)
-    daemon = Daemon(directory, path)
+
+    def sighup(daemon: Daemon) -> None:
+        assert daemon.process is not None
+        write(CHANGES)
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for(b"READY=1", 60)
+        settle()
+
+    def warm_start(daemon: Daemon) -> None:
+        daemon.stop()
+        daemon.start()
+        settle()
+
+    return probed(directory, path, port, "idle (1 s, for reference)", [
+        (f"SIGHUP: {COUNT:,} instances, {CHANGES:,} associations changed", sighup),
+        ("imdsd instances list", lambda daemon: daemon.cli("instances", "list")),
+        ("imdsd sessions list", lambda daemon: daemon.cli("sessions", "list")),
+        (f"warm start ({COUNT:,} sessions in the vault)", warm_start),
+    ])  # fmt: skip
+
+
+def probed(directory: Path, config: Path, port: int, idle: str,
+           operations: list[tuple[str, Callable[[Daemon], None]]]) -> list[Row]:  # fmt: skip
+    """The daemon started on `config`, the probe asking the last instance's credentials all
+    along: a second of idle (the reference row), then each operation; a row each (name, the
+    worst latency of the answers overlapping it, how many there were)."""
+    daemon = Daemon(directory, config)
     daemon.start()
     windows: list[tuple[str, float, float]] = []
     try:
         with probing(directory, port, address(COUNT - 1)) as stop:
             time.sleep(1.0)
-            measure(windows, "idle (1 s, for reference)", lambda: time.sleep(1.0))
 
-            def sighup() -> None:
-                assert daemon.process is not None
-                write(CHANGES)
-                daemon.process.send_signal(signal.SIGHUP)
-                daemon.wait_for(b"READY=1", 60)
-                settle()
+            def idling(_: Daemon) -> None:
+                time.sleep(1.0)
 
-            def warm_start() -> None:
-                daemon.stop()
-                daemon.start()
-                settle()
-
-            measure(windows, f"SIGHUP: {COUNT:,} instances, {CHANGES:,} associations changed",
-                    sighup)  # fmt: skip
-            measure(windows, "imdsd instances list", lambda: daemon.cli("instances", "list"))
-            measure(windows, "imdsd sessions list", lambda: daemon.cli("sessions", "list"))
-            measure(windows, f"warm start ({COUNT:,} sessions in the vault)", warm_start)
+            for name, operation in [(idle, idling), *operations]:
+                started = time.monotonic()
+                operation(daemon)
+                windows.append((name, started, time.monotonic()))
             records = stop()
     finally:
         daemon.stop()
     return [(name, *worst(records, a, b)) for name, a, b in windows]
 
 
-def etcd_rows(directory: Path) -> list[tuple[str, float, float]] | str:
+def etcd_rows(directory: Path) -> list[Row] | str:
     """The etcd-sourced daemon: idle, then one transaction of 1,000 changed associations."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -262,7 +274,7 @@ def etcd_rows(directory: Path) -> list[tuple[str, float, float]] | str:
         etcd.stop()
 
 
-def _etcd_rows(directory: Path, etcd: object) -> list[tuple[str, float, float]]:
+def _etcd_rows(directory: Path, etcd: object) -> list[Row]:
     from tests.fleet.etcd import Etcd
 
     assert isinstance(etcd, Etcd)
@@ -279,26 +291,16 @@ def _etcd_rows(directory: Path, etcd: object) -> list[tuple[str, float, float]]:
         records[f"{mine}/instances/{iid(n)}"] = json.dumps(table).encode()
         records[f"{mine}/associations/{iid(n)}"] = json.dumps({"profile": "bench"}).encode()
     asyncio.run(_put(path, records, 1_000))
-    daemon = Daemon(directory, path)
-    daemon.start()
-    windows: list[tuple[str, float, float]] = []
-    try:
-        with probing(directory, port, address(COUNT - 1)) as stop:
-            time.sleep(1.0)
-            measure(windows, "idle (1 s, for reference), etcd source", lambda: time.sleep(1.0))
-            changes = {f"{prefix}/hosts/h1/associations/{iid(n)}": b'{"profile": "other"}'
-                       for n in range(CHANGES)}  # fmt: skip
+    changes = {f"{prefix}/hosts/h1/associations/{iid(n)}": b'{"profile": "other"}'
+               for n in range(CHANGES)}  # fmt: skip
 
-            def batch() -> None:
-                asyncio.run(_put(path, changes, CHANGES))
-                _until_role(port, CHANGES - 1, "other")
-                settle()
+    def batch(_: Daemon) -> None:
+        asyncio.run(_put(path, changes, CHANGES))
+        _until_role(port, CHANGES - 1, "other")
+        settle()
 
-            measure(windows, f"etcd: one batch of {CHANGES:,} changes", batch)
-            records_ = stop()
-    finally:
-        daemon.stop()
-    return [(name, *worst(records_, a, b)) for name, a, b in windows]
+    return probed(directory, path, port, "idle (1 s, for reference), etcd source",
+                  [(f"etcd: one batch of {CHANGES:,} changes", batch)])  # fmt: skip
 
 
 async def _put(config: Path, records: dict[str, bytes], per_txn: int) -> None:
