@@ -7,6 +7,7 @@ import base64
 import binascii
 import ipaddress
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -114,10 +115,22 @@ def listener_list(value: Any) -> tuple[Listener, ...]:
 def address_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ValueError(value)
-    out = tuple(str(ipaddress.ip_address(v)) for v in value)
+    out = tuple(canonical_address(v) for v in value)
     if len(set(out)) != len(out):
         raise ValueError(value)
     return out
+
+
+def canonical_address(value: str) -> str:
+    """An IP address in its canonical form (ValueError if it is none). A dotted quad already
+    canonical, as nearly every configured address is, is checked by the C library's round trip
+    (~1 us; the ipaddress module takes ~8 us, 80 ms of a 10,000-instance start)."""
+    try:
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value)) == value:
+            return value
+    except (OSError, ValueError):  # not a dotted quad (ValueError: an embedded NUL)
+        pass
+    return str(ipaddress.ip_address(value))
 
 
 def zone_of(region: str) -> Callable[[Any], str]:

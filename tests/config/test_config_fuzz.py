@@ -4,6 +4,7 @@ whose problems are one line each (check-config and run: exit 3), never another e
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from imdsd.config import validate
 from imdsd.config.budgets import BUDGET_KEYS
+from imdsd.config.converters import canonical_address
 from imdsd.config.instances import INSTANCE_KEYS, OPTION_KEYS
 from imdsd.errors import ConfigError
 
@@ -119,3 +121,27 @@ def test_a_date_where_a_duration_goes() -> None:
         assert [p.path for p in exc.problems] == ["rotation.jitter", "backend.local.lifetime"]
     else:
         raise AssertionError("accepted")
+
+
+_ADDRESS_LIKE = st.one_of(
+    st.ip_addresses().map(str),
+    st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,4}){2,4}", fullmatch=True),
+    st.text(alphabet="0123456789.:abcdefABCDEF%\x00 ", max_size=24),
+    st.text(max_size=12),
+)
+
+
+@given(_ADDRESS_LIKE)
+def test_an_address_is_accepted_and_written_as_ipaddress_does(value: str) -> None:
+    """An operator's address is taken or refused, and written, exactly as the ipaddress module
+    would (the fast path for canonical dotted quads changes nothing): leading zeros, five
+    parts, IPv6 spellings and stray bytes included."""
+    try:
+        expected: str | None = str(ipaddress.ip_address(value))
+    except ValueError:
+        expected = None
+    try:
+        found: str | None = canonical_address(value)
+    except ValueError:
+        found = None
+    assert found == expected
