@@ -67,6 +67,8 @@ class Follower:
                 try:
                     await self._follow(client)
                 except Exception as exc:
+                    if _stopping():  # a stop, reported by the client as its own error
+                        raise asyncio.CancelledError from exc
                     self._lost(exc, failures)
                 finally:
                     with contextlib.suppress(Exception):
@@ -183,3 +185,10 @@ async def _forward(watch: Any, queue: asyncio.Queue[Any]) -> None:
         queue.put_nowait(ConnectionError("the watch ended"))
     except Exception as exc:
         queue.put_nowait(exc)
+
+
+def _stopping() -> bool:
+    """This task has been asked to stop (a cancellation the etcd client turned into an error
+    of its own, or lost, still counts: Task.cancelling())."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -91,6 +91,19 @@ class FleetSource:
                 log.warning("fleet inventory: etcd not reached at start", serving_cache_of=saved)
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stopped(task)
+
+
+STOP_POLL = 0.5  # seconds between cancellations of a follower that has not ended
+
+
+async def stopped(task: asyncio.Task[None]) -> None:
+    """Cancel the follower and wait for it to end, cancelling it again every STOP_POLL
+    seconds: the etcd client can lose a cancellation (aetcd waits for a watch to be created
+    in asyncio.wait_for, which on Python 3.11 returns normally when the cancellation and the
+    answer arrive together), and a stop must not then wait on the watch for ever."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_POLL)
+    with contextlib.suppress(asyncio.CancelledError):
+        task.result()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from imdsd.clock import SystemClock
@@ -129,3 +130,71 @@ def test_an_unreadable_or_foreign_cache_is_ignored(tmp_path: Path) -> None:
     with capture_logs() as logs:
         assert cache.load() is None
     assert [e["event"] for e in logs] == ["fleet inventory cache unreadable; ignored"]
+
+
+async def test_a_stop_the_etcd_client_reports_as_its_error_still_stops(
+    etcd: Etcd, prefix: str, tmp_path: Path
+) -> None:
+    """aetcd can turn a cancellation into an error of its own (a cancelled gRPC call): the
+    follower must take it as the stop it is, and end, not log etcd as lost and reconnect
+    (the daemon's stop would wait on it). The conversion is injected: a real client does it
+    only when the cancellation lands inside a call."""
+    import aetcd
+
+    c = etcd.client
+    config = EtcdConfig(endpoints=(endpoint(etcd.url),), prefix=prefix, host="host-a",
+                        ca_file=c.ca, cert_file=c.cert, key_file=c.key)  # fmt: skip
+    layout = Layout(prefix, "host-a")
+    inside = asyncio.Event()
+
+    class Converting(Follower):
+        async def _follow(self, client: Any) -> None:
+            await client.connect()
+            inside.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise aetcd.InternalError("cancelled") from None
+
+    follower = Converting(config, Mirror(layout), Cache(tmp_path, layout), _nothing,
+                          SystemClock(), stale_since=datetime.now(UTC))  # fmt: skip
+    with capture_logs() as logs:
+        task = asyncio.create_task(follower.run())
+        await asyncio.wait_for(inside.wait(), 10)
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+    assert task.cancelled()
+    assert not [e for e in logs if "unreachable" in e["event"]]
+
+
+async def test_stopping_a_follower_that_lost_its_cancellation() -> None:
+    """A follower that swallowed one cancellation (Python 3.11's wait_for inside aetcd can)
+    is cancelled again until it ends: a stop never waits on it for ever. An error it ends with
+    is not hidden."""
+    from imdsd.fleet.source import stopped
+
+    swallowed = 0
+
+    async def deaf() -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed += 1  # lost, as in the race
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stopped(task), 5)
+    assert task.cancelled() and swallowed == 1
+
+    async def failing() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("closing failed") from None
+
+    task = asyncio.create_task(failing())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError):
+        await stopped(task)
