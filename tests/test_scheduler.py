@@ -270,7 +270,7 @@ async def test_refresh_right_after_another_is_not_swallowed() -> None:
     finished.set_result(None)
     association = rig.inventory.association(VM_A)
     assert association is not None
-    rig.rotator._inflight[VM_A] = (association, finished)  # type: ignore[assignment]  # lingering
+    rig.rotator._inflight[VM_A] = (association, finished)  # lingering
     await rig.rotator.refresh(VM_A)
     assert rig.key_id() != first and rig.backend.calls == 2
 

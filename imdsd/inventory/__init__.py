@@ -285,7 +285,7 @@ class Inventory:
         went, and those that left the inventory (what was kept for them must go too)."""
         self.version += 1
         if self.changed is not None:
-            self.changed.update(view.instances.keys() ^ self._instances.keys())
+            self.changed.update(view.came_or_went)
         self._profiles, self._launched, self._subjects = view.profiles, view.launched, view.subjects
         self._whois = view.whois
         self._instances, self._associations = view.instances, view.associations

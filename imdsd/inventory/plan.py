@@ -54,6 +54,7 @@ class Planned(View):
     """An effective view, planned and not yet installed."""
 
     changed: set[str]  # the ids whose association changed or went, and those that left
+    came_or_went: set[str]  # the ids that joined or left the inventory
 
 
 def effective_view(
@@ -84,8 +85,10 @@ def effective_view(
         baseline, overrides, served.associations, instances, profiles, now
     )
     changed = yield from _changed_ids(served, instances, associations)
+    came_or_went = yield from _came_or_went(served.instances, instances)
     whois = yield from _directory(instances.values())
-    return Planned(profiles, instances, associations, whois, launched, subjects, changed)
+    return Planned(profiles, instances, associations, whois, launched, subjects, changed,
+                   came_or_went)  # fmt: skip
 
 
 def same(old: Instance | None, new: Instance) -> Instance:
@@ -115,6 +118,22 @@ def _changed_ids(
         if n % STEP == 0:
             yield
     return changed
+
+
+def _came_or_went(
+    served: dict[str, Instance], instances: dict[str, Instance]
+) -> Generator[None, None, set[str]]:
+    """The ids in one of the two views and not the other, found in steps of STEP (one set
+    operation on two 10,000-key views took ~2 ms of the turn that installs the plan)."""
+    out: set[str] = set()
+    for n, (iid, there) in enumerate(
+        itertools.chain(((i, instances) for i in served), ((i, served) for i in instances)), 1
+    ):
+        if iid not in there:
+            out.add(iid)
+        if n % STEP == 0:
+            yield
+    return out
 
 
 def _effective_instances(

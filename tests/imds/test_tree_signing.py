@@ -29,6 +29,7 @@ def notary(daemon: Daemon) -> SignatureCache:
 
 
 async def settled(cache: SignatureCache) -> None:
+    await asyncio.sleep(0)  # what Daemon.apply() hands the notary on the next turn
     assert await asyncio.to_thread(cache.wait, WAIT), "the notary did not finish"
 
 
