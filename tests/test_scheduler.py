@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from imdsd.backends.local import LocalIssuer
+from imdsd.config import Config
 from imdsd.errors import BackendError
 from imdsd.imds import render
 from imdsd.inventory import Inventory
@@ -85,8 +86,13 @@ def test_retry_after_table(attempt: int, u: float, expected: timedelta) -> None:
 class Rig:
     """A Rotator over the real local issuer (wrapped to fail on cue) and a fake clock."""
 
-    def __init__(self, policy: RotationPolicy = DEFAULT, lifetime: timedelta = 6 * H) -> None:
-        config = make_config()
+    def __init__(
+        self,
+        policy: RotationPolicy = DEFAULT,
+        lifetime: timedelta = 6 * H,
+        config: Config | None = None,
+    ) -> None:
+        config = config or make_config()
         self.clock = FakeClock()
         self.backend = FlakyBackend(LocalIssuer(b"k" * 32, lifetime, self.clock))
         self.inventory = Inventory(

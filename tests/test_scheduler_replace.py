@@ -4,10 +4,12 @@ is reported, what reaches the upstream, and what a stop leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from imdsd.errors import BackendError
 from imdsd.model import RotationPolicy
-from tests.helpers import VM_A, VM_B
+from imdsd.scheduler import RECONCILE_STEP
+from tests.helpers import ROLE_A, ROLE_B, VM_A, VM_B, make_config
 from tests.test_scheduler import Rig
 
 
@@ -51,3 +53,38 @@ async def test_a_stop_cancels_a_superseded_refresh_too() -> None:
     assert rig.backend.in_flight == 0
     for waiter in (old, new):
         await asyncio.gather(waiter, return_exceptions=True)
+
+
+async def test_a_large_batch_is_reconciled_in_steps_and_shows_nothing_old() -> None:
+    """An etcd transaction or a reload replacing many associations at once: from the call on,
+    no guest gets the old role's session or the old association's failure, though sessions
+    are reconciled RECONCILE_STEP a turn behind the call (the loop is never held for the
+    whole batch); settle() waits for its key, and every key gets its new role's session."""
+    count = 3 * RECONCILE_STEP + 7
+    extra = "".join(
+        f'[[instances]]\nid = "i-{n:017x}"\naddresses = ["127.3.{n // 250}.{n % 250 + 1}"]\n'
+        f'[[associations]]\ninstance = "i-{n:017x}"\nprofile = "profile-a"\n'
+        for n in range(count)
+    )
+    rig = Rig(config=make_config(extra))
+    keys = [f"i-{n:017x}" for n in range(count)]
+    await rig.rotator.prime()
+    rig.rotator.start()
+    failed = keys[-1]
+    rig.sessions.fail(failed, "AccessDenied", "role-a refused", rig.clock.now())
+    for key in keys:
+        await rig.inventory.commit(
+            functools.partial(rig.inventory.replace_association, key, "profile-b")
+        )
+    try:
+        rig.rotator.reconcile_all(keys)
+        served = [rig.served(key) for key in keys]
+        assert all(b'"Code" : "CredentialsPending"' in body for body in served), served[-1]
+        await asyncio.sleep(0)
+        old = [k for k in keys if (s := rig.sessions.get(k)) and s.role_arn == ROLE_A]
+        assert 0 < len(old) < count  # one step done, the rest behind it
+        await asyncio.gather(*(rig.rotator.settle(key) for key in keys))
+        assert all(s is not None and s.role_arn == ROLE_B for s in map(rig.sessions.get, keys))
+        assert rig.backend.names.count(failed) == 2  # primed once, then the new role once
+    finally:
+        await rig.rotator.aclose()

@@ -75,8 +75,9 @@ class Daemon:
 
     def apply(self, instance_ids: set[str]) -> None:
         """Follow an inventory change that has just taken effect, at once (invariant 9): what
-        belonged to instances that left (tree, budget account, session) is dropped; new or
-        replaced associations are due for a session now, issued behind this call. Nothing here
+        belonged to instances that left (tree, budget account) is dropped; new or replaced
+        associations are due for a session now, issued behind this call (a large batch's
+        sessions are reconciled in steps behind it: Rotator.reconcile_all). Nothing here
         waits: the next guest request already sees the change."""
         gone = [i for i in instance_ids if self.inventory.instance(i) is None]
         self.api.trees.forget(gone)
@@ -86,8 +87,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         loop.call_soon(self.api.trees.prepare, self.inventory, set(instance_ids))
         self.api.ledger.forget(gone)
-        for instance_id in instance_ids:
-            self.rotator.reconcile(instance_id)
+        self.rotator.reconcile_all(instance_ids)
         self.listeners.changed()  # a device or namespace may have come or gone
 
     async def settled(self, instance_ids: set[str]) -> None:
