@@ -39,6 +39,9 @@ IDENTITY_DOCUMENT = "dynamic/instance-identity/document"
 # Trees kept (~6 KB each, ~8 KB with signatures): the guests reading now (a boot storm's
 # crawls, 64 at a time in the bench), with room to spare.
 TREES_KEPT = 512
+# Instances a turn whose records are read for the notary behind a change (~1 us each alone;
+# an etcd load of 10,000 read them in one 23 ms turn)
+PREPARE_STEP = 250
 # Listings that name what is the instance's own (its MACs): sharing them saves nothing and
 # would fill the shared table with one value per instance a host has ever served.
 UNIQUE_LISTINGS = frozenset({"meta-data/network/interfaces/macs"})
@@ -293,6 +296,19 @@ class TreeCache:
             [i.id for i in instances],
             lambda: ((i.id, identity(i, a, p), i.region) for i, a, p in now),
         )
+
+    def prepare_soon(self, inventory: Inventory, instance_ids: Iterable[str]) -> None:
+        """prepare() behind this call, PREPARE_STEP instances a turn, each as it is then (a
+        guest that reads its document first has it signed at once anyway)."""
+        ids = list(instance_ids)
+        loop = asyncio.get_running_loop()
+
+        def step(start: int) -> None:
+            self.prepare(inventory, ids[start : start + PREPARE_STEP])
+            if start + PREPARE_STEP < len(ids):
+                loop.call_soon(step, start + PREPARE_STEP)
+
+        loop.call_soon(step, 0)
 
     def forget(self, instance_ids: Iterable[str]) -> None:
         """Drop the trees and signatures of instances that are gone (short-lived VMs)."""

@@ -3,13 +3,16 @@ instances have in common, so 10,000 guests that booted do not cost 10,000 trees.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from imdsd.imds.tree import Documents, Signed, TreeCache
+from imdsd.clock import SystemClock
+from imdsd.imds.tree import PREPARE_STEP, Documents, Signed, TreeCache
+from imdsd.inventory import Inventory
 from imdsd.model import Instance
 from tests.helpers import VM_A, make_config
 
@@ -96,3 +99,34 @@ class _Forgetful(dict[bytes, bytes]):
 
     def setdefault(self, key: bytes, default: bytes | None = None) -> bytes:
         return key
+
+
+class Recording(Unsigned):
+    """A notary that records what it is handed, per call."""
+
+    def __init__(self) -> None:
+        self.handed: list[list[tuple[str, bytes, str]]] = []
+
+    def prepare(self, instance_ids: Iterable[str], documents: Documents) -> None:
+        self.handed.append(list(documents()))
+
+
+async def test_a_large_change_reaches_the_notary_in_steps() -> None:
+    """Behind a change of many instances (an etcd load, a reload), their documents reach the
+    notary PREPARE_STEP instances a turn of the loop, never in the turn of the change, and
+    every instance that is still there is handed over, as its records are when handed."""
+    count = 2 * PREPARE_STEP + 3
+    config = make_config()
+    guests = instances(count)
+    inventory = Inventory(guests, config.profiles, (), SystemClock())
+    notary = Recording()
+    TreeCache(notary).prepare_soon(inventory, [g.id for g in guests])
+    assert notary.handed == []
+    sizes = []
+    for _ in range(3):
+        await asyncio.sleep(0)
+        sizes.append(sum(len(h) for h in notary.handed))
+    assert sizes == [PREPARE_STEP, 2 * PREPARE_STEP, count]
+    handed = [entry for h in notary.handed for entry in h]
+    assert [i for i, _, _ in handed] == [g.id for g in guests]
+    assert all(f'"{i}"'.encode() in document for i, document, _ in handed)
