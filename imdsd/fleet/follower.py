@@ -149,29 +149,32 @@ class Follower:
                 batch = [await queue.get()]
                 while not queue.empty():  # what arrived together is applied together
                     batch.append(queue.get_nowait())
+                keys = set()
                 for n, event in enumerate(batch, 1):
                     if isinstance(event, BaseException):
                         raise event
-                    self._event(event)  # parses the one record it writes
+                    keys.add(self._event(event))  # parses the one record it writes
                     if n % EVENTS_STEP == 0:  # the guests are served between steps; the
                         await asyncio.sleep(0)  # inventory changes only once, at the end
-                await self._changed()
+                await self._changed(keys)
         finally:
             for reader in readers:
                 reader.cancel()
 
-    def _event(self, event: Any) -> None:
-        key = event.kv.key.decode(errors="replace")
+    def _event(self, event: Any) -> str:
+        key: str = event.kv.key.decode(errors="replace")
         if event.kind == EventKind.DELETE:
             self._mirror.delete(key)
         else:
             self._mirror.put(key, event.kv.value, event.kv.create_revision)
         self._mirror.revision = max(self._mirror.revision, int(event.kv.mod_revision))
+        return key
 
-    async def _changed(self) -> None:
+    async def _changed(self, keys: set[str] | None = None) -> None:
+        """Apply the mirror, then cache what changed: the batch's keys (None: everything)."""
         await self._apply()
         try:
-            await asyncio.to_thread(self._cache.save, self._mirror, self._clock.now())
+            await asyncio.to_thread(self._cache.save, self._mirror, self._clock.now(), keys)
         except OSError as exc:
             log.warning("fleet inventory cache not written", path=str(self._cache.path),
                         error=exc.__class__.__name__)  # fmt: skip
