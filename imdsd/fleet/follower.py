@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -25,7 +26,7 @@ from imdsd.clock import Clock
 from imdsd.config.inventory import EtcdConfig
 from imdsd.errors import UnreadableFiles
 from imdsd.fleet.cache import Cache
-from imdsd.fleet.client import Client, open_client
+from imdsd.fleet.client import RESPONSE_END, Client, open_client
 from imdsd.fleet.records import Mirror
 
 log = structlog.get_logger("imdsd.etcd")
@@ -140,23 +141,29 @@ class Follower:
 
     async def _watch(self, client: Client, revision: int) -> None:
         layout = self._mirror.layout
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         watches = [await client.watch_prefix(p.encode(), start_revision=revision + 1)
                    for p in (layout.profiles, layout.mine())]  # fmt: skip
-        readers = [asyncio.create_task(_forward(w, queue)) for w in watches]
+        readers = [asyncio.create_task(_forward(w, n, queue)) for n, w in enumerate(watches)]
+        # A response's events come RESPONSE_STEP a turn: they are applied as one change once
+        # every response begun (on either watch) has ended.
+        keys: set[str] = set()
+        begun: set[int] = set()
         try:
-            while True:
-                batch = [await queue.get()]
-                while not queue.empty():  # what arrived together is applied together
-                    batch.append(queue.get_nowait())
-                keys = set()
-                for n, event in enumerate(batch, 1):
-                    if isinstance(event, BaseException):
-                        raise event
-                    keys.add(self._event(event))  # parses the one record it writes
-                    if n % EVENTS_STEP == 0:  # the guests are served between steps; the
-                        await asyncio.sleep(0)  # inventory changes only once, at the end
-                await self._changed(keys)
+            for n in itertools.count(1):
+                which, event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if event is RESPONSE_END:
+                    begun.discard(which)
+                    if keys and not begun:
+                        await self._changed(keys)
+                        keys = set()
+                    continue
+                begun.add(which)
+                keys.add(self._event(event))  # parses the one record it writes
+                if n % EVENTS_STEP == 0:  # the guests are served between steps; the
+                    await asyncio.sleep(0)  # inventory changes only once, at the end
         finally:
             for reader in readers:
                 reader.cancel()
@@ -180,14 +187,15 @@ class Follower:
                         error=exc.__class__.__name__)  # fmt: skip
 
 
-async def _forward(watch: Any, queue: asyncio.Queue[Any]) -> None:
-    """One watch's events into the shared queue; its end or failure as an exception."""
+async def _forward(watch: Any, which: int, queue: asyncio.Queue[tuple[int, Any]]) -> None:
+    """One watch's events into the shared queue, tagged with `which`; its end or failure as an
+    exception."""
     try:
         async for event in watch:
-            queue.put_nowait(event)
-        queue.put_nowait(ConnectionError("the watch ended"))
+            queue.put_nowait((which, event))
+        queue.put_nowait((which, ConnectionError("the watch ended")))
     except Exception as exc:
-        queue.put_nowait(exc)
+        queue.put_nowait((which, exc))
 
 
 def _stopping() -> bool:

@@ -16,6 +16,7 @@ it is sent, which tell a TLS ClientHello from HTTP/2's plaintext preface.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import aetcd
 import grpc
@@ -23,7 +24,13 @@ import pytest
 from aetcd import exceptions, rpc, utils
 
 from imdsd.config.inventory import Endpoint
-from imdsd.fleet.client import CALL_TIMEOUT_SECONDS, Client
+from imdsd.fleet.client import (
+    CALL_TIMEOUT_SECONDS,
+    RESPONSE_END,
+    RESPONSE_STEP,
+    Client,
+    PacedWatcher,
+)
 
 HANG_GUARD_SECONDS = 10.0  # a broken coupling must fail, not hang
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake (the ClientHello), version 3.x
@@ -89,3 +96,46 @@ def test_snapshot_private_names() -> None:
     refused = rpc.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="etcd went away")
     with pytest.raises(aetcd.exceptions.ConnectionFailedError, match="etcd went away"):
         exceptions._handle_exception(refused)
+
+
+async def test_the_paced_watcher_replaces_aetcds_and_paces_a_real_response() -> None:
+    """Client.connect() swaps the watcher aetcd made for a PacedWatcher (aetcd's connect()
+    still sets `_watcher`, and Watcher still has `_handle_response`, `_process_callback` and
+    `_callbacks`). Over a real WatchResponse of 2 x RESPONSE_STEP + 1 events, the events
+    reach the watch's callback in order, at most RESPONSE_STEP per turn of the loop, then
+    RESPONSE_END once."""
+    client = Client(
+        Endpoint("127.0.0.1", 2379, tls=False), credentials=None, user=None, password=None
+    )
+    await client.connect()  # gRPC connects lazily: nothing is sent
+    try:
+        watcher = client._watcher
+        assert isinstance(watcher, PacedWatcher)
+        got: list[tuple[int, object]] = []
+        turn = 0
+
+        def tick() -> None:
+            nonlocal turn
+            turn += 1
+            if not done.is_set():
+                asyncio.get_running_loop().call_soon(tick)
+
+        async def callback(event: object) -> None:
+            got.append((turn, event))
+
+        done = asyncio.Event()
+        watcher._callbacks[7] = aetcd.watcher.WatcherCallback(callback)
+        count = 2 * RESPONSE_STEP + 1
+        events = [rpc.Event(type=rpc.Event.PUT, kv=rpc.KeyValue(key=b"k%d" % n, value=b"v"))
+                  for n in range(count)]  # fmt: skip
+        response = rpc.WatchResponse(watch_id=7, events=events)
+        asyncio.get_running_loop().call_soon(tick)
+        await watcher._handle_response(response)
+        done.set()
+        del watcher._callbacks[7]  # else close() delivers its end (None) to it too
+    finally:
+        await client.close()
+    assert [e.kv.key for _, e in got[:-1]] == [b"k%d" % n for n in range(count)]  # type: ignore[attr-defined]
+    assert got[-1][1] is RESPONSE_END
+    per_turn = Counter(t for t, _ in got)
+    assert max(per_turn.values()) <= RESPONSE_STEP and len(per_turn) >= 3

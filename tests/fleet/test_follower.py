@@ -198,3 +198,47 @@ async def test_stopping_a_follower_that_lost_its_cancellation() -> None:
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError):
         await stopped(task)
+
+
+async def test_a_transaction_arrives_as_one_change_however_it_is_paced(
+    etcd: Etcd, prefix: str, tmp_path: Path
+) -> None:
+    """A transaction of more than 2 x RESPONSE_STEP records (etcd allows 128 operations), which
+    aetcd now hands over RESPONSE_STEP a turn: the follower applies it as one change, with
+    every record of it in the mirror ("what arrived together is applied together")."""
+    from imdsd.fleet.client import RESPONSE_STEP
+
+    count = 2 * RESPONSE_STEP + 20
+    c = etcd.client
+    config = EtcdConfig(endpoints=(endpoint(etcd.url),), prefix=prefix, host="host-a",
+                        ca_file=c.ca, cert_file=c.cert, key_file=c.key)  # fmt: skip
+    layout = Layout(prefix, "host-a")
+    mirror = Mirror(layout)
+    seen: list[int] = []  # instances in the mirror at each change applied
+
+    async def apply() -> None:
+        seen.append(len(mirror.baseline()[0]))
+
+    follower = Follower(config, mirror, Cache(tmp_path, layout), apply, SystemClock(),
+                        stale_since=datetime.now(UTC))  # fmt: skip
+    writer = open_client(config)
+    await writer.connect()
+    task = asyncio.create_task(follower.run())
+    try:
+        await asyncio.wait_for(follower.synced.wait(), 10)
+        vm = [f"i-{n:017x}" for n in range(count)]
+        ops = [writer.transactions.put(layout.instance(i).encode(), b'{"addresses": ["10.9.0.1"]}')
+               for i in vm[:1]]  # fmt: skip
+        ops += [writer.transactions.put(layout.instance(i).encode(),
+                                        f'{{"addresses": ["10.8.{n // 250}.{n % 250 + 1}"]}}'.encode())
+                for n, i in enumerate(vm[1:], 1)]  # fmt: skip
+        await writer.transaction(compare=[], success=ops, failure=[])
+        for _ in range(250):
+            if len(seen) > 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # a second, partial change would have come by now
+    finally:
+        task.cancel()
+        await writer.close()
+    assert seen == [0, count]
