@@ -81,8 +81,8 @@ class Rotator:
         self._hiring = False  # a _hire() is due behind the current turn of the loop
         # A batch's keys still to reconcile, RECONCILE_STEP a turn (a dict: one entry a key)
         self._reconciling: dict[str, None] = {}
-        self._reconciled = asyncio.Event()  # set whenever nothing is left to reconcile
-        self._reconciled.set()
+        self._stepping = False  # a step is due behind the current turn
+        self._stepped = asyncio.Event()  # set (and replaced) after each step
 
     async def prime(self, deadline: float | None = None) -> bool:
         """Get a session for every association, waiting at most `deadline` seconds; True when
@@ -146,7 +146,7 @@ class Rotator:
         self._timetable.shutdown()
         self._closed = True  # a _hire() already scheduled starts nothing now
         self._reconciling.clear()
-        self._reconciled.set()
+        self._stepped.set()
         self._due.clear()
         self._queued.clear()
         tasks: list[asyncio.Future[Any]] = [*self._flights, *self._workers]  # superseded too
@@ -158,10 +158,11 @@ class Rotator:
 
     def due(self, key: str) -> datetime | None:
         """When the association's next refresh (or retry) is due, on the injected clock (now,
-        for one waiting for a worker)."""
+        for one waiting for a worker or for a batch's step: not its predecessor's time)."""
+        if key in self._reconciling:
+            return self._clock.now()
         due = self._timetable.due(key)
-        waiting = key in self._queued or key in self._reconciling
-        return self._clock.now() if due is None and waiting else due
+        return self._clock.now() if due is None and key in self._queued else due
 
     async def wake(self) -> list[asyncio.Task[None]]:
         """The APScheduler job (and tests' one way in after moving the fake clock): start (or
@@ -222,6 +223,10 @@ class Rotator:
             self._inflight[key] = (association, done)  # others join it, as a task's
         try:
             await self._refresh(key, association)
+        except Exception as exc:  # a bug past _refresh's own handling: joiners get it too
+            done.set_exception(exc)
+            done.exception()  # retrieved: the worker logs it
+            raise
         except BaseException:
             done.cancel()  # the worker was cancelled (aclose): so are those who joined
             raise
@@ -237,6 +242,8 @@ class Rotator:
             key = self._due.popleft()
             if key in self._queued:
                 self._queued.discard(key)
+                if key in self._reconciling:
+                    continue  # its step reconciles it soon, and queues it again
                 yield key
 
     def reconcile_all(self, keys: Iterable[str]) -> None:
@@ -246,25 +253,38 @@ class Rotator:
         call. Meanwhile no guest gets another role's session (answers check the role), and
         settle() waits for its key."""
         keys = list(keys)
-        if len(keys) <= RECONCILE_STEP and not self._reconciling:
+        if len(keys) <= RECONCILE_STEP:  # an admin verb's change: in full on return
             for key in keys:
+                self._reconciling.pop(key, None)  # this covers a batch's pending one too
                 self.reconcile(key)
             return
         for key in keys:
             self._sessions.clear_failure(key)
             self._reconciling[key] = None
-        if self._reconciled.is_set():
-            self._reconciled.clear()
+        if not self._stepping:
+            self._stepping = True
             asyncio.get_running_loop().call_soon(self._reconcile_step)
 
     def _reconcile_step(self) -> None:
-        for _ in range(min(RECONCILE_STEP, len(self._reconciling))):
-            key, _ = self._reconciling.popitem()  # the order does not matter; popitem is O(1)
-            self.reconcile(key)
-        if self._reconciling:
-            asyncio.get_running_loop().call_soon(self._reconcile_step)
-        else:
-            self._reconciled.set()
+        try:
+            for _ in range(min(RECONCILE_STEP, len(self._reconciling))):
+                key, _ = self._reconciling.popitem()  # the order does not matter: O(1)
+                try:
+                    self.reconcile(key)
+                except Exception as exc:  # a bug: the other keys are still reconciled
+                    log.error("rotation bug", instance=key, error=exc.__class__.__name__,
+                              exc_info=exc)  # fmt: skip
+        finally:
+            stepped, self._stepped = self._stepped, asyncio.Event()
+            stepped.set()  # settle() and refresh() look again
+            self._stepping = bool(self._reconciling) and not self._closed
+            if self._stepping:
+                asyncio.get_running_loop().call_soon(self._reconcile_step)
+
+    async def _until_reconciled(self, key: str) -> None:
+        """Until a batch's step has reconciled this key (at once when it is in none)."""
+        while key in self._reconciling:
+            await self._stepped.wait()
 
     def reconcile(self, key: str) -> None:
         """Bring one instance's rotation in line with its association, at once and without
@@ -291,8 +311,7 @@ class Rotator:
     async def settle(self, key: str) -> None:
         """Wait until the association's current refresh (started now if due) has finished:
         issued or failed. For the admin verbs that promise a session on return."""
-        while key in self._reconciling:  # a batch's: reconciled in steps, behind its change
-            await self._reconciled.wait()
+        await self._until_reconciled(key)  # a batch's: reconciled in steps, behind its change
         flight = self._inflight.get(key)
         association = self._inventory.association(key)
         if association is None:
@@ -303,7 +322,9 @@ class Rotator:
             await self.refresh(key)
 
     async def refresh(self, key: str) -> None:
-        """Replace the association's session; concurrent callers share one issuer call."""
+        """Replace the association's session; concurrent callers share one issuer call. A key
+        a batch's step has still to reconcile waits for it (which drops its schedule)."""
+        await self._until_reconciled(key)
         await asyncio.shield(self._launch(key))
 
     def _launch(self, key: str) -> asyncio.Future[None]:

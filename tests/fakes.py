@@ -51,10 +51,12 @@ class FlakyBackend:
     in_flight: int = 0
     max_in_flight: int = 0
     names: list[str] = field(default_factory=list)
+    issued: list[tuple[str, str]] = field(default_factory=list)  # (session name, role), each call
 
     async def issue(self, profile: InstanceProfile, *, session_name: str) -> Session:
         self.calls += 1
         self.names.append(session_name)
+        self.issued.append((session_name, profile.role.arn))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

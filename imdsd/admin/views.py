@@ -44,6 +44,11 @@ def session_view(inventory: Inventory, sessions: SessionCache, instance_id: str,
                  due: datetime | None) -> dict[str, Any]:  # fmt: skip
     association = inventory.association(instance_id)
     served, failure = sessions.get(instance_id), sessions.failure(instance_id)
+    state = sessions.state(instance_id, now)
+    if served is not None and (
+        association is None or served.role_arn != association.profile.role.arn
+    ):
+        served, state = None, "pending"  # another role's, until a batch's step drops it
     return {
         "instance": instance_id,
         "profile": association.profile.name if association else None,
@@ -51,7 +56,7 @@ def session_view(inventory: Inventory, sessions: SessionCache, instance_id: str,
         "access_key": key_display(served.session.access_key_id) if served else None,
         "expires": _iso(served.expiration) if served else None,
         "next_refresh": _iso(due),
-        "state": sessions.state(instance_id, now),
+        "state": state,
         "last_error": {"code": failure.code, "at": _iso(failure.at)} if failure else None,
         "source": inventory.association_origin(instance_id),
     }
