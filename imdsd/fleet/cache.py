@@ -58,8 +58,9 @@ class Cache:
         for line in self._journal_lines():
             try:
                 entry = json.loads(line)
-                if int(entry["revision"]) <= revision:
-                    continue  # older than the whole file: written before it
+                if int(entry["revision"]) < revision:
+                    continue  # older than the whole file: written before it (a line of its
+                    # revision may be newer: a transaction on both prefixes is two lines)
                 changes = {k: None if r is None else (int(r[0]), base64.b64decode(r[1]))
                            for k, r in entry["records"].items()}  # fmt: skip
                 saved_at = datetime.fromisoformat(entry["saved_at"])
@@ -83,9 +84,13 @@ class Cache:
         records = {key: mirror.raw.get(key) for key in keys}
         parts = [f'{{"revision": {int(mirror.revision)}, "saved_at": "{now.isoformat()}", '
                  '"records": {', *_encoded(records.items()), "}}\n"]  # fmt: skip
-        descriptor = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, CACHE_MODE)
-        with os.fdopen(descriptor, "ab") as out:  # a crash may tear the line: load stops there
-            out.write("".join(parts).encode())
+        try:
+            descriptor = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, CACHE_MODE)
+            with os.fdopen(descriptor, "ab") as out:  # a crash may tear it: load stops there
+                out.write("".join(parts).encode())
+        except OSError:
+            self._whole_bytes = None  # a torn line would hide every later one: whole next time
+            raise
 
     def _save_whole(self, mirror: Mirror, now: datetime) -> None:
         """Every record, encoded record by record: one json.dumps of 20,000 records is one C
@@ -95,6 +100,7 @@ class Cache:
                 "revision": mirror.revision}  # fmt: skip
         parts = [json.dumps(head)[:-1], ', "records": {', *_encoded(mirror.raw.items()), "}}"]
         data = "".join(parts).encode()
+        self._whole_bytes = None  # until it is written: a journal line on the old one is wrong
         write_atomically(self.path, data, CACHE_MODE)
         self._whole_bytes = len(data)
         with contextlib.suppress(FileNotFoundError):  # its lines are older than the whole now

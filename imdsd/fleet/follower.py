@@ -73,7 +73,8 @@ class Follower:
                     self._lost(exc, failures)
                 finally:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.close(), 2)
+                        # shielded: a stop re-cancels us (source.stopped), not the close
+                        await asyncio.wait_for(asyncio.shield(client.close()), 2)
             failures = 0 if self.connected else failures + 1
             self.connected = False
             first, most = self._backoff
@@ -146,7 +147,8 @@ class Follower:
                    for p in (layout.profiles, layout.mine())]  # fmt: skip
         readers = [asyncio.create_task(_forward(w, n, queue)) for n, w in enumerate(watches)]
         # A response's events come RESPONSE_STEP a turn: they are applied as one change once
-        # every response begun (on either watch) has ended.
+        # every response begun (on either watch) has ended. A transaction on both prefixes
+        # is two responses, one per watch, so two changes (imdsd's writer never does that).
         keys: set[str] = set()
         begun: set[int] = set()
         try:

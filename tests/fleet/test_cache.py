@@ -3,11 +3,13 @@ the keys and values etcd held (the file is written record by record)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imdsd.fleet.cache import Cache
@@ -42,6 +44,7 @@ batches = st.lists(
 )  # fmt: skip
 
 
+@settings(deadline=None)  # each example fsyncs whole files: the disk's time, not ours
 @given(records, batches)
 def test_a_batch_saved_as_a_journal_line_loads_back_exactly(
     raw: dict[str, tuple[int, bytes]], changes: list[dict[str, tuple[int, bytes] | None]]
@@ -110,3 +113,60 @@ def test_a_torn_line_and_a_stale_journal_are_not_applied(tmp_path: Path) -> None
     cache.save(mirror, now)  # whole; the journal is removed ...
     cache.journal.write_bytes(stale)  # ... or was not, before a crash
     assert Cache(tmp_path, LAYOUT).load() == ({"a": (8, b"newer"), "b": (2, b"2")}, 8, now)
+
+
+def test_a_failed_append_makes_the_next_save_whole(tmp_path: Path) -> None:
+    """The disk refuses a journal line part-way (here the kernel's file size limit, EFBIG: a
+    real short write, as a full disk gives): the save fails, and the next batch writes the
+    whole file rather than a line after the torn one, which load() would never reach. The
+    batch after the failure, and the one that failed, are both in what loads."""
+    script = r"""
+import resource, signal, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from imdsd.fleet.cache import Cache
+from imdsd.fleet.records import Layout, Mirror
+directory = Path(sys.argv[1])
+layout = Layout("/imdsd", "h1")
+mirror, cache = Mirror(layout), Cache(directory, layout)
+mirror.raw.update({f"k{n}": (n, b"x" * 64) for n in range(50)})
+mirror.revision, now = 1, datetime(2026, 11, 30, tzinfo=UTC)
+cache.save(mirror, now)
+mirror.raw["k1"], mirror.revision = (2, b"two"), 2
+cache.save(mirror, now, {"k1"})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = cache.journal.stat().st_size + 40
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+mirror.raw["k2"], mirror.revision = (3, b"y" * 200), 3
+try:
+    cache.save(mirror, now, {"k2"})
+except OSError:
+    print("refused")
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+mirror.raw["k3"], mirror.revision = (4, b"four"), 4
+cache.save(mirror, now, {"k3"})
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert done.stdout.strip() == "refused", done.stderr
+    loaded = Cache(tmp_path, LAYOUT).load()
+    assert loaded is not None
+    records, revision, _ = loaded
+    assert revision == 4 and records["k1"] == (2, b"two") and records["k2"] == (3, b"y" * 200)
+    assert records["k3"] == (4, b"four")
+
+
+def test_a_line_of_the_whole_files_revision_is_applied(tmp_path: Path) -> None:
+    """A transaction on both watched prefixes comes as two watch responses, two changes of one
+    revision: when the first one's save writes the whole file, the second one's journal line
+    has the whole file's revision, and is applied, not taken for an old line."""
+    mirror = Mirror(LAYOUT)
+    mirror.raw.update({"/imdsd/profiles/web": (1, b"p1")})
+    mirror.revision = 9
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    cache = Cache(tmp_path, LAYOUT)
+    cache.save(mirror, now)  # the first response's change, written whole
+    mirror.raw["/imdsd/hosts/h1/associations/i-1"] = (9, b'{"profile": "web"}')
+    cache.save(mirror, now, {"/imdsd/hosts/h1/associations/i-1"})
+    assert Cache(tmp_path, LAYOUT).load() == (mirror.raw, 9, now)

@@ -17,6 +17,7 @@ from imdsd.fleet.cache import Cache
 from imdsd.fleet.client import open_client
 from imdsd.fleet.follower import Follower
 from imdsd.fleet.records import Layout, Mirror
+from imdsd.fleet.source import stopped
 from tests.fleet.etcd import Etcd
 
 VM1 = "i-0c0aac7000000001a"
@@ -171,8 +172,6 @@ async def test_stopping_a_follower_that_lost_its_cancellation() -> None:
     """A follower that swallowed one cancellation (Python 3.11's wait_for inside aetcd can)
     is cancelled again until it ends: a stop never waits on it for ever. An error it ends with
     is not hidden."""
-    from imdsd.fleet.source import stopped
-
     swallowed = 0
 
     async def deaf() -> None:
@@ -239,6 +238,6 @@ async def test_a_transaction_arrives_as_one_change_however_it_is_paced(
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)  # a second, partial change would have come by now
     finally:
-        task.cancel()
+        await stopped(task)
         await writer.close()
     assert seen == [0, count]
