@@ -62,9 +62,9 @@ class FleetSource:
         from imdsd.fleet.follower import Follower
 
         async def apply() -> None:
-            patch = self.mirror.patch()
-            if patch is not None:  # a batch: at its own size, applied in one step
-                await asyncio.sleep(0)  # the guests' turn (the mirror does not change)
+            # made in steps (the mirror does not change meanwhile), applied in one
+            patch = await steps.between_turns(self.mirror.patch_in_steps())
+            if patch is not None:  # a batch: at its own size
                 try:
                     applied(inventory.patch(patch))
                     return
