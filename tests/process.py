@@ -50,6 +50,10 @@ class Proc:
             env["LISTEN_FDS"] = str(len(passed))
             env["LISTEN_FDNAMES"] = ":".join(name for name, _ in passed)
 
+        # Only where needed: a preexec_fn makes subprocess fork() rather than vfork(), and a
+        # test that holds an etcd (gRPC) client then runs gRPC's fork handlers, whose restarted
+        # poller met close_fds in the child: "epoll_wait error: Bad file descriptor", and the
+        # child died before exec (a CI failure in tests/fleet/test_fleet.py).
         def limit() -> None:  # the open-files limit of the daemon alone (systemd's default: 1024)
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -63,7 +67,8 @@ class Proc:
             self.process = subprocess.Popen([*inside, sys.executable, "-m", "imdsd", "run", "--config",
                                              str(self.config), "--log-format", "json"],
                                             stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=limit, close_fds=not passed)  # fmt: skip
+                                            preexec_fn=limit if nofile is not None or passed else None,
+                                            close_fds=not passed)  # fmt: skip
         self.url = str(self.wait_for(until)["listening"][0])  # type: ignore[index]
 
     def events(self) -> list[dict[str, object]]:
