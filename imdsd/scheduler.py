@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import random
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -66,7 +65,7 @@ class Rotator:
         self._timetable = Timetable(clock, self.wake)
         self._priming: asyncio.Future[list[None]] | None = None
         self._attempts: dict[str, int] = {}
-        # key -> (the association it issues for, the task): single-flight per association, so
+        # key -> (the association it issues for, its future): single-flight per association, so
         # a replaced association's successor never waits on (or inherits) its refresh.
         self._inflight: dict[str, tuple[Association, asyncio.Future[None]]] = {}
         self._flights: set[asyncio.Task[None]] = set()  # every refresh running, until it ends
@@ -213,22 +212,39 @@ class Rotator:
         flight, if there is one): no task per key, which cost priming 10,000 sessions a task, a
         shield and two extra turns of the loop each. The flight is looked up and registered in
         the turn the key was taken, so a settle() cannot start a second one in between."""
-        association = self._inventory.association(key)
-        flight = self._inflight.get(key)
-        if flight is not None and flight[0] is association and not flight[1].done():
-            await asyncio.shield(flight[1])
+        flight = self._flight(key)
+        if flight is not None:
+            await asyncio.shield(flight)
             return
+        association = self._inventory.association(key)
+        await self._fly(key, association, self._begin(key, association))
+
+    def _flight(self, key: str) -> asyncio.Future[None] | None:
+        """The current association's refresh in flight, if any. A finished one lingers until
+        it is forgotten: it must not absorb a new refresh."""
+        flight = self._inflight.get(key)
+        if flight is not None and flight[0] is self._inventory.association(key):
+            return None if flight[1].done() else flight[1]
+        return None
+
+    def _begin(self, key: str, association: Association | None) -> asyncio.Future[None]:
+        """A new refresh's future, registered at once for others to join (single-flight)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if association is not None:
-            self._inflight[key] = (association, done)  # others join it, as a task's
+            self._inflight[key] = (association, done)
+        return done
+
+    async def _fly(self, key: str, association: Association | None,
+                   done: asyncio.Future[None]) -> None:  # fmt: skip
+        """The refresh begun as `done`, which it settles for whoever joined it."""
         try:
             await self._refresh(key, association)
         except Exception as exc:  # a bug past _refresh's own handling: joiners get it too
             done.set_exception(exc)
-            done.exception()  # retrieved: the worker logs it
+            done.exception()  # retrieved: the caller logs or raises it
             raise
         except BaseException:
-            done.cancel()  # the worker was cancelled (aclose): so are those who joined
+            done.cancel()  # cancelled (aclose): so are those who joined
             raise
         else:
             done.set_result(None)
@@ -328,25 +344,22 @@ class Rotator:
         await asyncio.shield(self._launch(key))
 
     def _launch(self, key: str) -> asyncio.Future[None]:
-        """The current association's refresh in flight, started if there is none."""
+        """The current association's refresh in flight, started (as a task) if there is none."""
+        flight = self._flight(key)
+        if flight is not None:
+            return flight
         association = self._inventory.association(key)
-        flight = self._inflight.get(key)
-        # A finished task lingers until its done-callback runs: it must not absorb a new refresh.
-        if flight is not None and flight[0] is association and not flight[1].done():
-            return flight[1]
-        task = asyncio.create_task(self._refresh(key, association), name=f"refresh {key}")
+        done = self._begin(key, association)
+        task = asyncio.create_task(self._fly(key, association, done), name=f"refresh {key}")
         self._flights.add(task)
         task.add_done_callback(self._flights.discard)
-        if association is not None:
-            self._inflight[key] = (association, task)
-            task.add_done_callback(functools.partial(self._settled, key))
         return task
 
-    def _settled(self, key: str, task: asyncio.Future[None]) -> None:
+    def _settled(self, key: str, done: asyncio.Future[None]) -> None:
         """Forget a finished refresh, but only if it is still the one on record: a successor
         started after it finished must stay single-flight."""
         flight = self._inflight.get(key)
-        if flight is not None and flight[1] is task:
+        if flight is not None and flight[1] is done:
             del self._inflight[key]
 
     def _served_for(self, key: str, association: Association) -> bool:
