@@ -5,7 +5,7 @@ Two files: the whole record set (`fleet-inventory.json`, written after a full lo
 atomically) and a journal beside it (`fleet-inventory.journal`), one JSON line per watch batch
 with only the records it changed: a batch costs its own size, not the 20,000 records of a big
 host. When the journal outgrows the whole file, the next batch writes the whole file again and
-starts the journal over. A journal line no newer than the whole file (a crash between the two)
+starts the journal over. A journal line older than the whole file (a crash between the two)
 is skipped; a torn last line ends the journal.
 """
 
