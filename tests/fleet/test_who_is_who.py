@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow  # a real etcd, 10,000 records, daemon processes
 VM_A, VM_B, VM_C = "i-0a000000000000a1a", "i-0b000000000000b2b", "i-0c000000000000c3c"
 GUEST_A, GUEST_C = "127.0.0.71", "127.0.0.73"
 COLD_START = 10_000
+OPTIONAL = {"http_tokens": "optional"}
 
 
 def stalled_host(etcd: Etcd, prefix: str, directory: Path, upstream: str, extra: str = "") -> str:
@@ -60,6 +61,54 @@ async def test_an_address_handed_to_a_new_vm_is_the_new_vm_within_a_second(
         assert await role(daemon.url, GUEST_A) is None
         assert stalled.calls >= 2  # A's and C's issues really are hanging on the upstream
     finally:
+        daemon.stop()
+
+
+async def test_one_transaction_hands_an_address_over_and_replaces_every_association(
+    etcd: Etcd, prefix: str, tmp_path: Path, stalled: StalledUpstream, host_keys: None
+) -> None:
+    """One transaction removes A, adds B with A's address and replaces 110 associations (more
+    keys than one reconcile step, scheduler.RECONCILE_STEP, so their sessions are reconciled
+    in steps behind the change): within a second the address is B's with no role, and every
+    one of the 110 guests is served its new role; none is left on the old one."""
+    from imdsd.scheduler import RECONCILE_STEP
+
+    count = RECONCILE_STEP + 10
+    config = stalled_host(etcd, prefix, tmp_path / "a", stalled.url)
+    daemon = await asyncio.to_thread(Proc, tmp_path / "a", config)
+    layout = Layout(prefix, "host-a")
+    writer = _writer(etcd, prefix)
+    await writer.connect()
+    try:
+        profiles(etcd, prefix)
+        records = {layout.instance(VM_A): {"addresses": [GUEST_A], "metadata_options": OPTIONAL},
+                   layout.association(VM_A): {"profile": "web"}}  # fmt: skip
+        for n in range(count):
+            records[layout.instance(_vm(n))] = {"addresses": [_address(n)],
+                                                "metadata_options": OPTIONAL}  # fmt: skip
+            records[layout.association(_vm(n))] = {"profile": "web"}
+        for key, value in records.items():
+            await writer.put(key.encode(), json.dumps(value).encode())
+        await within(15.0, lambda: _is(role(daemon.url, _address(count - 1)), "role-a"))
+        t = writer.transactions
+        ops = [
+            t.delete(layout.instance(VM_A).encode()),
+            t.delete(layout.association(VM_A).encode()),
+            t.put(
+                layout.instance(VM_B).encode(),
+                json.dumps({"addresses": [GUEST_A], "metadata_options": OPTIONAL}).encode(),
+            ),
+        ]
+        ops += [t.put(layout.association(_vm(n)).encode(), b'{"profile": "db"}')
+                for n in range(count)]  # fmt: skip
+        await writer.transaction(compare=[], success=ops, failure=[])
+        await within(1.0, lambda: _is(_text(daemon.url, "/latest/meta-data/instance-id"), VM_B))
+        assert await role(daemon.url, GUEST_A) is None
+        await within(1.0, lambda: _is(role(daemon.url, _address(count - 1)), "role-b"))
+        roles = await asyncio.gather(*(role(daemon.url, _address(n)) for n in range(count)))
+        assert set(roles) == {"role-b"}
+    finally:
+        await writer.close()
         daemon.stop()
 
 
@@ -101,20 +150,26 @@ def _vm(n: int) -> str:
     return f"i-{n + 1:017x}"
 
 
-async def _write_fleet(etcd: Etcd, prefix: str, count: int) -> None:
-    """`count` instances of host-a, each associated with one profile, written straight to
-    etcd (the fleet CLI writes one record per call: too slow for ten thousand)."""
+def _writer(etcd: Etcd, prefix: str) -> Any:
+    """An etcd client of the test's own, writing host-a's records straight to etcd (the fleet
+    CLI writes one record per call: too slow for ten thousand, and never a transaction)."""
     c = etcd.client
     config = EtcdConfig(endpoints=(endpoint(etcd.url),), prefix=prefix, host="host-a",
                         ca_file=c.ca, cert_file=c.cert, key_file=c.key)  # fmt: skip
+    return open_client(config)
+
+
+async def _write_fleet(etcd: Etcd, prefix: str, count: int) -> None:
+    """`count` instances of host-a, each associated with one profile."""
     layout = Layout(prefix, "host-a")
-    writer = open_client(config)
+    writer = _writer(etcd, prefix)
     await writer.connect()
     records: dict[str, object] = {layout.profile("web"): {"role_arn": ROLE_A}}
     for n in range(count):
-        address = _address(n)
-        options = {"http_tokens": "optional"}
-        records[layout.instance(_vm(n))] = {"addresses": [address], "metadata_options": options}
+        records[layout.instance(_vm(n))] = {
+            "addresses": [_address(n)],
+            "metadata_options": OPTIONAL,
+        }
         records[layout.association(_vm(n))] = {"profile": "web"}
     items = list(records.items())
     try:
