@@ -26,7 +26,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,38 +37,14 @@ from pathlib import Path
 
 from imdsd.model import RotationPolicy, Session
 from imdsd.refresh import first_refresh_at, refresh_at
-from tests.bench import control, storm, vault
+from tests.bench import control, kit, storm, vault
 from tests.bench.baseline import BASELINE
-from tests.helpers import host_sections
 
 SECONDS = 5  # per run
 ROUNDS = 3  # runs per row
 CONNECTIONS = 64
 CLIENT_PROCESSES = 3
-ROLE = "arn:aws:iam::123456789012:role/bench"
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
-HEAD = """
-[imds]
-listeners = ["127.0.0.1:0"]
-{host}
-[log]
-level = "warning"
-[budgets]  # the load generator is one instance: measure the path, not the throttle
-requests_per_second = 100000
-burst = 100000
-connections = 1024
-[[instance_profiles]]
-name = "bench"
-role_arn = "{role}"
-"""
-INSTANCE = """[[instances]]
-id = "i-{n:017x}"
-addresses = ["{address}"]
-metadata_options = {{ http_tokens = "{tokens}" }}
-[[associations]]
-instance = "i-{n:017x}"
-profile = "bench"
-"""
 
 
 def address(n: int) -> str:
@@ -78,16 +53,13 @@ def address(n: int) -> str:
 
 
 def config(directory: Path, count: int) -> Path:
+    """`count` instances, the first requiring IMDSv2 tokens; no warm restart."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "bench.toml"
-    host = host_sections(directory, metrics="").replace(
-        "[state]\n", "[state]\nwarm_restart = false\n"
-    )
-    text = HEAD.format(host=host, role=ROLE)
-    tokens = ["required"] + ["optional"] * (count - 1)
-    text += "".join(
-        INSTANCE.format(n=n, address=address(n), tokens=tokens[n]) for n in range(count)
-    )
+    text = kit.head(directory, "the load generator is one instance", warm_restart=False)
+    text += kit.profile("bench")
+    text += "".join(kit.instance(n, address(n), tokens="required" if n == 0 else "optional")
+                    + kit.association(n) for n in range(count))  # fmt: skip
     path.write_text(text)
     return path
 
@@ -117,24 +89,10 @@ def start_daemon(directory: Path, count: int) -> tuple[subprocess.Popen[bytes], 
     headers = {} if count > 1 else {"X-aws-ec2-metadata-token": put_token(port)}
     request = get(path_, headers)
     while True:
-        status, body = one(port, request, last)
+        status, body = kit.one(port, request, last)
         if status == 200 and json.loads(body)["Code"] == "Success":
             return process, port, time.perf_counter() - started
         time.sleep(0.005)
-
-
-def one(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]:
-    """One request on its own connection from `source`, without an event loop."""
-    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        while len(body) < length:
-            body += sock.recv(65536)
-    return int(head.split(b" ", 2)[1]), body
 
 
 def get(path: str, headers: dict[str, str] | None = None) -> bytes:
@@ -144,7 +102,7 @@ def get(path: str, headers: dict[str, str] | None = None) -> bytes:
 
 def put_token(port: int) -> str:
     request = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
-    status, body = one(port, request)
+    status, body = kit.one(port, request)
     assert status == 200, status
     return body.decode()
 
@@ -220,7 +178,7 @@ def requests_table(directory: Path) -> list[str]:
     daemon, port, _ = start_daemon(directory / "requests", 1)
     try:
         token = {"X-aws-ec2-metadata-token": put_token(port)}
-        size = len(one(port, get("/latest/meta-data/iam/security-credentials/bench", token))[1])
+        size = len(kit.one(port, get("/latest/meta-data/iam/security-credentials/bench", token))[1])
         baseline = subprocess.Popen([sys.executable, "-c", BASELINE, str(size)],
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert baseline.stdout is not None

@@ -25,41 +25,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.helpers import host_sections
+from tests.bench import kit
 
 COUNT = 10_000
 CHANGES = 1_000
-ROLE = "arn:aws:iam::123456789012:role/bench"
 OTHER = "arn:aws:iam::123456789012:role/bench-other"
+PROBE_BUDGET = "the probe is one instance asking every millisecond"
 CREDENTIALS = "/latest/meta-data/iam/security-credentials/bench"
-HEAD = """
-[imds]
-listeners = ["127.0.0.1:{port}"]
-{host}
-[log]
-level = "warning"
-[budgets]  # the probe is one instance asking every millisecond
-requests_per_second = 100000
-burst = 100000
-connections = 1024
-{inventory}
-"""
-PROFILES = """[[instance_profiles]]
-name = "bench"
-role_arn = "{role}"
-[[instance_profiles]]
-name = "other"
-role_arn = "{other}"
-"""
-INSTANCE = """[[instances]]
-id = "{iid}"
-addresses = ["{address}"]
-metadata_options = {{ http_tokens = "optional" }}
-"""
-ASSOCIATION = """[[associations]]
-instance = "{iid}"
-profile = "{profile}"
-"""
 # The probe: a blocking client in its own process (its GIL is not the bench's), one request a
 # millisecond on a kept-alive connection (reconnecting across a restart), (start, latency) for
 # each answer, written as JSON on SIGTERM.
@@ -110,10 +82,6 @@ with open(out, "w") as f:
 
 
 Row = tuple[str, float, int]  # an operation, the worst latency during it, the answers then
-
-
-def iid(n: int) -> str:
-    return f"i-{n:017x}"
 
 
 def address(n: int) -> str:
@@ -198,15 +166,13 @@ def file_rows(directory: Path) -> list[Row]:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     path = directory / "control.toml"
-    host = host_sections(directory, metrics="")
+    text = kit.head(directory, PROBE_BUDGET, port=port)
+    text += kit.profile("bench") + kit.profile("other", OTHER)
+    text += "".join(kit.instance(n, address(n), tokens="optional") for n in range(COUNT))
 
     def write(changed: int) -> None:
-        text = HEAD.format(port=port, host=host, inventory="")
-        text += PROFILES.format(role=ROLE, other=OTHER)
-        text += "".join(INSTANCE.format(iid=iid(n), address=address(n)) for n in range(COUNT))
-        text += "".join(ASSOCIATION.format(iid=iid(n), profile="other" if n < changed else "bench")
-                        for n in range(COUNT))  # fmt: skip
-        path.write_text(text)
+        path.write_text(text + "".join(kit.association(n, "other" if n < changed else "bench")
+                                       for n in range(COUNT)))  # fmt: skip
 
     write(0)
 
@@ -280,18 +246,18 @@ def _etcd_rows(directory: Path, etcd: object) -> list[Row]:
     assert isinstance(etcd, Etcd)
     port, prefix = free_port(), "/bench"
     path = directory / "fleet.toml"
-    host = host_sections(directory, metrics="")
-    path.write_text(HEAD.format(port=port, host=host, inventory=etcd.section("h1", prefix)))
+    path.write_text(kit.head(directory, PROBE_BUDGET, port=port,
+                                 extra=etcd.section("h1", prefix)))  # fmt: skip
     records: dict[str, bytes] = {}
-    for name, arn in (("bench", ROLE), ("other", OTHER)):
+    for name, arn in (("bench", kit.ROLE), ("other", OTHER)):
         records[f"{prefix}/profiles/{name}"] = json.dumps({"role_arn": arn}).encode()
     for n in range(COUNT):
         mine = f"{prefix}/hosts/h1"
         table = {"addresses": [address(n)], "metadata_options": {"http_tokens": "optional"}}
-        records[f"{mine}/instances/{iid(n)}"] = json.dumps(table).encode()
-        records[f"{mine}/associations/{iid(n)}"] = json.dumps({"profile": "bench"}).encode()
+        records[f"{mine}/instances/{kit.iid(n)}"] = json.dumps(table).encode()
+        records[f"{mine}/associations/{kit.iid(n)}"] = json.dumps({"profile": "bench"}).encode()
     asyncio.run(_put(path, records, 1_000))
-    changes = {f"{prefix}/hosts/h1/associations/{iid(n)}": b'{"profile": "other"}'
+    changes = {f"{prefix}/hosts/h1/associations/{kit.iid(n)}": b'{"profile": "other"}'
                for n in range(CHANGES)}  # fmt: skip
 
     def batch(_: Daemon) -> None:
@@ -322,15 +288,10 @@ async def _put(config: Path, records: dict[str, bytes], per_txn: int) -> None:
 
 def _until_role(port: int, n: int, profile: str, seconds: float = 30) -> None:
     """Until instance n's iam/info names `profile` (the batch has been applied)."""
-    request = b"GET /latest/meta-data/iam/info HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+    request = b"GET /latest/meta-data/iam/info HTTP/1.1\r\nHost: b\r\n\r\n"
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        with socket.create_connection(("127.0.0.1", port), source_address=(address(n), 0)) as s:
-            s.sendall(request)
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        if f"instance-profile/{profile}".encode() in data:
+        if f"instance-profile/{profile}".encode() in kit.one(port, request, address(n))[1]:
             return
         time.sleep(0.005)
     raise SystemExit(f"the etcd batch was not applied within {seconds} s")

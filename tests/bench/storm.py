@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from tests.bench import kit
 from tests.bench.baseline import BASELINE
-from tests.helpers import host_sections
 
 STORM = 1_000
 HOST = 10_000
@@ -43,30 +42,6 @@ CLIENT_PROCESSES = 3
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
 SIGNATURES = "identity-signatures"
-HEAD = """
-[imds]
-listeners = ["127.0.0.1:0"]
-{host}
-[log]
-level = "warning"
-[rotation]
-max_rate = 10000
-[budgets]  # a crawl is ~40 requests in a burst: measure the path, not the throttle
-requests_per_second = 100000
-burst = 100000
-connections = 1024
-[[instance_profiles]]
-name = "bench"
-role_arn = "arn:aws:iam::123456789012:role/bench"
-"""
-INSTANCE = """[[instances]]
-id = "i-{n:017x}"
-addresses = ["{address}"]
-user_data = "#cloud-config\\nhostname: vm-{n}\\n"
-[[associations]]
-instance = "i-{n:017x}"
-profile = "bench"
-"""
 
 
 def address(n: int) -> str:
@@ -76,8 +51,12 @@ def address(n: int) -> str:
 def write_config(directory: Path, count: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "storm.toml"
-    text = HEAD.format(host=host_sections(directory, metrics=""))
-    path.write_text(text + "".join(INSTANCE.format(n=n, address=address(n)) for n in range(count)))
+    text = kit.head(directory, "a crawl is ~40 requests in a burst",
+                        extra="[rotation]\nmax_rate = 10000\n")  # fmt: skip
+    text += kit.profile("bench")
+    text += "".join(kit.instance(n, address(n), user_data=f"#cloud-config\nhostname: vm-{n}\n")
+                    + kit.association(n) for n in range(count))  # fmt: skip
+    path.write_text(text)
     return path
 
 
@@ -105,25 +84,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def credentials_served(port: int, source: str) -> bool:
     """One IMDSv2 credential fetch over plain blocking sockets (no event loop per poll)."""
     put = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
-    token = _one(port, put, source).decode()
+    token = kit.one(port, put, source)[1].decode()
     path = "/latest/meta-data/iam/security-credentials/bench"
-    body = _one(
+    _, body = kit.one(
         port, f"GET {path} HTTP/1.1\r\nHost: b\r\n{TOKEN}: {token}\r\n\r\n".encode(), source
     )
     return b'"Success"' in body
-
-
-def _one(port: int, request: bytes, source: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        while len(body) < length:
-            body += sock.recv(65536)
-    return body
 
 
 def settled(directory: Path, count: int, port: int) -> None:

@@ -1,0 +1,77 @@
+"""What every bench writes and sends. Config files, one way: a head (a loopback listener, the
+host's own sections, quiet logs, budgets no bench client can reach: each bench measures the
+path, not the throttle), instance profiles, and instances with their associations. And one
+request on a blocking socket (a poll that costs the daemon nothing: no event loop built per
+poll on a two-core machine)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from tests.helpers import host_sections
+
+ROLE = "arn:aws:iam::123456789012:role/bench"
+
+
+def head(directory: Path, why: str, *, port: int = 0, extra: str = "",
+         warm_restart: bool = True) -> str:  # fmt: skip
+    """Everything but the inventory; `why` says who the budgets must let through, `extra` is
+    more sections (rotation, an etcd inventory)."""
+    host = host_sections(directory, metrics="")
+    if not warm_restart:
+        host = host.replace("[state]\n", "[state]\nwarm_restart = false\n")
+    return f"""
+[imds]
+listeners = ["127.0.0.1:{port}"]
+{host}
+[log]
+level = "warning"
+[budgets]  # {why}: measure the path, not the throttle
+requests_per_second = 100000
+burst = 100000
+connections = 1024
+{extra}"""
+
+
+def profile(name: str, role: str = ROLE) -> str:
+    return f'[[instance_profiles]]\nname = "{name}"\nrole_arn = "{role}"\n'
+
+
+def iid(n: int) -> str:
+    return f"i-{n:017x}"
+
+
+def instance(n: int, address: str, *, tokens: str | None = None,
+             user_data: str | None = None) -> str:  # fmt: skip
+    """The n-th instance (its id: iid(n)); `tokens` its http_tokens, else the default."""
+    text = f'[[instances]]\nid = "{iid(n)}"\naddresses = ["{address}"]\n'
+    if tokens is not None:
+        text += f'metadata_options = {{ http_tokens = "{tokens}" }}\n'
+    if user_data is not None:
+        text += f"user_data = {toml_string(user_data)}\n"
+    return text
+
+
+def association(n: int, to: str = "bench") -> str:
+    return f'[[associations]]\ninstance = "{iid(n)}"\nprofile = "{to}"\n'
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string (its escapes are JSON's for what a bench writes)."""
+    return json.dumps(text)
+
+
+def one(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]:
+    """One request on its own connection from `source`: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1]), body
