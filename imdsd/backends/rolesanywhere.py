@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from imdsd.backends import upstream
 from imdsd.backends.certificate import HostCertificate, client_ssl
 from imdsd.clock import Clock
 from imdsd.config.backend import BackendConfig, RolesAnywhereConfig
@@ -35,7 +36,6 @@ from imdsd.errors import RETRYABLE_CODES, BackendError, DurationTooLong
 from imdsd.model import InstanceProfile, Session
 
 FALLBACK_DURATION_SECONDS = 3600  # every role allows one hour
-RESPONSE_LIMIT_BYTES = 1 << 20
 DETAIL_LIMIT = 300
 WATCH_SECONDS = 60.0  # the files are also stat()ed this often, for the metric and warnings
 log = structlog.get_logger("imdsd.rolesanywhere")
@@ -99,23 +99,11 @@ class RolesAnywhereIssuer:
     async def _create(self, role: str, name: str | None, seconds: int) -> Session:
         url, body = self._config.sessions_url, self.body(role, name, seconds)
         headers = await asyncio.to_thread(self.certificate.signed_headers, url, body)
-        try:
-            async with self._http.post(url, data=body, headers=headers) as reply:
-                payload = await _whole_body(reply, role)
-                status, date = reply.status, reply.headers.get("Date")
-                request_id = reply.headers.get("x-amzn-RequestId")
-                kind = reply.headers.get("x-amzn-ErrorType")
-        except TimeoutError:
-            raise BackendError("RequestTimeout", _unavailable(role, "timed out")) from None
-        except aiohttp.ClientError as exc:
-            raise BackendError(
-                "ServiceUnavailable",
-                _unavailable(role, "could not be reached"),
-                detail=exc.__class__.__name__,
-            ) from None
-        if status != 201:
-            raise _error(role, status, kind, payload, request_id)
-        return self._session(role, payload, date)
+        answer = await upstream.post(self._http, url, body, headers,
+                                     lambda what: _unavailable(role, what))  # fmt: skip
+        if answer.status != 201:
+            raise _error(role, answer.status, answer.error_type, answer.payload, answer.request_id)
+        return self._session(role, answer.payload, answer.date)
 
     def _session(self, role: str, payload: bytes, date: str | None) -> Session:
         try:
@@ -128,15 +116,7 @@ class RolesAnywhereIssuer:
             raise BackendError(
                 "InvalidResponse", _unavailable(role, "answered without credentials")
             ) from None
-        issued = self._clock.now().replace(microsecond=0)  # re-based on the host clock
-        granted = timedelta(seconds=int((expires - (upstream_now or issued)).total_seconds()))
-        return Session(
-            access_key_id=key_id,
-            secret_access_key=secret,
-            token=token,
-            issued_at=issued,
-            expiration=issued + granted,
-        )
+        return upstream.rebased(self._clock, key_id, secret, token, expires, upstream_now)
 
 
 class HostRole:
@@ -162,15 +142,6 @@ class HostRole:
                     "host credentials renewed", role=self._role, expires=s.expiration.isoformat()
                 )
             return s
-
-
-async def _whole_body(reply: aiohttp.ClientResponse, role: str) -> bytes:
-    body = bytearray()
-    async for chunk in reply.content.iter_any():
-        body += chunk
-        if len(body) > RESPONSE_LIMIT_BYTES:
-            raise BackendError("InvalidResponse", _unavailable(role, "answered too much"))
-    return bytes(body)
 
 
 def _unavailable(role: str, what: str) -> str:

@@ -24,7 +24,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
@@ -38,6 +38,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import BotoCoreError
 
+from imdsd.backends import upstream
 from imdsd.clock import Clock
 from imdsd.config.backend import BackendConfig, StsBackendConfig
 from imdsd.errors import RETRYABLE_CODES, BackendError, DurationTooLong
@@ -52,7 +53,6 @@ FORM = "application/x-www-form-urlencoded; charset=utf-8"
 # Every role allows one hour, and role chaining allows no more: the fallback when STS says
 # the configured duration exceeds the role's MaxSessionDuration.
 FALLBACK_DURATION_SECONDS = 3600
-RESPONSE_LIMIT_BYTES = 1 << 20
 
 HostCredentials = Callable[[], Awaitable[ReadOnlyCredentials]]
 log = structlog.get_logger("imdsd.sts")
@@ -131,21 +131,11 @@ class StsIssuer:
     async def _assume(self, profile: InstanceProfile, session_name: str, duration: int) -> Session:
         body = urlencode(self.params(profile, session_name, duration))
         headers = await self._signed(body)
-        try:
-            async with self._http.post(
-                self._config.endpoint, data=body.encode(), headers=headers
-            ) as reply:
-                payload = await _whole_body(reply, profile)
-                status, date = reply.status, reply.headers.get("Date")
-                request_id = reply.headers.get("x-amzn-RequestId")
-        except TimeoutError:
-            raise BackendError("RequestTimeout", _unavailable(profile, "timed out")) from None
-        except aiohttp.ClientError as exc:
-            raise BackendError("ServiceUnavailable", _unavailable(profile, "could not be reached"),
-                               detail=exc.__class__.__name__) from None  # fmt: skip
-        if status != 200:
-            raise _error(profile, status, payload, request_id)
-        return self._session(profile, payload, date)
+        answer = await upstream.post(self._http, self._config.endpoint, body.encode(), headers,
+                                     lambda what: _unavailable(profile, what))  # fmt: skip
+        if answer.status != 200:
+            raise _error(profile, answer.status, answer.payload, answer.request_id)
+        return self._session(profile, answer.payload, answer.date)
 
     async def _signed(self, body: str) -> dict[str, str]:
         request = AWSRequest(method="POST", url=self._config.endpoint, data=body,
@@ -161,32 +151,15 @@ class StsIssuer:
             raise BackendError(
                 "InvalidResponse", _unavailable(profile, "answered without credentials")
             )
-        issued = self._clock.now().replace(microsecond=0)
         try:
             expiration = datetime.fromisoformat(fields["Expiration"])
-            upstream_now = parsedate_to_datetime(date) if date else issued
+            upstream_now = parsedate_to_datetime(date) if date else None
         except (ValueError, TypeError):
             raise BackendError(
                 "InvalidResponse", _unavailable(profile, "sent an unreadable time")
             ) from None
-        granted = timedelta(seconds=int((expiration - upstream_now).total_seconds()))
-        return Session(
-            access_key_id=fields["AccessKeyId"],
-            secret_access_key=fields["SecretAccessKey"],
-            token=fields["SessionToken"],
-            issued_at=issued,
-            expiration=issued + granted,
-        )
-
-
-async def _whole_body(reply: aiohttp.ClientResponse, profile: InstanceProfile) -> bytes:
-    """The whole answer (content.read(n) returns only what is buffered), up to the limit."""
-    body = bytearray()
-    async for chunk in reply.content.iter_any():
-        body += chunk
-        if len(body) > RESPONSE_LIMIT_BYTES:
-            raise BackendError("InvalidResponse", _unavailable(profile, "answered too much"))
-    return bytes(body)
+        return upstream.rebased(self._clock, fields["AccessKeyId"], fields["SecretAccessKey"],
+                                fields["SessionToken"], expiration, upstream_now)  # fmt: skip
 
 
 def _unavailable(profile: InstanceProfile, what: str) -> str:
