@@ -18,6 +18,18 @@ def test_session_repr_hides_secrets() -> None:
         assert "s3cr3t-value" not in text and "t0ken-value" not in text
 
 
+def test_an_upstream_answer_repr_hides_its_body() -> None:
+    """Invariant 4: an upstream's answer (backends/upstream.py) carries a new session's
+    secret key and token in its body; its repr shows the status and headers, not the body."""
+    from imdsd.backends.upstream import Answer
+
+    body = b"<SecretAccessKey>s3cr3t-key</SecretAccessKey><SessionToken>t0ken</SessionToken>"
+    answer = Answer(200, body, "Mon, 30 Nov 2026 00:00:00 GMT", "req-1", None)
+    for text in (repr(answer), str(answer), repr([answer])):
+        assert "s3cr3t" not in text and "t0ken" not in text
+        assert "req-1" in text
+
+
 def test_token_issuer_repr_hides_key() -> None:
     """Invariant 4: the IMDSv2 MAC key never shows in a repr."""
     key = b"k" * 32

@@ -5,7 +5,7 @@ session's times re-based on the host clock."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import aiohttp
@@ -21,7 +21,7 @@ Unavailable = Callable[[str], str]  # "timed out" -> the guest-safe message nami
 @dataclass(frozen=True, slots=True)
 class Answer:
     status: int
-    payload: bytes
+    payload: bytes = field(repr=False)  # a 200's holds the secret key and the session token
     date: str | None
     request_id: str | None
     error_type: str | None  # x-amzn-ErrorType

@@ -64,14 +64,22 @@ def toml_string(text: str) -> str:
 
 
 def one(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, bytes]:
-    """One request on its own connection from `source`: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as sock:
+    """One request on its own connection from `source`: (status, body). An answer cut short
+    or not coming within 10 s is an OSError (pollers retry or give up at their deadline)."""
+    with socket.create_connection(("127.0.0.1", port), 10, (source, 0)) as sock:
         sock.sendall(request)
         data = b""
         while b"\r\n\r\n" not in data:
-            data += sock.recv(65536)
+            data += _received(sock)
         head, _, body = data.partition(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         while len(body) < length:
-            body += sock.recv(65536)
+            body += _received(sock)
     return int(head.split(b" ", 2)[1]), body
+
+
+def _received(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("the daemon closed the connection before a whole answer")
+    return chunk

@@ -17,7 +17,17 @@ from imdsd.fleet.client import open_client
 from imdsd.fleet.records import Layout
 from tests.fakes import StalledUpstream, sts_backend
 from tests.fleet.etcd import Etcd
-from tests.fleet.test_fleet import POLLING, add_vm, fleet, ok, profiles, role, within
+from tests.fleet.test_fleet import (
+    CREDENTIALS,
+    POLLING,
+    add_vm,
+    fleet,
+    host,
+    ok,
+    profiles,
+    role,
+    within,
+)
 from tests.helpers import ROLE_A, host_sections, http
 from tests.process import Proc
 
@@ -65,21 +75,21 @@ async def test_an_address_handed_to_a_new_vm_is_the_new_vm_within_a_second(
 
 
 async def test_one_transaction_hands_an_address_over_and_replaces_every_association(
-    etcd: Etcd, prefix: str, tmp_path: Path, stalled: StalledUpstream, host_keys: None
+    etcd: Etcd, prefix: str, tmp_path: Path
 ) -> None:
     """One transaction removes A, adds B with A's address and replaces 110 associations (more
     keys than one reconcile step, scheduler.RECONCILE_STEP, so their sessions are reconciled
-    in steps behind the change): within a second the address is B's with no role, and every
-    one of the 110 guests is served its new role; none is left on the old one."""
+    in steps behind the change; the embedded issuer answers at once): within a second the
+    address is B's with no role, every one of the 110 guests is listed its new role, and each
+    gets that role's credentials (Code Success); none is left on the old one."""
     from imdsd.scheduler import RECONCILE_STEP
 
-    count = RECONCILE_STEP + 10
-    config = stalled_host(etcd, prefix, tmp_path / "a", stalled.url)
-    daemon = await asyncio.to_thread(Proc, tmp_path / "a", config)
+    count = RECONCILE_STEP + 10  # 3 + count operations: etcd allows 128 in one transaction
+    daemon = await asyncio.to_thread(host, etcd, prefix, "host-a", tmp_path / "a")
     layout = Layout(prefix, "host-a")
     writer = _writer(etcd, prefix)
-    await writer.connect()
     try:
+        await writer.connect()
         profiles(etcd, prefix)
         records = {layout.instance(VM_A): {"addresses": [GUEST_A], "metadata_options": OPTIONAL},
                    layout.association(VM_A): {"profile": "web"}}  # fmt: skip
@@ -91,25 +101,33 @@ async def test_one_transaction_hands_an_address_over_and_replaces_every_associat
             await writer.put(key.encode(), json.dumps(value).encode())
         await within(15.0, lambda: _is(role(daemon.url, _address(count - 1)), "role-a"))
         t = writer.transactions
-        ops = [
-            t.delete(layout.instance(VM_A).encode()),
-            t.delete(layout.association(VM_A).encode()),
-            t.put(
-                layout.instance(VM_B).encode(),
-                json.dumps({"addresses": [GUEST_A], "metadata_options": OPTIONAL}).encode(),
-            ),
-        ]
+        moved = json.dumps({"addresses": [GUEST_A], "metadata_options": OPTIONAL}).encode()
+        ops = [t.delete(layout.instance(VM_A).encode()),
+               t.delete(layout.association(VM_A).encode()),
+               t.put(layout.instance(VM_B).encode(), moved)]  # fmt: skip
         ops += [t.put(layout.association(_vm(n)).encode(), b'{"profile": "db"}')
                 for n in range(count)]  # fmt: skip
         await writer.transaction(compare=[], success=ops, failure=[])
         await within(1.0, lambda: _is(_text(daemon.url, "/latest/meta-data/instance-id"), VM_B))
         assert await role(daemon.url, GUEST_A) is None
-        await within(1.0, lambda: _is(role(daemon.url, _address(count - 1)), "role-b"))
+
+        async def all_served_role_b() -> bool:
+            codes = await asyncio.gather(*(_code(daemon.url, _address(n), "role-b")
+                                           for n in range(count)))  # fmt: skip
+            return set(codes) == {"Success"}
+
+        await within(5.0, all_served_role_b)
         roles = await asyncio.gather(*(role(daemon.url, _address(n)) for n in range(count)))
         assert set(roles) == {"role-b"}
     finally:
         await writer.close()
         daemon.stop()
+
+
+async def _code(url: str, source: str, name: str) -> str | None:
+    """The Code of the credentials a guest is served for role `name` (None: not 200)."""
+    reply = await http(url, CREDENTIALS + name, source=source)
+    return json.loads(reply.body)["Code"] if reply.status == 200 else None
 
 
 async def test_a_cold_start_follows_etcd_before_priming_ends(
