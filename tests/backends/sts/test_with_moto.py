@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import unquote
 
 import pytest
@@ -337,3 +338,40 @@ async def test_profile_scope_follows_a_changed_role(
     assert new.session.access_key_id != old.session.access_key_id and new.role_arn == ROLE_B
     assert json.loads(reply.body)["AccessKeyId"] == new.session.access_key_id
     assert unquote(proxy.seen[-1]["RoleArn"]) == ROLE_B
+
+
+@pytest.mark.parametrize(
+    ("mode", "what"), [("huge", "answered too much"), ("bad-date", "sent an unreadable time")]
+)
+async def test_an_answer_too_large_or_with_an_unreadable_date_is_refused(
+    sts_daemon: StartDaemon, proxy: FaultySts, mode: str, what: str
+) -> None:
+    """A 200 over the 1 MiB answer limit, or whose Date cannot be read, issues nothing: the
+    failure is InvalidResponse in a sentence naming the role, and the session being served
+    stays served."""
+    async with sts_daemon() as daemon:
+        served = daemon.sessions.get(VM_A)
+        proxy.mode = mode
+        await daemon.rotator.refresh(VM_A)
+        failure = daemon.sessions.failure(VM_A)
+        assert failure is not None and failure.code == "InvalidResponse"
+        assert failure.message == f"The upstream STS {what} while assuming {ROLE_A}; retrying."
+        assert daemon.sessions.get(VM_A) is served
+
+
+async def test_an_answer_without_a_date_lasts_from_the_host_clock(
+    sts_daemon: StartDaemon, proxy: FaultySts, clock: FakeClock
+) -> None:
+    """With no Date to re-base on, a session is issued now on the host clock (whole seconds)
+    and expires at the upstream's Expiration."""
+    async with sts_daemon() as daemon:
+        proxy.mode = "no-date"
+        clock.advance(timedelta(minutes=1, microseconds=250))
+        await daemon.rotator.refresh(VM_A)
+        served = daemon.sessions.get(VM_A)
+        assert served is not None and daemon.sessions.failure(VM_A) is None
+        assert served.session.issued_at == clock.now().replace(microsecond=0)
+        found = re.search(rb"<Expiration>([^<]+)</Expiration>", proxy.answered)
+        assert found is not None
+        expiration = datetime.fromisoformat(found.group(1).decode())
+        assert served.session.expiration == expiration.replace(microsecond=0)

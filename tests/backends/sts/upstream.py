@@ -114,13 +114,15 @@ class FaultySts:
 
     upstream: str
     fail_rate: float = 0.0  # share of AssumeRole calls answered with a 500
-    mode: str = "pass"  # pass | outage | throttle | stall | too-long-once | trickle
+    # pass | outage | throttle | stall | too-long-once | trickle | huge | no-date | bad-date
+    mode: str = "pass"
     stall_seconds: float = 30.0
     rng: random.Random = field(default_factory=lambda: random.Random(3))
     seen: list[dict[str, str]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # monotonic arrival of each call
     in_flight: int = 0
     max_in_flight: int = 0
+    answered: bytes = b""  # the last answer forwarded from moto, as moto sent it
     url: str = ""
     _runner: web.AppRunner | None = None
     _client: aiohttp.ClientSession | None = None
@@ -187,7 +189,7 @@ class FaultySts:
         }
         async with self._client.request(request.method, self.upstream + request.path_qs, data=body,
                                         headers=headers) as reply:  # fmt: skip
-            payload = await reply.read()
+            payload = self.answered = await reply.read()
             keep = {
                 k: v
                 for k, v in reply.headers.items()
@@ -195,6 +197,11 @@ class FaultySts:
             }
             if self.mode == "trickle":  # the answer in small pieces, a little apart
                 return await self.trickle(request, reply.status, payload, keep)
+            if self.mode == "huge":  # the answer, then padding past any sane size (2 MiB)
+                payload += b" " * (2 << 20)
+            if self.mode in ("no-date", "bad-date"):  # aiohttp adds a Date unless one is set,
+                keep = {k: v for k, v in keep.items() if k.lower() != "date"}  # so an empty
+                keep["Date"] = "" if self.mode == "no-date" else "yesterday, around noon"  # is none
             return web.Response(status=reply.status, body=payload, headers=keep)
 
     async def trickle(self, request: web.Request, status: int, payload: bytes,
