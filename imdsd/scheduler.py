@@ -328,12 +328,12 @@ class Rotator:
         """Wait until the association's current refresh (started now if due) has finished:
         issued or failed. For the admin verbs that promise a session on return."""
         await self._until_reconciled(key)  # a batch's: reconciled in steps, behind its change
-        flight = self._inflight.get(key)
         association = self._inventory.association(key)
         if association is None:
             return
-        if flight is not None and flight[0] is association and not flight[1].done():
-            await asyncio.shield(flight[1])
+        flight = self._flight(key)
+        if flight is not None:
+            await asyncio.shield(flight)
         elif self._sessions.failure(key) is None and not self._served_for(key, association):
             await self.refresh(key)
 

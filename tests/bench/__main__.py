@@ -44,7 +44,7 @@ SECONDS = 5  # per run
 ROUNDS = 3  # runs per row
 CONNECTIONS = 64
 CLIENT_PROCESSES = 3
-TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+TTL = kit.TTL
 
 
 def address(n: int) -> str:
@@ -70,41 +70,17 @@ def start_daemon(directory: Path, count: int) -> tuple[subprocess.Popen[bytes], 
     5 ms: the watcher must cost the daemon nothing (no pipe it could block on, no event loop
     built per poll on a two-core machine)."""
     path = config(directory, count)
-    log = directory / "daemon.log"
     started = time.perf_counter()
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(path),
-                                    "--log-format", "json", "--log-level", "info"], stdout=out)  # fmt: skip
-    port = 0
-    while not port:
-        if process.poll() is not None:
-            raise SystemExit("the daemon did not start")
-        time.sleep(0.002)
-        for line in log.read_bytes().split(b"\n")[:-1]:  # complete lines only
-            event = json.loads(line)
-            if event.get("event") == "listening":
-                port = int(event["listening"][0].rsplit(":", 1)[1])
+    process, port = kit.start(path, directory / "daemon.log")
     last = address(count - 1)
     path_ = "/latest/meta-data/iam/security-credentials/bench"
-    headers = {} if count > 1 else {"X-aws-ec2-metadata-token": put_token(port)}
-    request = get(path_, headers)
+    headers = {} if count > 1 else {kit.TOKEN: kit.token(port)}
+    request = kit.get(path_, headers)
     while True:
         status, body = kit.one(port, request, last)
         if status == 200 and json.loads(body)["Code"] == "Success":
             return process, port, time.perf_counter() - started
         time.sleep(0.005)
-
-
-def get(path: str, headers: dict[str, str] | None = None) -> bytes:
-    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    return f"GET {path} HTTP/1.1\r\nHost: b\r\n{extra}\r\n".encode()
-
-
-def put_token(port: int) -> str:
-    request = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
-    status, body = kit.one(port, request)
-    assert status == 200, status
-    return body.decode()
 
 
 # -- load generators ---------------------------------------------------------------------------
@@ -177,8 +153,10 @@ def requests_table(directory: Path) -> list[str]:
     load = wrk if shutil.which("wrk") else processes
     daemon, port, _ = start_daemon(directory / "requests", 1)
     try:
-        token = {"X-aws-ec2-metadata-token": put_token(port)}
-        size = len(kit.one(port, get("/latest/meta-data/iam/security-credentials/bench", token))[1])
+        token = {kit.TOKEN: kit.token(port)}
+        size = len(
+            kit.one(port, kit.get("/latest/meta-data/iam/security-credentials/bench", token))[1]
+        )
         baseline = subprocess.Popen([sys.executable, "-c", BASELINE, str(size)],
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert baseline.stdout is not None

@@ -2,17 +2,23 @@
 host's own sections, quiet logs, budgets no bench client can reach: each bench measures the
 path, not the throttle), instance profiles, and instances with their associations. And one
 request on a blocking socket (a poll that costs the daemon nothing: no event loop built per
-poll on a two-core machine)."""
+poll on a two-core machine), and the daemon started as users run it."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests.helpers import host_sections
 
 ROLE = "arn:aws:iam::123456789012:role/bench"
+TTL = "X-aws-ec2-metadata-token-ttl-seconds"
+TOKEN = "X-aws-ec2-metadata-token"
+PUT_TOKEN = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
 
 
 def head(directory: Path, why: str, *, port: int = 0, extra: str = "",
@@ -83,3 +89,32 @@ def _received(sock: socket.socket) -> bytes:
     if not chunk:
         raise ConnectionError("the daemon closed the connection before a whole answer")
     return chunk
+
+
+def get(path: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return f"GET {path} HTTP/1.1\r\nHost: b\r\n{extra}\r\n".encode()
+
+
+def token(port: int, source: str = "127.0.0.1") -> str:
+    """An IMDSv2 token for the instance at `source`."""
+    status, body = one(port, PUT_TOKEN, source)
+    assert status == 200, status
+    return body.decode()
+
+
+def start(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`imdsd run` on `config`, logging JSON to `log` (a file: no pipe the daemon could block
+    on), and its port once it says it listens."""
+    log.unlink(missing_ok=True)
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(config),
+                                    "--log-format", "json", "--log-level", "info"], stdout=out)  # fmt: skip
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the daemon did not start: see {log}")
+        for line in log.read_bytes().split(b"\n")[:-1]:  # complete lines only
+            event = json.loads(line)
+            if event.get("event") == "listening":
+                return process, int(event["listening"][0].rsplit(":", 1)[1])
+        time.sleep(0.002)

@@ -19,7 +19,6 @@ processes with asyncio, as the bench's own fallback client does; traffic stays o
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
 import re
@@ -40,8 +39,6 @@ HOST = 10_000
 CONNECTIONS = 64
 ROUNDS = 3  # warm restarts stormed, each beside its own baseline run
 CLIENT_PROCESSES = 3
-TTL = "X-aws-ec2-metadata-token-ttl-seconds"
-TOKEN = "X-aws-ec2-metadata-token"
 SIGNATURES = "identity-signatures"
 
 
@@ -61,22 +58,6 @@ def write_config(directory: Path, count: int) -> Path:
     return path
 
 
-def start(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """The daemon as users run it, and its port once it says it listens."""
-    log.unlink(missing_ok=True)
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "imdsd", "run", "--config", str(config),
-                                    "--log-format", "json", "--log-level", "info"], stdout=out)  # fmt: skip
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the daemon did not start: see {log}")
-        for line in log.read_bytes().split(b"\n")[:-1]:
-            event = json.loads(line)
-            if event.get("event") == "listening":
-                return process, int(event["listening"][0].rsplit(":", 1)[1])
-        time.sleep(0.002)
-
-
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGTERM)
     process.wait(60)
@@ -84,12 +65,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 def credentials_served(port: int, source: str) -> bool:
     """One IMDSv2 credential fetch over plain blocking sockets (no event loop per poll)."""
-    put = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
-    token = kit.one(port, put, source)[1].decode()
     path = "/latest/meta-data/iam/security-credentials/bench"
-    _, body = kit.one(
-        port, f"GET {path} HTTP/1.1\r\nHost: b\r\n{TOKEN}: {token}\r\n\r\n".encode(), source
-    )
+    _, body = kit.one(port, kit.get(path, {kit.TOKEN: kit.token(port, source)}), source)
     return b'"Success"' in body
 
 
@@ -130,13 +107,10 @@ class Guest:
         return body
 
     async def get(self, path: str, token: str) -> bytes:
-        return await self.ask(
-            f"GET {path} HTTP/1.1\r\nHost: b\r\n{TOKEN}: {token}\r\n\r\n".encode()
-        )
+        return await self.ask(kit.get(path, {kit.TOKEN: token}))
 
     async def put(self) -> str:
-        put = f"PUT /latest/api/token HTTP/1.1\r\nHost: b\r\n{TTL}: 21600\r\n\r\n".encode()
-        return (await self.ask(put)).decode()
+        return (await self.ask(kit.PUT_TOKEN)).decode()
 
     async def crawl(self) -> float:
         """cloud-init's crawl, then the SDK's fetch; seconds the crawl took."""
@@ -247,7 +221,7 @@ def boot_storm(directory: Path) -> list[str]:
     first storm's requests: the machine's drift lands on both sides of each ratio, which is
     the median over the rounds (as the request table interleaves its runs)."""
     config, log = write_config(directory, STORM), directory / "daemon.log"
-    daemon, port = start(config, log)
+    daemon, port = kit.start(config, log)
     try:  # the first start: keys, vault, sessions and every signature made and kept
         settled(directory, STORM, port)
     finally:
@@ -293,7 +267,7 @@ Round = tuple[dict[str, Any], dict[str, Any], dict[str, Any], tuple[float, float
 def _round(config: Path, log: Path) -> Round:
     """A warm start stormed as soon as it listens, then again; then the baseline app replaying
     the first storm's requests (a body of the storm's mean size)."""
-    daemon, port = start(config, log)
+    daemon, port = kit.start(config, log)
     try:
         before = cpu_seconds(daemon.pid)  # start-up's own, up to listening
         first = storm(port, STORM)
@@ -322,7 +296,7 @@ def _rate(result: dict[str, Any]) -> float:
 
 def host_memory(directory: Path) -> list[str]:
     config = write_config(directory, HOST)
-    daemon, port = start(config, directory / "daemon.log")
+    daemon, port = kit.start(config, directory / "daemon.log")
     try:
         settled(directory, HOST, port)
         before = rss_mib(daemon.pid)
