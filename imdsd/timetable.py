@@ -21,6 +21,7 @@ from apscheduler.triggers.date import DateTrigger
 from imdsd.clock import Clock
 
 Job = Callable[[], Awaitable[Any]]
+RUNS_AT_ONCE = 1_000  # APScheduler's max_instances for the job (see _arm)
 
 
 class Timetable:
@@ -94,4 +95,9 @@ class Timetable:
             replace_existing=True,
             misfire_grace_time=None,
             coalesce=True,
+            # APScheduler counts a run until its done-callback, a turn after the job returned;
+            # re-armed for a time already due, the next run comes first, and at the default
+            # (1) it was skipped and the job removed: no refresh ever again. The job never
+            # waits, so runs cannot pile up; the bound only has to be out of reach.
+            max_instances=RUNS_AT_ONCE,
         )
